@@ -1,0 +1,629 @@
+"""What client.py and server.py share: the aeschat protocol core, and the chat session around it.
+
+The first half is the protocol core and does no I/O at all: it takes bytes and returns bytes and
+events, never touches a socket, starts a thread or prints, so every property of it is tested directly
+(tests/test_core.py). PROTOCOL.md describes the wire formats it speaks, byte by byte.
+
+The second half (from "The session" on) is the small piece that feeds the core from one socket: a
+listener thread that receives and displays, an input loop that reads lines and sends them.
+"""
+
+import datetime
+import enum
+import hashlib
+import hmac
+import json
+import os
+import struct
+import unicodedata
+from dataclasses import dataclass
+
+import pyaes
+import spake2
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from spake2.ed25519_basic import NotOnCurve
+
+__version__ = "1.0.0"
+
+# ---------------------------------------------------------------------------------------------------
+# Errors: one tree, split by whose fault it is. The CLI maps it to exit codes in one place.
+
+
+class AeschatError(Exception):
+    """Base of every error this project raises on purpose."""
+
+
+class LocalProtocolError(AeschatError):
+    """We asked for something the protocol cannot do (a message too large, a closed connection)."""
+
+
+class RemoteProtocolError(AeschatError):
+    """The peer sent something that is not valid aeschat: it is fatal for the connection."""
+
+
+class TruncatedFrame(RemoteProtocolError):
+    """The connection ended in the middle of a frame."""
+
+
+class NotAeschatPeer(RemoteProtocolError):
+    """The peer speaks some other protocol (the legacy format, HTTP, TLS, another version)."""
+
+
+class AuthenticationError(RemoteProtocolError):
+    """Key confirmation failed: the passphrases differ, or someone interfered."""
+
+
+class IntegrityError(RemoteProtocolError):
+    """A record failed its check: tampered, replayed, reordered, dropped, truncated or reflected."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Blocks and padding, as the original scripts had them: 16-byte chunks, right-padded with `~`.
+
+BLOCK = 16
+PAD = b"~"
+
+
+def process_bytes(data):
+    """Split bytes into 16-byte chunks (the last one shorter if the length is not a multiple)."""
+    return [data[i : i + BLOCK] for i in range(0, len(data), BLOCK)]
+
+
+def process_text(text):
+    """Encode text as UTF-8 and right-pad it with `~` to whole 16-byte blocks; returns the blocks."""
+    data = text.encode("utf-8")
+    return process_bytes(data + PAD * (-len(data) % BLOCK))
+
+
+def strip_padding(data):
+    """Undo process_text for a JSON object: only the `~` after the closing brace is padding."""
+    body = data.rstrip(PAD)
+    if len(data) % BLOCK or len(data) - len(body) >= BLOCK or not body.endswith(b"}"):
+        raise RemoteProtocolError("payload is not a padded JSON object")
+    return body
+
+
+# ---------------------------------------------------------------------------------------------------
+# Framing: every unit on the wire is a 4-byte big-endian length N, then N bytes.
+
+LENGTH = struct.Struct("!I")
+
+# The largest frame we accept. A message is at most 64 KiB of UTF-8; in its JSON record quotes and
+# backslashes double and the common control characters (\n, \t) double too, so 256 KiB holds the
+# largest message with room for its escaping, the record fields, padding and tag. Anything larger is
+# refused before a byte of it is buffered, so a peer can make us hold at most this much per connection.
+MAX_FRAME = 256 * 1024
+
+
+class FrameDecoder:
+    """Incremental frame decoder: feed(data) any segmentation, then next_frame() until None."""
+
+    def __init__(self, max_size=MAX_FRAME):
+        self.max_size = max_size
+        self._buffer = bytearray()
+        self._eof = False
+
+    def feed(self, data):
+        """Add received bytes; b"" means the peer closed the connection."""
+        if not data:
+            self._eof = True
+        self._buffer += data
+
+    def next_frame(self):
+        """The next whole frame's payload, or None when more data is needed (or the stream ended cleanly)."""
+        if len(self._buffer) >= LENGTH.size:
+            (size,) = LENGTH.unpack_from(self._buffer)
+            if size > self.max_size:
+                raise RemoteProtocolError(f"frame of {size} bytes is over the limit of {self.max_size}")
+            end = LENGTH.size + size
+            if len(self._buffer) >= end:
+                frame = bytes(self._buffer[LENGTH.size : end])
+                del self._buffer[:end]
+                return frame
+        if self._eof and self._buffer:
+            raise TruncatedFrame("connection closed in the middle of a frame")
+        return None
+
+    @property
+    def closed(self):
+        """True once the peer closed the connection and every whole frame has been taken."""
+        return self._eof and not self._buffer
+
+
+def frame(payload):
+    return LENGTH.pack(len(payload)) + payload
+
+
+# ---------------------------------------------------------------------------------------------------
+# Keys and ciphers.
+
+
+def normalize_passphrase(passphrase):
+    """The passphrase as SPAKE2 takes it: NFC-normalised UTF-8, so it matches across systems."""
+    if not passphrase:
+        raise LocalProtocolError("the passphrase is empty")
+    return unicodedata.normalize("NFC", passphrase).encode("utf-8")
+
+
+def hkdf_sha256(ikm, info, length=32):
+    """HKDF-SHA256 (RFC 5869) with an empty salt: SPAKE2's output is already uniformly random."""
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=info).derive(ikm)
+
+
+class CounterCipher:
+    """AES-256-CTR (NIST SP 800-38A, 6.5) from pyaes's block cipher, the key expanded once: the costly part.
+
+    The counter block is a 128-bit big-endian integer that adds one per block. Records start theirs at
+    sequence_number << 64, so no keystream block is ever used twice under one key.
+    """
+
+    def __init__(self, key):
+        self._aes = pyaes.AES(key)
+
+    def apply(self, counter, data):
+        """Encrypt or decrypt (the same in CTR) data with the keystream that starts at counter."""
+        encrypt = self._aes.encrypt
+        blocks = (len(data) + BLOCK - 1) // BLOCK
+        stream = b"".join(bytes(encrypt(((counter + i) % 2**128).to_bytes(BLOCK, "big"))) for i in range(blocks))
+        xored = int.from_bytes(data, "big") ^ int.from_bytes(stream[: len(data)], "big")
+        return xored.to_bytes(len(data), "big")
+
+
+def legacy_key(passphrase):
+    """The original scripts' key: SHA-256 of the passphrase, used directly for AES-256."""
+    return hashlib.sha256(passphrase.encode("utf-8")).digest()
+
+
+def text_hash(text):
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Events: what the connection hands the session, and what the session asks it to send.
+
+MAX_MESSAGE = 64 * 1024  # bytes of UTF-8 text in one message
+
+
+@dataclass(frozen=True)
+class HandshakeComplete:
+    """Both sides proved they know the passphrase; records may flow."""
+
+
+@dataclass(frozen=True)
+class Message:
+    id: int  # per-direction message number, from 0
+    text: str
+    timestamp: str  # ISO 8601 with UTC offset (v1) or HH:MM:SS (legacy)
+    hash: str = ""  # SHA-256 hex of text; filled in by the sender when empty
+
+    @property
+    def verified(self):
+        return hmac.compare_digest(self.hash, text_hash(self.text))
+
+
+@dataclass(frozen=True)
+class Ack:
+    """The peer received and displayed message `id`."""
+
+    id: int
+
+
+@dataclass(frozen=True)
+class Ping:
+    """A keepalive: proof that the peer is still there."""
+
+
+@dataclass(frozen=True)
+class Goodbye:
+    """The peer is leaving on purpose."""
+
+
+@dataclass(frozen=True)
+class ConnectionClosed:
+    """The peer closed the connection (after a Goodbye, a normal end; without one, a loss)."""
+
+
+def now_iso(clock=None):
+    moment = clock() if clock else datetime.datetime.now().astimezone()
+    return moment.isoformat(timespec="seconds")
+
+
+def check_message_text(text):
+    """Refuse what cannot be sent, before anything is encrypted."""
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise LocalProtocolError("the message is not valid Unicode text") from None
+    if size > MAX_MESSAGE:
+        raise LocalProtocolError(f"the message is {size} bytes; the limit is {MAX_MESSAGE} bytes of UTF-8")
+
+
+# The payload inside a record: the seed's JSON object plus a type and an id.
+
+
+def encode_payload(event):
+    if isinstance(event, Message):
+        check_message_text(event.text)
+        obj = {"type": "msg", "id": event.id, "timestamp": event.timestamp, "message": event.text,
+               "hash": event.hash or text_hash(event.text)}
+    elif isinstance(event, Ack):
+        obj = {"type": "ack", "id": event.id}
+    elif isinstance(event, Ping):
+        obj = {"type": "ping"}
+    elif isinstance(event, Goodbye):
+        obj = {"type": "bye"}
+    else:
+        raise LocalProtocolError(f"cannot send {event!r}")
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    return b"".join(process_text(text))
+
+
+def _field(obj, name, kind):
+    value = obj.get(name)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise RemoteProtocolError(f"payload field {name!r} is missing or not a {kind.__name__}")
+    return value
+
+
+def decode_payload(data):
+    try:
+        obj = json.loads(strip_padding(data).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise RemoteProtocolError("payload is not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise RemoteProtocolError("payload is not a JSON object")
+    kind = obj.get("type")
+    if kind == "msg":
+        text = _field(obj, "message", str)
+        try:
+            check_message_text(text)
+        except LocalProtocolError as e:
+            raise RemoteProtocolError(f"peer's {e}") from None
+        return Message(_field(obj, "id", int), text, _field(obj, "timestamp", str), _field(obj, "hash", str))
+    if kind == "ack":
+        return Ack(_field(obj, "id", int))
+    if kind == "ping":
+        return Ping()
+    if kind == "bye":
+        return Goodbye()
+    raise RemoteProtocolError(f"unknown payload type {kind!r}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The records: AES-256-CTR, then HMAC-SHA256 over (sequence number, ciphertext): encrypt-then-MAC.
+
+TAG_SIZE = 32
+SEQ = struct.Struct("!Q")
+MAX_SEQ = 2**64 - 1  # the last usable number: the record layer refuses to wrap
+
+
+class RecordLayer:
+    """One direction's keys and sequence number. The sequence number is implicit: never on the wire."""
+
+    def __init__(self, enc_key, mac_key, seq=0):
+        self._cipher = CounterCipher(enc_key)
+        self._mac_key = mac_key
+        self.seq = seq
+
+    def _tag(self, ciphertext):
+        return hmac.new(self._mac_key, SEQ.pack(self.seq) + ciphertext, hashlib.sha256).digest()
+
+    def _advance(self):
+        if self.seq >= MAX_SEQ:
+            raise LocalProtocolError("sequence numbers exhausted: reconnect to get fresh keys")
+        self.seq += 1
+
+    def seal(self, plaintext):
+        if self.seq >= MAX_SEQ:
+            raise LocalProtocolError("sequence numbers exhausted: reconnect to get fresh keys")
+        ciphertext = self._cipher.apply(self.seq << 64, plaintext)
+        record = ciphertext + self._tag(ciphertext)
+        self._advance()
+        return record
+
+    def open(self, record):
+        if len(record) < TAG_SIZE:
+            raise IntegrityError("record too short to hold its tag")
+        ciphertext, tag = record[:-TAG_SIZE], record[-TAG_SIZE:]
+        # The tag is checked, in constant time, before anything is decrypted.
+        if not hmac.compare_digest(tag, self._tag(ciphertext)):
+            raise IntegrityError(
+                "a record failed its integrity check: it was altered, replayed, reordered, dropped or reflected")
+        plaintext = self._cipher.apply(self.seq << 64, ciphertext)
+        self._advance()
+        return plaintext
+
+
+# ---------------------------------------------------------------------------------------------------
+# The v1 connection: handshake, then records. Sans-I/O in the manner of h11: receive_data(bytes),
+# next_event() -> event or None, send(event) and data_to_send() -> bytes.
+
+MAGIC = b"aeschat\x00"  # eight bytes that no legacy, HTTP or TLS peer starts with
+VERSION = 1
+HELLO_PREFIX = MAGIC + bytes([VERSION])
+SPAKE2_MESSAGE_SIZE = 33  # a side byte, then an Ed25519 point
+HELLO_SIZE = len(HELLO_PREFIX) + SPAKE2_MESSAGE_SIZE
+ID_A = b"aeschat-v1-client"
+ID_B = b"aeschat-v1-server"
+
+
+_CONSUMED = object()  # a handshake frame was handled and there is nothing to report
+
+
+class State(enum.Enum):
+    HELLO = "waiting for the peer's hello"
+    CONFIRM = "waiting for the peer's key confirmation"
+    OPEN = "open"
+    CLOSED = "closed"
+    ERROR = "error"
+
+
+class Connection:
+    """One side of a v1 connection. Use ClientConnection (SPAKE2 side A) or ServerConnection (side B)."""
+
+    _spake_class = None
+    side = b""
+    peer_side = b""
+
+    def __init__(self, passphrase, entropy=os.urandom):
+        self._spake = self._spake_class(normalize_passphrase(passphrase), idA=ID_A, idB=ID_B,
+                                        entropy_f=entropy)
+        self._frames = FrameDecoder(max_size=HELLO_SIZE)
+        self._outgoing = bytearray()
+        self._transcript = {}
+        self._send = self._receive = None
+        self.state = State.HELLO
+        self._hello = HELLO_PREFIX + self._spake.start()  # spake2 guards start() against a second call
+        self._transcript[self.side] = self._hello
+        self._outgoing += frame(self._hello)
+
+    # -- what the session calls
+
+    def data_to_send(self):
+        data = bytes(self._outgoing)
+        self._outgoing.clear()
+        return data
+
+    def receive_data(self, data):
+        """Feed bytes from the peer; b"" means it closed the connection."""
+        self._check_usable()
+        self._frames.feed(data)
+
+    def next_event(self):
+        """The next event, or None when more data is needed."""
+        self._check_usable()
+        try:
+            return self._next_event()
+        except AeschatError:
+            self.state = State.ERROR
+            raise
+
+    def send(self, event):
+        """Queue a record carrying event (Message, Ack, Ping or Goodbye) for data_to_send()."""
+        if self.state is not State.OPEN:
+            raise LocalProtocolError(f"cannot send while the connection is {self.state.value}")
+        payload = encode_payload(event)  # refuses a message too large before anything is sealed
+        self._outgoing += frame(self._send.seal(payload))
+
+    # -- inside
+
+    def _check_usable(self):
+        if self.state is State.ERROR:
+            raise LocalProtocolError("the connection already failed")
+
+    def _next_event(self):
+        event = self._step()
+        while event is _CONSUMED:
+            event = self._step()
+        return event
+
+    def _step(self):
+        """Handle at most one frame: an event, None for "need data", or _CONSUMED for a handshake frame."""
+        if self.state is State.CLOSED:
+            return None
+        try:
+            payload = self._frames.next_frame()
+        except TruncatedFrame:
+            if self.state is State.OPEN:
+                raise IntegrityError("the connection was cut in the middle of a record") from None
+            raise
+        except RemoteProtocolError:
+            if self.state is State.HELLO:
+                raise NotAeschatPeer("the peer is not an aeschat v1 peer") from None
+            raise
+        if payload is None:
+            if self._frames.closed:
+                self.state = State.CLOSED
+                return ConnectionClosed()
+            return None
+        if self.state is State.HELLO:
+            return self._on_hello(payload)
+        if self.state is State.CONFIRM:
+            return self._on_confirm(payload)
+        return decode_payload(self._receive.open(payload))
+
+    def _on_hello(self, hello):
+        if not hello.startswith(MAGIC):
+            raise NotAeschatPeer("the peer is not an aeschat v1 peer")
+        if hello[len(MAGIC)] != VERSION:
+            raise NotAeschatPeer(f"the peer speaks aeschat version {hello[len(MAGIC)]}, we speak {VERSION}")
+        if len(hello) != HELLO_SIZE:
+            raise NotAeschatPeer("the peer's hello has the wrong length")
+        message = hello[len(HELLO_PREFIX) :]
+        if message[:1] != self.peer_side:
+            raise AuthenticationError("the peer's hello is from the wrong side (a reflected hello?)")
+        try:
+            key = self._spake.finish(message)
+        except (spake2.SPAKEError, NotOnCurve, ValueError):
+            # spake2 raises its own errors, ValueError or NotOnCurve (not a SPAKEError) on a bad element.
+            raise RemoteProtocolError("the peer's SPAKE2 message is not a valid group element") from None
+        self._transcript[self.peer_side] = hello
+        transcript = self._transcript[b"A"] + self._transcript[b"B"]
+        keys = {label: hkdf_sha256(key, b"aeschat v1 " + label) for label in
+                (b"A->B enc", b"A->B mac", b"B->A enc", b"B->A mac", b"confirm A", b"confirm B")}
+        out, back = (b"A->B", b"B->A") if self.side == b"A" else (b"B->A", b"A->B")
+        self._send = RecordLayer(keys[out + b" enc"], keys[out + b" mac"])
+        self._receive = RecordLayer(keys[back + b" enc"], keys[back + b" mac"])
+        mine = hmac.new(keys[b"confirm " + self.side], transcript, hashlib.sha256).digest()
+        self._expected_confirm = hmac.new(keys[b"confirm " + self.peer_side], transcript, hashlib.sha256).digest()
+        self._outgoing += frame(mine)
+        self._frames.max_size = MAX_FRAME
+        self.state = State.CONFIRM
+        return _CONSUMED
+
+    def _on_confirm(self, confirm):
+        if not hmac.compare_digest(confirm, self._expected_confirm):
+            raise AuthenticationError("the passphrases differ (or someone interfered with the connection)")
+        self.state = State.OPEN
+        return HandshakeComplete()
+
+
+class ClientConnection(Connection):
+    """The connecting side: SPAKE2 side A."""
+
+    _spake_class = spake2.SPAKE2_A
+    side, peer_side = b"A", b"B"
+
+
+class ServerConnection(Connection):
+    """The listening side: SPAKE2 side B."""
+
+    _spake_class = spake2.SPAKE2_B
+    side, peer_side = b"B", b"A"
+
+
+# ---------------------------------------------------------------------------------------------------
+# The legacy format of the original scripts (../shared/legacy-wire-format.md): JSON padded with `~`,
+# each 16-byte block encrypted alone with AES-256 (ECB) under SHA-256(passphrase). Insecure by design.
+
+LEGACY_PREFIX = b'{"timestamp": "'  # how every legacy plaintext starts: a wrong key shows at once
+# The largest legacy message we buffer: the original scripts set none, and json.dumps escapes every
+# non-ASCII character (six bytes for one, twelve for a pair), so this leaves room for 64 KiB of any text.
+LEGACY_MAX = 1024 * 1024
+LEGACY_ORIGINAL_LIMIT = 1024  # what an original receiver reads in one recv and takes as one message
+LEGACY_DISPLAY_LIMIT = 79  # an original receiver shows a message only if "Received: " + it is shorter
+
+
+def legacy_plaintext(text, timestamp):
+    return json.dumps({"timestamp": timestamp, "message": text, "hash": text_hash(text)})
+
+
+def legacy_encode(cipher, text, timestamp):
+    """One legacy message, encrypted block by block; cipher is pyaes.AES(legacy_key(passphrase))."""
+    check_message_text(text)
+    return b"".join(bytes(cipher.encrypt(block)) for block in process_text(legacy_plaintext(text, timestamp)))
+
+
+def legacy_warnings(text, encrypted_size):
+    """Why an original receiver would mangle this message (it is sent all the same)."""
+    warnings = []
+    if encrypted_size > LEGACY_ORIGINAL_LIMIT:
+        warnings.append(f"it is {encrypted_size} bytes encrypted, and the original scripts lose messages "
+                        f"over {LEGACY_ORIGINAL_LIMIT}")
+    if "~" in text:
+        warnings.append("it contains '~', which the original scripts delete (their hash check will fail)")
+    if len("Received: " + text) >= LEGACY_DISPLAY_LIMIT:
+        warnings.append("the original scripts do not display messages this long")
+    return warnings
+
+
+class LegacyDecoder:
+    """Streaming decoder for legacy messages: any segmentation, any size, `~` inside messages."""
+
+    def __init__(self, cipher):
+        self._cipher = cipher
+        self._encrypted = bytearray()
+        self._plain = bytearray()  # decrypted bytes of the message being received
+        self._scanned = 0  # how much of _plain has been looked at for a message end
+        self._eof = False
+        self._count = 0
+
+    def feed(self, data):
+        if not data:
+            self._eof = True
+        self._encrypted += data
+        whole = len(self._encrypted) - len(self._encrypted) % BLOCK
+        for block in process_bytes(bytes(self._encrypted[:whole])):
+            self._plain += bytes(self._cipher.decrypt(block))
+        del self._encrypted[:whole]
+        if not self._plain[: len(LEGACY_PREFIX)] == LEGACY_PREFIX[: len(self._plain)]:
+            raise RemoteProtocolError("cannot decrypt the peer's data: the passphrases differ, "
+                                      "or the peer does not speak the legacy format")
+        if len(self._plain) > LEGACY_MAX:
+            raise RemoteProtocolError(f"legacy message over {LEGACY_MAX} bytes")
+
+    def next_message(self):
+        """The next Message, ConnectionClosed once the stream ended cleanly, or None for "need data"."""
+        # A message ends with a block whose text, less its `~` padding, ends with the closing brace;
+        # a `}` inside the message text can look the same, so a candidate counts only if it parses.
+        while self._scanned + BLOCK <= len(self._plain):
+            self._scanned += BLOCK
+            end = self._scanned
+            if not self._plain[end - BLOCK : end].rstrip(PAD).endswith(b"}"):
+                continue
+            try:
+                obj = json.loads(self._plain[:end].rstrip(PAD).decode("utf-8"))
+            except (UnicodeDecodeError, ValueError):
+                continue
+            if not (isinstance(obj, dict) and all(isinstance(obj.get(k), str)
+                                                  for k in ("timestamp", "message", "hash"))):
+                raise RemoteProtocolError("legacy message without its timestamp, message and hash")
+            del self._plain[:end]
+            self._scanned = 0
+            self._count += 1
+            return Message(self._count - 1, obj["message"], obj["timestamp"], obj["hash"])
+        if self._eof:
+            if self._plain or self._encrypted:
+                raise TruncatedFrame("connection closed in the middle of a legacy message")
+            return ConnectionClosed()
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Display. Every control character from the peer (Unicode Cc and Cf, line and paragraph separators,
+# lone surrogates) is shown escaped, so a peer cannot move the cursor, retitle the window, reorder or
+# hide text, or fake a line of ours: one message, one line.
+
+VERIFIED, FAILED = "☒", "☐"
+_UNSAFE = {"Cc", "Cf", "Cs", "Zl", "Zp"}
+_SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def visible(text):
+    if text.isprintable():  # fast path: no category above is printable
+        return text
+    out = []
+    for ch in text:
+        if unicodedata.category(ch) not in _UNSAFE:
+            out.append(ch)
+        elif ch in _SHORT_ESCAPES:
+            out.append(_SHORT_ESCAPES[ch])
+        else:
+            code = ord(ch)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+    return "".join(out)
+
+
+def local_time(timestamp):
+    """HH:MM:SS in this machine's zone, from an ISO 8601 time (v1) or an HH:MM:SS one (legacy)."""
+    try:
+        moment = datetime.datetime.fromisoformat(timestamp)
+    except ValueError:
+        moment = None
+    if moment is not None and moment.tzinfo is not None:
+        return moment.astimezone().strftime("%H:%M:%S")
+    try:
+        return datetime.datetime.strptime(timestamp, "%H:%M:%S").strftime("%H:%M:%S")
+    except ValueError:
+        return "??:??:??"
+
+
+def verify_and_display(message):
+    """The line that shows a received message: `Received: MESSAGE  TAG  HH:MM:SS`."""
+    tag = VERIFIED if message.verified else FAILED
+    return f"Received: {visible(message.text)}  {tag}  {local_time(message.timestamp)}"
+
+
+def sent_line(text, timestamp):
+    return f"Sent: {visible(text)}  {local_time(timestamp)}"
