@@ -54,6 +54,10 @@ class AuthenticationError(RemoteProtocolError):
     """Key confirmation failed: the passphrases differ, or someone interfered."""
 
 
+class Refused(AeschatError):
+    """The server turned us away before the chat began (it is busy with another chat)."""
+
+
 class IntegrityError(RemoteProtocolError):
     """A record failed its check: tampered, replayed, reordered, dropped, truncated or reflected."""
 
@@ -344,6 +348,11 @@ VERSION = 1
 HELLO_PREFIX = MAGIC + bytes([VERSION])
 SPAKE2_MESSAGE_SIZE = 33  # a side byte, then an Ed25519 point
 HELLO_SIZE = len(HELLO_PREFIX) + SPAKE2_MESSAGE_SIZE
+# In place of its hello or its confirmation, a server may send a refusal: the prefix, "!", a reason.
+# It is not authenticated (there are no keys yet): a man in the middle could forge one, but he can
+# always cut the connection anyway.
+REFUSAL = HELLO_PREFIX + b"!"
+BUSY, DENIED = b"busy", b"denied"
 ID_A = b"aeschat-v1-client"
 ID_B = b"aeschat-v1-server"
 
@@ -437,6 +446,8 @@ class Connection:
                 self.state = State.CLOSED
                 return ConnectionClosed()
             return None
+        if self.state is not State.OPEN and payload.startswith(REFUSAL):
+            self._on_refusal(payload[len(REFUSAL) :])
         if self.state is State.HELLO:
             return self._on_hello(payload)
         if self.state is State.CONFIRM:
@@ -467,7 +478,11 @@ class Connection:
         self._receive = RecordLayer(keys[back + b" enc"], keys[back + b" mac"])
         mine = hmac.new(keys[b"confirm " + self.side], transcript, hashlib.sha256).digest()
         self._expected_confirm = hmac.new(keys[b"confirm " + self.peer_side], transcript, hashlib.sha256).digest()
-        self._outgoing += frame(mine)
+        # The client confirms first; the server answers only a valid confirmation, so that every guess
+        # at the passphrase costs the guesser a confirmation the server sees, counts and slows down.
+        self._my_confirm = frame(mine)
+        if self.confirms_first:
+            self._outgoing += self._my_confirm
         self._frames.max_size = MAX_FRAME
         self.state = State.CONFIRM
         return _CONSUMED
@@ -475,22 +490,40 @@ class Connection:
     def _on_confirm(self, confirm):
         if not hmac.compare_digest(confirm, self._expected_confirm):
             raise AuthenticationError("the passphrases differ (or someone interfered with the connection)")
+        if not self.confirms_first:
+            self._outgoing += self._my_confirm
         self.state = State.OPEN
         return HandshakeComplete()
 
+    def _on_refusal(self, reason):
+        if self.side == b"B":
+            raise RemoteProtocolError("a client sent a refusal")
+        if reason == BUSY:
+            raise Refused("the server is busy with another chat")
+        if reason == DENIED:
+            raise AuthenticationError("the server says the passphrases differ (or someone interfered)")
+        raise RemoteProtocolError("the server refused the connection for an unknown reason")
+
 
 class ClientConnection(Connection):
-    """The connecting side: SPAKE2 side A."""
+    """The connecting side: SPAKE2 side A; it sends its key confirmation first."""
 
     _spake_class = spake2.SPAKE2_A
     side, peer_side = b"A", b"B"
+    confirms_first = True
 
 
 class ServerConnection(Connection):
-    """The listening side: SPAKE2 side B."""
+    """The listening side: SPAKE2 side B; it confirms only after checking the client's confirmation."""
 
     _spake_class = spake2.SPAKE2_B
     side, peer_side = b"B", b"A"
+    confirms_first = False
+
+    def refuse(self, reason):
+        """Queue a refusal (BUSY before the handshake, DENIED after a wrong passphrase); then close."""
+        self._outgoing += frame(REFUSAL + reason)
+        self.state = State.CLOSED
 
 
 # ---------------------------------------------------------------------------------------------------

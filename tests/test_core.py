@@ -175,13 +175,44 @@ def test_wrong_passphrase_is_an_authentication_error_on_both_sides():
     pair = Pair("correct horse", "correct h0rse")
     cross(pair)  # hellos
     assert events(pair.server) == events(pair.client) == []
-    cross(pair)  # confirmations
-    for receiver in (pair.server, pair.client):
-        with pytest.raises(AuthenticationError, match="passphrases differ"):
-            receiver.next_event()
-        assert receiver.state is State.ERROR
-        with pytest.raises(LocalProtocolError):
-            receiver.next_event()  # once in error, the object refuses further calls
+    assert pair.server.data_to_send() == b""  # the server confirms only a valid client confirmation
+    pair.server.receive_data(pair.client.data_to_send())
+    with pytest.raises(AuthenticationError, match="passphrases differ"):
+        pair.server.next_event()
+    assert pair.server.state is State.ERROR
+    with pytest.raises(LocalProtocolError):
+        pair.server.next_event()  # once in error, the object refuses further calls
+    # The server says so; the client reports it the same way.
+    pair.server.refuse(common.DENIED)
+    pair.client.receive_data(pair.server.data_to_send())
+    with pytest.raises(AuthenticationError, match="passphrases differ"):
+        pair.client.next_event()
+
+
+def test_client_checks_the_server_confirmation_too():
+    pair = Pair("correct horse", "correct h0rse")
+    cross(pair)
+    events(pair.server), events(pair.client)
+    pair.client.receive_data(pair.server._my_confirm)  # what a server with another passphrase would confirm
+    with pytest.raises(AuthenticationError, match="passphrases differ"):
+        pair.client.next_event()
+
+
+def test_busy_refusal_and_odd_refusals():
+    server = ServerConnection("pw")
+    server.refuse(common.BUSY)
+    client = ClientConnection("pw")
+    client.receive_data(server.data_to_send())
+    with pytest.raises(common.Refused, match="busy"):
+        client.next_event()
+    odd = ClientConnection("pw")
+    odd.receive_data(common.frame(common.REFUSAL + b"why not"))
+    with pytest.raises(RemoteProtocolError, match="unknown reason"):
+        odd.next_event()
+    server = ServerConnection("pw")
+    server.receive_data(common.frame(common.REFUSAL + common.BUSY))
+    with pytest.raises(RemoteProtocolError):
+        server.next_event()
 
 
 def test_passphrase_is_nfc_normalised():
@@ -641,7 +672,10 @@ def test_v1_handshake_known_answer():
     pair.server.receive_data(seen["client hello"])
     pair.client.receive_data(seen["server hello"])
     assert events(pair.server) == events(pair.client) == []
-    seen["client confirm"], seen["server confirm"] = pair.client.data_to_send(), pair.server.data_to_send()
+    seen["client confirm"] = pair.client.data_to_send()
+    pair.server.receive_data(seen["client confirm"])
+    assert events(pair.server) == [HandshakeComplete()]
+    seen["server confirm"] = pair.server.data_to_send()
     assert {k: v.hex() for k, v in seen.items()} == V1_HANDSHAKE
 
 
