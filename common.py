@@ -180,7 +180,8 @@ def legacy_key(passphrase):
 
 
 def text_hash(text):
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    """The seed's integrity hash: SHA-256 hex of the text (a lone surrogate hashes, it never raises)."""
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -224,6 +225,11 @@ class Goodbye:
 
 
 @dataclass(frozen=True)
+class Busy:
+    """The server is already in a chat (sent when two clients finished their handshakes at once)."""
+
+
+@dataclass(frozen=True)
 class ConnectionClosed:
     """The peer closed the connection (after a Goodbye, a normal end; without one, a loss)."""
 
@@ -245,6 +251,8 @@ def check_message_text(text):
 
 # The payload inside a record: the seed's JSON object plus a type and an id.
 
+_SIGNAL_TYPES = {Ping: "ping", Goodbye: "bye", Busy: "busy"}  # the events that carry no fields
+
 
 def encode_payload(event):
     if isinstance(event, Message):
@@ -253,10 +261,8 @@ def encode_payload(event):
                "hash": event.hash or text_hash(event.text)}
     elif isinstance(event, Ack):
         obj = {"type": "ack", "id": event.id}
-    elif isinstance(event, Ping):
-        obj = {"type": "ping"}
-    elif isinstance(event, Goodbye):
-        obj = {"type": "bye"}
+    elif type(event) in _SIGNAL_TYPES:
+        obj = {"type": _SIGNAL_TYPES[type(event)]}
     else:
         raise LocalProtocolError(f"cannot send {event!r}")
     text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
@@ -287,10 +293,9 @@ def decode_payload(data):
         return Message(_field(obj, "id", int), text, _field(obj, "timestamp", str), _field(obj, "hash", str))
     if kind == "ack":
         return Ack(_field(obj, "id", int))
-    if kind == "ping":
-        return Ping()
-    if kind == "bye":
-        return Goodbye()
+    for signal_class, name in _SIGNAL_TYPES.items():
+        if kind == name:
+            return signal_class()
     raise RemoteProtocolError(f"unknown payload type {kind!r}")
 
 
