@@ -8,13 +8,22 @@ The second half (from "The session" on) is the small piece that feeds the core f
 listener thread that receives and displays, an input loop that reads lines and sends them.
 """
 
+import argparse
+import contextlib
 import datetime
 import enum
+import getpass
 import hashlib
 import hmac
 import json
 import os
+import queue
+import select
+import socket
 import struct
+import sys
+import threading
+import time
 import unicodedata
 from dataclasses import dataclass
 
@@ -665,3 +674,482 @@ def verify_and_display(message):
 
 def sent_line(text, timestamp):
     return f"Sent: {visible(text)}  {local_time(timestamp)}"
+
+
+class LegacyConnection:
+    """The legacy format behind Connection's interface: no handshake, no acknowledgements, no goodbye."""
+
+    acknowledges = False
+    state = State.OPEN
+
+    def __init__(self, passphrase):
+        if not passphrase:
+            raise LocalProtocolError("the passphrase is empty")
+        self._cipher = pyaes.AES(legacy_key(passphrase))
+        self._decoder = LegacyDecoder(self._cipher)
+        self._outgoing = bytearray()
+
+    def data_to_send(self):
+        data = bytes(self._outgoing)
+        self._outgoing.clear()
+        return data
+
+    def receive_data(self, data):
+        self._decoder.feed(data)
+
+    def next_event(self):
+        return self._decoder.next_message()
+
+    def send(self, event):
+        """Encrypt a Message as the original scripts do; the other events have no legacy form."""
+        if isinstance(event, Message):
+            self._outgoing += legacy_encode(self._cipher, event.text, local_time(event.timestamp))
+
+
+Connection.acknowledges = True
+
+
+class GuessLimiter:
+    """Slows online passphrase guessing: after a failed attempt, at most one check a second,
+    the interval doubling as failures repeat (up to MAX_GUESS_INTERVAL); a success resets it."""
+
+    MAX_GUESS_INTERVAL = 8  # seconds: at worst 7.5 guesses a minute, a wait a real user can bear
+
+    def __init__(self, clock):
+        self._clock = clock
+        self.failures = 0
+        self._next_slot = 0.0
+
+    def interval(self):
+        return 0 if self.failures == 0 else min(2 ** (self.failures - 1), self.MAX_GUESS_INTERVAL)
+
+    def reserve(self):
+        """Book the next passphrase check; returns how many seconds to wait before doing it."""
+        now = self._clock()
+        slot = max(now, self._next_slot)
+        self._next_slot = slot + self.interval()
+        return slot - now
+
+    def failed(self):
+        self.failures += 1
+        self._next_slot = max(self._next_slot, self._clock() + self.interval())
+
+    def succeeded(self):
+        self.failures = 0
+        self._next_slot = 0.0
+
+
+# ===================================================================================================
+# The session: one chat over one socket. A reader thread receives, feeds the protocol and displays; a
+# writer thread sends, so that a peer who stops reading never freezes the input loop; the input loop
+# (the caller's thread) reads lines and sends them. One lock guards the protocol object.
+
+EXIT_OK, EXIT_NETWORK, EXIT_USAGE, EXIT_SECURITY = 0, 1, 2, 3
+DEFAULT_PORT = 5555
+HANDSHAKE_DEADLINE = 5.0  # seconds a server gives an unauthenticated connection to finish its handshake
+CLIENT_HANDSHAKE_DEADLINE = 30.0  # a client waits longer: a server slowing down guesses may hold it back
+KEEPALIVE = 15.0  # seconds of our silence before we send a ping
+DEAD_AFTER = 45.0  # seconds of the peer's silence before we call the connection lost (pings come every 15)
+FLUSH_TIMEOUT = 10.0  # how long leaving waits for the peer to acknowledge what we sent
+RECV_SIZE = 256 * 1024
+
+
+class UsageError(AeschatError):
+    """The user asked for something that cannot be done (a bad option, no passphrase)."""
+
+
+class NetworkError(AeschatError):
+    """The network failed us: cannot connect, the connection was lost."""
+
+
+def exit_code(error):
+    """The one place where errors become exit codes."""
+    if isinstance(error, (NetworkError, Refused, OSError)):
+        return EXIT_NETWORK
+    if isinstance(error, RemoteProtocolError):
+        return EXIT_SECURITY
+    return EXIT_USAGE
+
+
+WAKE = object()  # what read_line returns when something other than the user needs the input loop
+
+
+class PlainUI:
+    """Pipes and scripts: plain lines in and out, no escape codes at all."""
+
+    def __init__(self):
+        for stream in (sys.stdin, sys.stdout, sys.stderr):
+            stream.reconfigure(errors="replace" if stream is sys.stdin else "backslashreplace")
+        self._inbox = queue.Queue()
+        self._lock = threading.Lock()
+        self.status = ""
+        threading.Thread(target=self._read_stdin, name="stdin", daemon=True).start()
+
+    def _read_stdin(self):
+        for line in sys.stdin:
+            self._inbox.put(line.rstrip("\r\n"))
+        self._inbox.put(None)
+
+    def read_line(self):
+        """The next typed line, None at end of input (and ever after), or WAKE."""
+        line = self._inbox.get()
+        if line is None:
+            self._inbox.put(None)
+        return line
+
+    def wake(self):
+        self._inbox.put(WAKE)
+
+    def show(self, line):
+        with self._lock:
+            print(line, flush=True)
+
+    def error(self, line):
+        with self._lock:
+            print(line, file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class TerminalUI:
+    """A terminal (prompt_toolkit): the typed line stays intact while messages print above it, with line
+    editing, history and a status line. Imported only here, to keep it off the non-terminal path."""
+
+    def __init__(self):
+        from prompt_toolkit import PromptSession
+        from prompt_toolkit.patch_stdout import patch_stdout
+
+        self._prompt = PromptSession(history=None)
+        self._patch = patch_stdout()
+        self._woken = threading.Event()
+        self.status = ""
+
+    def __enter__(self):
+        self._patch.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._patch.__exit__(*exc)
+
+    def read_line(self):
+        if self._woken.is_set():
+            self._woken.clear()
+            return WAKE
+        try:
+            return self._prompt.prompt("> ", bottom_toolbar=lambda: self.status, refresh_interval=0.5,
+                                       pre_run=self._exit_if_woken)
+        except EOFError:
+            return None
+
+    def _exit_if_woken(self):
+        app = self._prompt.app
+        if self._woken.is_set() and app.is_running and not app.future.done():
+            self._woken.clear()
+            app.exit(result=WAKE)
+
+    def wake(self):
+        self._woken.set()
+        app = self._prompt.app
+        if app.is_running:
+            app.loop.call_soon_threadsafe(self._exit_if_woken)
+
+    def show(self, line):
+        print(line, flush=True)
+
+    error = show
+
+
+def make_ui():
+    if sys.stdin.isatty() and sys.stdout.isatty():
+        return TerminalUI()
+    return PlainUI()
+
+
+class Session:
+    """One chat over one connected socket whose handshake is done."""
+
+    def __init__(self, sock, conn, ui, peer, keepalive=KEEPALIVE):
+        self.sock, self.conn, self.ui, self.peer = sock, conn, ui, peer
+        self.keepalive, self.dead_after = keepalive, keepalive * DEAD_AFTER / KEEPALIVE
+        self._lock = threading.Lock()
+        self._acked = threading.Condition(self._lock)
+        self._outbox = queue.Queue()
+        self.unacked = {}  # message id -> text, until the peer acknowledges it
+        self._next_id = 0  # the id of our next message
+        self._expected_id = 0  # the id of the peer's next message
+        self._goodbye = False  # the peer said goodbye
+        self._last_sent = self._last_received = time.monotonic()
+        self.outcome = None  # (exit code, what to tell the user) once the chat is over
+        self.legacy = not conn.acknowledges
+
+    # -- the input loop's side
+
+    def start(self):
+        threading.Thread(target=self._reader, name="reader", daemon=True).start()
+        self._writer_thread = threading.Thread(target=self._writer, name="writer", daemon=True)
+        self._writer_thread.start()
+        self._update_status()
+
+    @property
+    def active(self):
+        return self.outcome is None
+
+    def send_text(self, text):
+        """Send one typed line; a line that cannot be sent is refused with a one-line error."""
+        timestamp = now_iso()
+        try:
+            with self._lock:
+                self.conn.send(Message(self._next_id, text, timestamp))
+                if self.conn.acknowledges:
+                    self.unacked[self._next_id] = text
+                self._next_id += 1
+                data = self.conn.data_to_send()
+        except LocalProtocolError as e:
+            self.ui.error(f"not sent: {e}")
+            return
+        self._outbox.put(data)
+        self.ui.show(sent_line(text, timestamp))
+        if self.legacy:
+            for warning in legacy_warnings(text, len(data)):
+                self.ui.error(f"warning: an original receiver may mangle this message: {warning}")
+        self._update_status()
+
+    def leave(self, wait=FLUSH_TIMEOUT):
+        """Wait (bounded) for every message to be acknowledged, say goodbye, close. Returns the exit code."""
+        with self._lock:
+            self._acked.wait_for(lambda: not self.unacked or self.outcome is not None, timeout=wait)
+            undelivered = len(self.unacked)
+            if self.outcome is None and self.conn.acknowledges:
+                self.conn.send(Goodbye())
+                self._outbox.put(self.conn.data_to_send())
+        self._outbox.put(None)
+        self._writer_thread.join(timeout=wait)
+        if undelivered:
+            self.ui.error(f"{undelivered} message{'s' if undelivered > 1 else ''} not delivered")
+        self._end(EXIT_NETWORK if undelivered else EXIT_OK, None)
+        self._close()
+        return self.outcome[0]
+
+    # -- inside
+
+    def _end(self, code, message):
+        with self._lock:
+            if self.outcome is not None:
+                return
+            self.outcome = (code, message)
+            self._acked.notify_all()
+        if message:
+            (self.ui.show if code == EXIT_OK else self.ui.error)(message)
+        self._outbox.put(None)
+        self.ui.wake()
+
+    def _close(self):
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+
+    def _update_status(self):
+        protocol = "legacy, NOT SECURE" if self.legacy else "aeschat v1, encrypted"
+        self.ui.status = f" {self.peer} | {protocol} | {len(self.unacked)} undelivered | quit() to leave "
+
+    def _writer(self):
+        while True:
+            data = self._outbox.get()
+            while data is not None and not self._outbox.empty():  # coalesce what is waiting
+                more = self._outbox.get()
+                if more is None:
+                    self._outbox.put(None)
+                    break
+                data += more
+            if data is None:
+                return
+            try:
+                self.sock.sendall(data)
+            except OSError as e:
+                self._end(EXIT_NETWORK, f"connection lost: {e.strerror or e}")
+                return
+            self._last_sent = time.monotonic()
+
+    def _reader(self):
+        try:
+            while self.outcome is None:
+                readable, _, _ = select.select([self.sock], [], [], min(1.0, self.keepalive))
+                if readable:
+                    data = self.sock.recv(RECV_SIZE)
+                    self._last_received = time.monotonic()
+                    self._receive(data)
+                    if not data:
+                        return
+                else:
+                    self._keep_alive()
+        except RemoteProtocolError as e:
+            self._end(EXIT_SECURITY, f"security failure: {e}; the chat is closed")
+        except (OSError, ValueError) as e:  # ValueError: select on a socket we closed while leaving
+            if self.outcome is None:
+                self._end(EXIT_NETWORK, f"connection lost: {getattr(e, 'strerror', None) or e}")
+
+    def _keep_alive(self):
+        now = time.monotonic()
+        if now - self._last_received > self.dead_after:
+            self._end(EXIT_NETWORK, f"connection lost: no sign of the peer for {self.dead_after:.0f} s")
+        elif now - self._last_sent > self.keepalive and self.conn.acknowledges:
+            self._last_sent = now
+            with self._lock:
+                self.conn.send(Ping())
+                self._outbox.put(self.conn.data_to_send())
+
+    def _receive(self, data):
+        with self._lock:
+            self.conn.receive_data(data)
+        while True:
+            with self._lock:
+                event = self.conn.next_event()
+            if event is None:
+                break
+            self._handle(event)
+        self._update_status()
+
+    def _handle(self, event):
+        if isinstance(event, Message):
+            if event.id > self._expected_id and self.conn.acknowledges:
+                raise RemoteProtocolError(f"message {self._expected_id} never arrived (got {event.id})")
+            if event.id == self._expected_id or not self.conn.acknowledges:
+                self.ui.show(verify_and_display(event))
+                self._expected_id = event.id + 1
+            with self._lock:
+                if self.conn.acknowledges:
+                    self.conn.send(Ack(event.id))
+                    self._outbox.put(self.conn.data_to_send())
+        elif isinstance(event, Ack):
+            with self._lock:
+                self.unacked.pop(event.id, None)
+                self._acked.notify_all()
+        elif isinstance(event, Goodbye):
+            self._goodbye = True
+        elif isinstance(event, Busy):
+            raise Refused("the server is busy with another chat")
+        elif isinstance(event, ConnectionClosed):
+            if self._goodbye or self.legacy:
+                self._end(EXIT_OK, "peer left the chat")
+            else:
+                self._end(EXIT_NETWORK, "connection lost: the peer went away without saying goodbye")
+
+
+LEGACY_WARNING = ("WARNING: --legacy is NOT SECURE: AES-ECB under an unsalted key, no authentication; anyone on "
+                  "the network can read, alter and replay messages. Use it only with the original scripts.")
+
+
+def banner(ui, peer, legacy):
+    if legacy:
+        ui.show(f"Connected to {peer} (legacy format: not authenticated, not protected).")
+    else:
+        ui.show(f"Connected to {peer}: authenticated and encrypted (aeschat v1: SPAKE2, AES-256-CTR, HMAC-SHA256).")
+    ui.show(f"{VERIFIED} = message verified, {FAILED} = verification failed. Type quit() or press Ctrl-D to leave.")
+
+
+def chat(session):
+    """The input loop of one chat; returns its exit code."""
+    ui = session.ui
+    session.start()
+    while session.active:
+        line = ui.read_line()
+        if line is WAKE:
+            continue
+        if line is None or line.strip() == "quit()":
+            return session.leave()
+        if line.strip():
+            session.send_text(line)
+    session._close()
+    return session.outcome[0]
+
+
+def handshake(sock, conn, deadline):
+    """Run the v1 handshake on a connected socket, within deadline seconds."""
+    sock.settimeout(deadline)
+    end = time.monotonic() + deadline
+    try:
+        while True:
+            event = conn.next_event()
+            out = conn.data_to_send()
+            if out:
+                sock.sendall(out)
+            if isinstance(event, HandshakeComplete):
+                return
+            if isinstance(event, ConnectionClosed):
+                raise NetworkError("the connection closed during the handshake")
+            if event is None:
+                sock.settimeout(max(0.01, end - time.monotonic()))
+                conn.receive_data(sock.recv(RECV_SIZE))
+    except socket.timeout:
+        raise NetworkError(f"no aeschat handshake within {deadline:.0f} s "
+                           "(is the peer an aeschat v1 program? --legacy talks to the original scripts)") from None
+    finally:
+        sock.settimeout(None)
+
+
+def read_passphrase(args):
+    """--key-file, else AESCHAT_KEY, else a prompt that does not echo; never argv."""
+    if args.key_file:
+        try:
+            with open(args.key_file, encoding="utf-8") as f:
+                passphrase = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"cannot read the key file {args.key_file}: {getattr(e, 'strerror', None) or e}") from None
+        passphrase = passphrase[:-1] if passphrase.endswith("\n") else passphrase
+        passphrase = passphrase[:-1] if passphrase.endswith("\r") else passphrase
+    elif os.environ.get("AESCHAT_KEY") is not None:
+        passphrase = os.environ["AESCHAT_KEY"]
+    elif sys.stdin.isatty():
+        passphrase = getpass.getpass("Passphrase: ")
+    else:
+        raise UsageError("no passphrase: give one with --key-file PATH or the AESCHAT_KEY environment variable")
+    if not passphrase:
+        raise UsageError("the passphrase is empty")
+    return passphrase
+
+
+def port_number(text):
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r} (a number from 1 to 65535)")
+    return port
+
+
+def argument_parser(prog, description):
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--legacy", action="store_true",
+                        help="speak the original scripts' format: NOT SECURE, only for a peer still running them")
+    parser.add_argument("--key-file", metavar="PATH",
+                        help="read the passphrase from PATH (else $AESCHAT_KEY, else a prompt)")
+    parser.add_argument("--keepalive", type=float, default=KEEPALIVE, metavar="SECONDS", help=argparse.SUPPRESS)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def run(main):
+    """Run a program's main, mapping every error to a one-line message and its exit code."""
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        code = EXIT_OK
+    except AeschatError as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = exit_code(e)
+    except BrokenPipeError:
+        code = EXIT_OK
+    sys.stdout.flush() if not sys.stdout.closed else None
+    sys.exit(code)
+
+
+def address(sockaddr):
+    """host:port, with brackets around an IPv6 host."""
+    host, port = sockaddr[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
