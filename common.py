@@ -1080,7 +1080,8 @@ def handshake(sock, conn, deadline):
             if isinstance(event, HandshakeComplete):
                 return
             if isinstance(event, ConnectionClosed):
-                raise NetworkError("the connection closed during the handshake")
+                raise NetworkError("the connection closed during the handshake "
+                                   "(is the peer an aeschat v1 program, and not in --legacy mode?)")
             if event is None:
                 sock.settimeout(max(0.01, end - time.monotonic()))
                 conn.receive_data(sock.recv(RECV_SIZE))
