@@ -37,6 +37,8 @@ def connect(host, port):
         sock = socket.create_connection((host, port), timeout=10)
     except socket.gaierror as e:
         raise common.NetworkError(f"cannot find the host {host!r}: {e.strerror}") from None
+    except UnicodeError:
+        raise common.UsageError(f"{host!r} is not a valid host name") from None
     except OSError as e:
         raise common.NetworkError(f"cannot connect to {host} port {port}: {e.strerror or e}") from None
     sock.settimeout(None)

@@ -1113,18 +1113,24 @@ def read_passphrase(args):
     return passphrase
 
 
-def port_number(text):
+def port_number(text, lowest=1):
     try:
         port = int(text)
     except ValueError:
         port = -1
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"invalid port {text!r} (a number from 1 to 65535)")
+    if not lowest <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r} (a number from {lowest} to 65535)")
     return port
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        """One line, not argparse's usage block: what is wrong and where to look."""
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def argument_parser(prog, description):
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser = ArgumentParser(prog=prog, description=description)
     parser.add_argument("--legacy", action="store_true",
                         help="speak the original scripts' format: NOT SECURE, only for a peer still running them")
     parser.add_argument("--key-file", metavar="PATH",

@@ -15,7 +15,8 @@ MAX_PENDING = 64  # unauthenticated connections handshaking at once; more are cl
 
 def parse_args(argv=None):
     parser = common.argument_parser("aeschat-server", "Wait for an aeschat client and chat.")
-    parser.add_argument("port", nargs="?", type=common.port_number, default=common.DEFAULT_PORT, metavar="PORT",
+    parser.add_argument("port", nargs="?", type=lambda text: common.port_number(text, lowest=0),
+                        default=common.DEFAULT_PORT, metavar="PORT",
                         help=f"port to listen on (default {common.DEFAULT_PORT}; 0 picks a free one)")
     parser.add_argument("--host", default="0.0.0.0", metavar="ADDR",
                         help="address to listen on (default 0.0.0.0; :: for IPv6, dual-stack where possible)")

@@ -1,0 +1,128 @@
+"""The command line: arguments, passphrase sources, and exit codes, on real processes."""
+
+import socket
+import threading
+
+import pytest
+from procs import PASSPHRASE, Proc, start_server
+
+pytestmark = pytest.mark.slow
+
+
+def run(args, passphrase=PASSPHRASE, stdin_text=""):
+    proc = Proc(args, passphrase=passphrase)
+    proc.send(stdin_text)
+    proc.close_stdin()
+    code = proc.wait()
+    out, err = proc.output()
+    assert "Traceback" not in out + err
+    return code, out, err
+
+
+@pytest.mark.parametrize("program", ["client.py", "server.py"])
+def test_help_and_version(program):
+    code, out, _ = run([program, "--help"])
+    assert code == 0 and "--key-file" in out and "--legacy" in out
+    code, out, _ = run([program, "--version"])
+    assert code == 0 and "1.0.0" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["client.py", "127.0.0.1", "abc"], "invalid port 'abc'"),
+    (["client.py", "127.0.0.1", "0"], "invalid port '0'"),
+    (["client.py", "127.0.0.1", "70000"], "invalid port '70000'"),
+    (["client.py"], "HOST is missing"),
+    (["client.py", "bad..host", "5555"], "not a valid host name"),
+    (["server.py", "-5"], "invalid port"),
+    (["client.py", "127.0.0.1", "--bogus"], "unrecognized arguments"),
+])
+def test_usage_errors_exit_2_with_one_line(args, message):
+    code, out, err = run(args)
+    assert code == 2
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("program", [["client.py", "127.0.0.1", "1"], ["server.py", "0"]])
+def test_no_passphrase_and_no_terminal_says_how_to_give_one(program):
+    code, _, err = run(program, passphrase=None)
+    assert code == 2 and "--key-file" in err and "AESCHAT_KEY" in err
+
+
+@pytest.mark.parametrize("program", [["client.py", "127.0.0.1", "1"], ["server.py", "0"]])
+def test_empty_passphrase_exits_2(program):
+    code, _, err = run(program, passphrase="")
+    assert code == 2 and "empty" in err
+
+
+def test_missing_key_file_exits_2(tmp_path):
+    code, _, err = run(["client.py", "127.0.0.1", "1", "--key-file", tmp_path / "nope"], passphrase=None)
+    assert code == 2 and "cannot read the key file" in err
+
+
+def test_key_file_loses_one_trailing_newline_only(tmp_path):
+    key = tmp_path / "k"
+    key.write_text("two words\n\n")  # the passphrase is "two words\n"
+    server, port = start_server("--once", passphrase="two words\n")
+    try:
+        code, out, _ = run(["client.py", "127.0.0.1", port, "--key-file", key], passphrase=None, stdin_text="hi\n")
+        assert code == 0 and "authenticated" in out
+    finally:
+        server.kill()
+
+
+def closed_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_cannot_connect_exits_1():
+    code, _, err = run(["client.py", "127.0.0.1", closed_port()])
+    assert code == 1 and "cannot connect to 127.0.0.1" in err
+
+
+def test_port_in_use_exits_1():
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        code, _, err = run(["server.py", taken.getsockname()[1], "--host", "127.0.0.1"])
+    assert code == 1 and "cannot listen" in err
+
+
+def junk_server(reply):
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        conn, _ = listener.accept()
+        conn.sendall(reply)
+        conn.recv(100)
+        conn.close()
+        listener.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener.getsockname()[1]
+
+
+def test_client_to_something_else_is_not_an_aeschat_peer():
+    port = junk_server(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+    code, _, err = run(["client.py", "127.0.0.1", port])
+    assert code == 3 and "not an aeschat v1 peer" in err
+
+
+@pytest.mark.parametrize("stdin_text", ["quit()\n", ""])
+def test_idle_server_ends_on_quit_or_end_of_input(stdin_text):
+    server, _ = start_server()
+    server.send(stdin_text)
+    server.close_stdin()
+    assert server.wait() == 0
+
+
+def test_ipv6_loopback():
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 here")
+    server = Proc(["server.py", "0", "--host", "::1", "--once"])
+    try:
+        port = server.expect(r"listening on \[::1\]:(\d+)").group(1)
+        code, out, _ = run(["client.py", "::1", port], stdin_text="over six\n")
+        assert code == 0
+        server.expect("Received: over six  ☒")
+    finally:
+        server.kill()
