@@ -1055,14 +1055,18 @@ def chat(session):
     """The input loop of one chat; returns its exit code."""
     ui = session.ui
     session.start()
-    while session.active:
-        line = ui.read_line()
-        if line is WAKE:
-            continue
-        if line is None or line.strip() == "quit()":
-            return session.leave()
-        if line.strip():
-            session.send_text(line)
+    try:
+        while session.active:
+            line = ui.read_line()
+            if line is WAKE:
+                continue
+            if line is None or line.strip() == "quit()":
+                return session.leave()
+            if line.strip():
+                session.send_text(line)
+    except KeyboardInterrupt:
+        session.leave(wait=0)  # Ctrl-C leaves at once, but still says goodbye
+        raise
     session._close()
     return session.outcome[0]
 

@@ -45,6 +45,8 @@ class Server:
         self._pending = threading.BoundedSemaphore(MAX_PENDING)
         self._busy = False  # an authenticated chat is on (or about to start)
         self._ready = None  # (socket, connection, peer) of the chat about to start
+        self.idle_status = f" listening on {common.address(listener.getsockname())} | waiting for a client "
+        ui.status = self.idle_status
 
     def serve(self):
         """The input loop: lines go to the chat when there is one; quit() or end of input when idle stops."""
@@ -57,6 +59,7 @@ class Server:
                 if self.args.once:
                     return code
                 self.ui.show("waiting for the next client")
+                self.ui.status = self.idle_status
                 continue
             line = self.ui.read_line()
             if line is None or (line is not common.WAKE and line.strip() == "quit()"):
