@@ -927,7 +927,7 @@ class Session:
                 self.conn.send(Goodbye())
                 self._outbox.put(self.conn.data_to_send())
         self._outbox.put(None)
-        self._writer_thread.join(timeout=wait)
+        self._writer_thread.join(timeout=max(wait, 1.0))  # time to write the goodbye, even in a hurry
         if undelivered:
             self.ui.error(f"{undelivered} message{'s' if undelivered > 1 else ''} not delivered")
         self._end(EXIT_NETWORK if undelivered else EXIT_OK, None)
