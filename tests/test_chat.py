@@ -214,3 +214,35 @@ def test_legacy_client_against_v1_server(spawn):
     client.send("hello\n")
     server.expect(r"dropped: the peer is not an aeschat v1 peer")
     client.expect(r"cannot decrypt the peer's data|connection lost|peer left")
+
+
+def test_legacy_server_talks_with_the_original_client_both_ways(spawn):
+    server, port = spawn("server", "--once", "--legacy")
+    original = spawn("proc", ["tests/original_peer.py", "client", "127.0.0.1", port])
+    original.expect("connected")
+    server.expect("legacy format")
+    original.send("hello from the past\n")
+    server.expect(r"^Received: hello from the past  ☒")
+    server.send("hello from the future\n")
+    original.expect(r"^Received: hello from the future\s+☒")
+    # What an original receiver would mangle is sent all the same, with a warning.
+    server.send("tilde ~ here\n")
+    server.expect("warning: an original receiver may mangle this message: it contains '~'")
+    original.expect(r"^Received: tilde  here\s+☐")  # the original deletes every ~, and its hash fails
+    server.send("y" * 1000 + "\n")
+    server.expect("over 1024")
+    server.send("after the big one\n")
+    original.expect("Received: after the big one")
+
+
+def test_legacy_client_reads_the_original_server_in_any_segmentation(spawn):
+    original = spawn("proc", ["tests/original_peer.py", "server", "0"])
+    port = original.expect(r"listening on (\d+)").group(1)
+    client = spawn("client", port, "--legacy")
+    original.expect("connected")
+    lines = [f"quick {i} ~" for i in range(50)] + ["z" * 3000]
+    original.send("".join(line + "\n" for line in lines))  # many arrive in one read, one spans many
+    for line in lines:
+        client.expect(rf"^Received: {line}  ☒")
+    client.send("got them\n")
+    original.expect(r"^Received: got them\s+☒")
