@@ -51,14 +51,26 @@ def _main():
     passphrase = common.read_passphrase(args)
     if args.legacy:
         print(common.LEGACY_WARNING, file=sys.stderr)
-    conn = common.LegacyConnection(passphrase) if args.legacy else common.ClientConnection(passphrase)
-    sock = connect(args.host, args.port)
-    peer = common.address(sock.getpeername())
-    if not args.legacy:
-        common.handshake(sock, conn, common.CLIENT_HANDSHAKE_DEADLINE)
+
+    def open_link():
+        """Connect and authenticate: at the start, and again for each reconnection (new keys each time)."""
+        conn = common.LegacyConnection(passphrase) if args.legacy else common.ClientConnection(passphrase)
+        sock = connect(args.host, args.port)
+        try:
+            if not args.legacy:
+                common.handshake(sock, conn, common.CLIENT_HANDSHAKE_DEADLINE)
+            return sock, conn, common.address(sock.getpeername())
+        except BaseException:
+            sock.close()
+            raise
+
+    sock, conn, peer = open_link()
     with common.make_ui() as ui:
         common.banner(ui, peer, args.legacy)
-        return common.chat(common.Session(sock, conn, ui, peer, keepalive=args.keepalive))
+        chat = common.Chat(ui, common.Conversation.new(), legacy=args.legacy, keepalive=args.keepalive,
+                           grace=args.reconnect_for, reconnect=open_link)
+        chat.attach(sock, conn, peer)
+        return common.run_chat(chat)
 
 
 def main():

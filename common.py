@@ -64,7 +64,7 @@ class AuthenticationError(RemoteProtocolError):
 
 
 class Refused(AeschatError):
-    """The server turned us away before the chat began (it is busy with another chat)."""
+    """The server turned us away: it is busy with a chat with another client."""
 
 
 class IntegrityError(RemoteProtocolError):
@@ -235,7 +235,17 @@ class Goodbye:
 
 @dataclass(frozen=True)
 class Busy:
-    """The server is already in a chat (sent when two clients finished their handshakes at once)."""
+    """The server is in a chat with another client: this one is turned away."""
+
+
+@dataclass(frozen=True)
+class Resume:
+    """The first record each way on every connection: which conversation, and where each direction stands."""
+
+    conv: str  # the conversation id, 32 hex digits, chosen by the client when it first starts
+    next: int  # the id of the next message the sender expects: it has shown every one below
+    base: int  # the sender's lowest unacknowledged message id (its next id if none is waiting)
+    resumed: bool = False  # from the server: it still held the conversation the client named
 
 
 @dataclass(frozen=True)
@@ -270,6 +280,8 @@ def encode_payload(event):
                "hash": event.hash or text_hash(event.text)}
     elif isinstance(event, Ack):
         obj = {"type": "ack", "id": event.id}
+    elif isinstance(event, Resume):
+        obj = {"type": "resume", "conv": event.conv, "next": event.next, "base": event.base, "resumed": event.resumed}
     elif type(event) in _SIGNAL_TYPES:
         obj = {"type": _SIGNAL_TYPES[type(event)]}
     else:
@@ -302,6 +314,11 @@ def decode_payload(data):
         return Message(_field(obj, "id", int), text, _field(obj, "timestamp", str), _field(obj, "hash", str))
     if kind == "ack":
         return Ack(_field(obj, "id", int))
+    if kind == "resume":
+        resumed = obj.get("resumed")
+        if not isinstance(resumed, bool):
+            raise RemoteProtocolError("payload field 'resumed' is missing or not a bool")
+        return Resume(_field(obj, "conv", str), _field(obj, "next", int), _field(obj, "base", int), resumed)
     for signal_class, name in _SIGNAL_TYPES.items():
         if kind == name:
             return signal_class()
@@ -362,11 +379,11 @@ VERSION = 1
 HELLO_PREFIX = MAGIC + bytes([VERSION])
 SPAKE2_MESSAGE_SIZE = 33  # a side byte, then an Ed25519 point
 HELLO_SIZE = len(HELLO_PREFIX) + SPAKE2_MESSAGE_SIZE
-# In place of its hello or its confirmation, a server may send a refusal: the prefix, "!", a reason.
-# It is not authenticated (there are no keys yet): a man in the middle could forge one, but he can
-# always cut the connection anyway.
+# In place of its confirmation, a server sends a refusal when the client's was wrong: the prefix, "!",
+# and the reason. It is not authenticated (there are no keys yet): a man in the middle could forge one,
+# but he can always cut the connection anyway.
 REFUSAL = HELLO_PREFIX + b"!"
-BUSY, DENIED = b"busy", b"denied"
+DENIED = b"denied"
 ID_A = b"aeschat-v1-client"
 ID_B = b"aeschat-v1-server"
 
@@ -388,6 +405,7 @@ class Connection:
     _spake_class = None
     side = b""
     peer_side = b""
+    acknowledges = True  # the session keeps messages until the peer acknowledges them
 
     def __init__(self, passphrase, entropy=os.urandom):
         self._spake = self._spake_class(normalize_passphrase(passphrase), idA=ID_A, idB=ID_B,
@@ -448,9 +466,7 @@ class Connection:
         try:
             payload = self._frames.next_frame()
         except TruncatedFrame:
-            if self.state is State.OPEN:
-                raise IntegrityError("the connection was cut in the middle of a record") from None
-            raise
+            raise  # the peer closed mid-frame: a lost connection, whatever the state
         except RemoteProtocolError:
             if self.state is State.HELLO:
                 raise NotAeschatPeer("the peer is not an aeschat v1 peer") from None
@@ -512,8 +528,6 @@ class Connection:
     def _on_refusal(self, reason):
         if self.side == b"B":
             raise RemoteProtocolError("a client sent a refusal")
-        if reason == BUSY:
-            raise Refused("the server is busy with another chat")
         if reason == DENIED:
             raise AuthenticationError("the server says the passphrases differ (or someone interfered)")
         raise RemoteProtocolError("the server refused the connection for an unknown reason")
@@ -535,7 +549,7 @@ class ServerConnection(Connection):
     confirms_first = False
 
     def refuse(self, reason):
-        """Queue a refusal (BUSY before the handshake, DENIED after a wrong passphrase); then close."""
+        """Queue a refusal (DENIED, after a wrong passphrase); then close."""
         self._outgoing += frame(REFUSAL + reason)
         self.state = State.CLOSED
 
@@ -560,6 +574,11 @@ def legacy_encode(cipher, text, timestamp):
     """One legacy message, encrypted block by block; cipher is pyaes.AES(legacy_key(passphrase))."""
     check_message_text(text)
     return b"".join(bytes(cipher.encrypt(block)) for block in process_text(legacy_plaintext(text, timestamp)))
+
+
+def legacy_size(text):
+    """How many bytes a legacy message takes on the wire."""
+    return len(b"".join(process_text(legacy_plaintext(text, "00:00:00"))))
 
 
 def legacy_warnings(text, encrypted_size):
@@ -706,9 +725,6 @@ class LegacyConnection:
             self._outgoing += legacy_encode(self._cipher, event.text, local_time(event.timestamp))
 
 
-Connection.acknowledges = True
-
-
 class GuessLimiter:
     """Slows online passphrase guessing: after a failed attempt, at most one check a second,
     the interval doubling as failures repeat (up to MAX_GUESS_INTERVAL); a success resets it."""
@@ -739,6 +755,68 @@ class GuessLimiter:
         self._next_slot = 0.0
 
 
+class Conversation:
+    """What survives reconnects, without I/O: the conversation id, the message numbers both ways, and
+    the messages the peer has not acknowledged, to be sent again on the next connection.
+
+    Each connection starts with a Resume each way (the client's first). Each side then forgets what the
+    peer says it has shown and sends the rest again with the same ids; the receiver shows an id once.
+    """
+
+    def __init__(self, conv_id):
+        self.id = conv_id
+        self.next_id = 0  # the id of our next message
+        self.expected_id = 0  # the id of the peer's next message
+        self.unacked = {}  # id -> Message, oldest first
+
+    @classmethod
+    def new(cls, entropy=os.urandom):
+        return cls(entropy(16).hex())
+
+    def new_message(self, text, timestamp):
+        check_message_text(text)
+        message = Message(self.next_id, text, timestamp, text_hash(text))
+        self.unacked[message.id] = message
+        self.next_id += 1
+        return message
+
+    def base(self):
+        return next(iter(self.unacked), self.next_id)
+
+    def resume_request(self):
+        return Resume(self.id, self.expected_id, self.base())
+
+    def accept(self, message):
+        """True if message is the next one to show; False for one shown before (sent again after a resume)."""
+        if message.id < self.expected_id:
+            return False
+        if message.id > self.expected_id:
+            raise RemoteProtocolError(f"message {self.expected_id} never arrived (got {message.id})")
+        self.expected_id += 1
+        return True
+
+    def acknowledged(self, message_id):
+        self.unacked.pop(message_id, None)
+
+    def on_resume(self, peer, server):
+        """Take the peer's Resume; returns (our reply or None, the messages to send again, in order)."""
+        if server:
+            resumed = peer.conv == self.id
+            if not resumed:  # a client new to us takes the conversation over: its numbering starts anew
+                self.id, self.expected_id = peer.conv, peer.base
+            reply = Resume(self.id, max(self.expected_id, peer.base), self.base(), resumed)
+        else:
+            if peer.conv != self.id:
+                raise RemoteProtocolError("the server answered for another conversation")
+            reply = None
+            if not peer.resumed:  # the server started afresh (or restarted): take its numbering
+                self.expected_id = peer.base
+        self.expected_id = max(self.expected_id, peer.base)
+        for message_id in [i for i in self.unacked if i < peer.next]:
+            del self.unacked[message_id]
+        return reply, list(self.unacked.values())
+
+
 # ===================================================================================================
 # The session: one chat over one socket. A reader thread receives, feeds the protocol and displays; a
 # writer thread sends, so that a peer who stops reading never freezes the input loop; the input loop
@@ -751,6 +829,8 @@ CLIENT_HANDSHAKE_DEADLINE = 30.0  # a client waits longer: a server slowing down
 KEEPALIVE = 15.0  # seconds of our silence before we send a ping
 DEAD_AFTER = 45.0  # seconds of the peer's silence before we call the connection lost (pings come every 15)
 FLUSH_TIMEOUT = 10.0  # how long leaving waits for the peer to acknowledge what we sent
+RECONNECT_FOR = 300.0  # how long a client tries to reconnect, and a server holds a dropped conversation
+MAX_QUEUED = 10_000  # messages waiting for acknowledgement; past it, new ones are refused with a message
 RECV_SIZE = 256 * 1024
 
 
@@ -764,7 +844,7 @@ class NetworkError(AeschatError):
 
 def exit_code(error):
     """The one place where errors become exit codes."""
-    if isinstance(error, (NetworkError, Refused, OSError)):
+    if isinstance(error, (NetworkError, Refused, OSError, TruncatedFrame)):
         return EXIT_NETWORK
     if isinstance(error, RemoteProtocolError):
         return EXIT_SECURITY
@@ -869,94 +949,41 @@ def make_ui():
     return PlainUI()
 
 
-class Session:
-    """One chat over one connected socket whose handshake is done."""
+class Link:
+    """One connection of a chat: a reader thread and a writer thread over one socket."""
 
-    def __init__(self, sock, conn, ui, peer, keepalive=KEEPALIVE):
-        self.sock, self.conn, self.ui, self.peer = sock, conn, ui, peer
-        self.keepalive, self.dead_after = keepalive, keepalive * DEAD_AFTER / KEEPALIVE
-        self._lock = threading.Lock()
-        self._acked = threading.Condition(self._lock)
+    def __init__(self, chat, sock, conn, peer):
+        self.chat, self.sock, self.conn, self.peer = chat, sock, conn, peer
+        self.ready = False  # messages may flow (after the Resume exchange)
+        self.goodbye = False  # the peer said goodbye
+        self.closed = False
         self._outbox = queue.Queue()
-        self.unacked = {}  # message id -> text, until the peer acknowledges it
-        self._next_id = 0  # the id of our next message
-        self._expected_id = 0  # the id of the peer's next message
-        self._goodbye = False  # the peer said goodbye
         self._last_sent = self._last_received = time.monotonic()
-        self.outcome = None  # (exit code, what to tell the user) once the chat is over
-        self.legacy = not conn.acknowledges
-
-    # -- the input loop's side
+        self._writer = threading.Thread(target=self._write, name="writer", daemon=True)
 
     def start(self):
-        threading.Thread(target=self._reader, name="reader", daemon=True).start()
-        self._writer_thread = threading.Thread(target=self._writer, name="writer", daemon=True)
-        self._writer_thread.start()
-        self._update_status()
+        self._writer.start()
+        threading.Thread(target=self._read, name="reader", daemon=True).start()
 
-    @property
-    def active(self):
-        return self.outcome is None
+    def send(self, event):
+        """Seal event and queue it for the writer; the caller holds the chat's lock."""
+        self.conn.send(event)
+        self._outbox.put(self.conn.data_to_send())
 
-    def send_text(self, text):
-        """Send one typed line; a line that cannot be sent is refused with a one-line error."""
-        timestamp = now_iso()
-        try:
-            with self._lock:
-                self.conn.send(Message(self._next_id, text, timestamp))
-                if self.conn.acknowledges:
-                    self.unacked[self._next_id] = text
-                self._next_id += 1
-                data = self.conn.data_to_send()
-        except LocalProtocolError as e:
-            self.ui.error(f"not sent: {e}")
-            return
-        self._outbox.put(data)
-        self.ui.show(sent_line(text, timestamp))
-        if self.legacy:
-            for warning in legacy_warnings(text, len(data)):
-                self.ui.error(f"warning: an original receiver may mangle this message: {warning}")
-        self._update_status()
-
-    def leave(self, wait=FLUSH_TIMEOUT):
-        """Wait (bounded) for every message to be acknowledged, say goodbye, close. Returns the exit code."""
-        with self._lock:
-            self._acked.wait_for(lambda: not self.unacked or self.outcome is not None, timeout=wait)
-            undelivered = len(self.unacked)
-            if self.outcome is None and self.conn.acknowledges:
-                self.conn.send(Goodbye())
-                self._outbox.put(self.conn.data_to_send())
+    def finish(self, timeout):
+        """Let the writer send what is queued (bounded), then close."""
         self._outbox.put(None)
-        self._writer_thread.join(timeout=max(wait, 1.0))  # time to write the goodbye, even in a hurry
-        if undelivered:
-            self.ui.error(f"{undelivered} message{'s' if undelivered > 1 else ''} not delivered")
-        self._end(EXIT_NETWORK if undelivered else EXIT_OK, None)
-        self._close()
-        return self.outcome[0]
+        self._writer.join(timeout=timeout)
+        self.close()
 
-    # -- inside
-
-    def _end(self, code, message):
-        with self._lock:
-            if self.outcome is not None:
-                return
-            self.outcome = (code, message)
-            self._acked.notify_all()
-        if message:
-            (self.ui.show if code == EXIT_OK else self.ui.error)(message)
+    def close(self):
+        self.closed = True
         self._outbox.put(None)
-        self.ui.wake()
-
-    def _close(self):
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
 
-    def _update_status(self):
-        protocol = "legacy, NOT SECURE" if self.legacy else "aeschat v1, encrypted"
-        self.ui.status = f" {self.peer} | {protocol} | {len(self.unacked)} undelivered | quit() to leave "
-
-    def _writer(self):
+    def _write(self):
         while True:
             data = self._outbox.get()
             while data is not None and not self._outbox.empty():  # coalesce what is waiting
@@ -970,73 +997,242 @@ class Session:
             try:
                 self.sock.sendall(data)
             except OSError as e:
-                self._end(EXIT_NETWORK, f"connection lost: {e.strerror or e}")
+                self.chat.lost(self, e.strerror or str(e))
                 return
             self._last_sent = time.monotonic()
 
-    def _reader(self):
+    def _read(self):
+        chat = self.chat
         try:
-            while self.outcome is None:
-                readable, _, _ = select.select([self.sock], [], [], min(1.0, self.keepalive))
+            while not self.closed:
+                readable, _, _ = select.select([self.sock], [], [], min(1.0, chat.keepalive))
                 if readable:
                     data = self.sock.recv(RECV_SIZE)
                     self._last_received = time.monotonic()
-                    self._receive(data)
+                    with chat.lock:
+                        self.conn.receive_data(data)
+                    while (event := self._next_event()) is not None:
+                        chat.handle(self, event)
                     if not data:
                         return
-                else:
-                    self._keep_alive()
+                elif time.monotonic() - self._last_received > chat.dead_after:
+                    chat.lost(self, f"no sign of the peer for {chat.dead_after:.0f} s")
+                    return
+                elif time.monotonic() - self._last_sent > chat.keepalive and self.conn.acknowledges:
+                    self._last_sent = time.monotonic()
+                    with chat.lock:
+                        self.send(Ping())
+        except TruncatedFrame:
+            chat.lost(self, "the connection was cut in the middle of a record")
+        except Refused as e:
+            chat.end(EXIT_NETWORK, str(e))
         except RemoteProtocolError as e:
-            self._end(EXIT_SECURITY, f"security failure: {e}; the chat is closed")
-        except (OSError, ValueError) as e:  # ValueError: select on a socket we closed while leaving
-            if self.outcome is None:
-                self._end(EXIT_NETWORK, f"connection lost: {getattr(e, 'strerror', None) or e}")
+            chat.end(EXIT_SECURITY, f"security failure: {e}; the chat is closed")
+        except (OSError, ValueError) as e:  # ValueError: select on a socket closed under it
+            chat.lost(self, getattr(e, "strerror", None) or str(e))
 
-    def _keep_alive(self):
-        now = time.monotonic()
-        if now - self._last_received > self.dead_after:
-            self._end(EXIT_NETWORK, f"connection lost: no sign of the peer for {self.dead_after:.0f} s")
-        elif now - self._last_sent > self.keepalive and self.conn.acknowledges:
-            self._last_sent = now
-            with self._lock:
-                self.conn.send(Ping())
-                self._outbox.put(self.conn.data_to_send())
+    def _next_event(self):
+        with self.chat.lock:
+            if self.closed:
+                return None
+            return self.conn.next_event()
 
-    def _receive(self, data):
-        with self._lock:
-            self.conn.receive_data(data)
-        while True:
-            with self._lock:
-                event = self.conn.next_event()
-            if event is None:
-                break
-            self._handle(event)
-        self._update_status()
 
-    def _handle(self, event):
-        if isinstance(event, Message):
-            if event.id > self._expected_id and self.conn.acknowledges:
-                raise RemoteProtocolError(f"message {self._expected_id} never arrived (got {event.id})")
-            if event.id == self._expected_id or not self.conn.acknowledges:
-                self.ui.show(verify_and_display(event))
-                self._expected_id = event.id + 1
-            with self._lock:
-                if self.conn.acknowledges:
-                    self.conn.send(Ack(event.id))
-                    self._outbox.put(self.conn.data_to_send())
-        elif isinstance(event, Ack):
-            with self._lock:
-                self.unacked.pop(event.id, None)
-                self._acked.notify_all()
-        elif isinstance(event, Goodbye):
-            self._goodbye = True
-        elif isinstance(event, Busy):
-            raise Refused("the server is busy with another chat")
-        elif isinstance(event, ConnectionClosed):
-            if self._goodbye or self.legacy:
-                self._end(EXIT_OK, "peer left the chat")
+class Chat:
+    """One conversation: its state, the link it runs over now (if any), and what the user sees.
+
+    When a link is lost without a goodbye, a client reconnects (reconnect() gives a new link's
+    socket, connection and peer) and a server holds the conversation for a client to come back, both
+    for `grace` seconds; then each side sends again what the other had not acknowledged.
+    """
+
+    def __init__(self, ui, conversation, legacy=False, keepalive=KEEPALIVE, grace=0.0, reconnect=None):
+        self.ui, self.conversation, self.legacy = ui, conversation, legacy
+        self.keepalive, self.dead_after = keepalive, keepalive * DEAD_AFTER / KEEPALIVE
+        self.grace, self.reconnect = (0.0 if legacy else grace), reconnect
+        self.lock = threading.RLock()
+        self._changed = threading.Condition(self.lock)
+        self.link = None
+        self.peer = ""
+        self.outcome = None  # (exit code, what to tell the user) once the chat is over
+        self._lost_at = None
+
+    @property
+    def active(self):
+        return self.outcome is None
+
+    # -- links
+
+    def attach(self, sock, conn, peer, peer_resume=None):
+        """Run the chat over a new connection (replacing any old one); the server passes the client's
+        Resume, which it has already read; a client sends its own and waits for the server's.
+        False if the chat ended meanwhile (and the socket is closed)."""
+        link = Link(self, sock, conn, peer)
+        with self.lock:
+            if self.outcome is not None:
+                link.close()
+                return False
+            old, self.link, self.peer, was_lost = self.link, link, peer, self._lost_at is not None
+            self._lost_at = None
+            if self.legacy:
+                link.ready = True
+            elif peer_resume is None:
+                link.send(self.conversation.resume_request())
             else:
-                self._end(EXIT_NETWORK, "connection lost: the peer went away without saying goodbye")
+                self._resume(link, peer_resume)
+        if old is not None:
+            old.close()
+        if was_lost or old is not None:
+            self.ui.show(f"reconnected to {peer}")
+        link.start()
+        self.update_status()
+        return True
+
+    def _resume(self, link, peer_resume):
+        reply, again = self.conversation.on_resume(peer_resume, server=self.reconnect is None)
+        if reply is not None:
+            link.send(reply)
+        for message in again:
+            link.send(message)
+        link.ready = True
+
+    def lost(self, link, reason):
+        """A link failed: reconnect, hold the conversation, or end the chat."""
+        with self.lock:
+            if link is not self.link or self.outcome is not None:
+                return
+            self.link = None
+            self._lost_at = token = time.monotonic()
+            unsent = len(self.conversation.unacked)
+        link.close()
+        if self.grace <= 0:
+            self.end(EXIT_NETWORK, f"connection lost: {reason}")
+            return
+        self.ui.error(f"connection lost: {reason}; {'reconnecting' if self.reconnect else 'waiting for the client'}"
+                      f" ({unsent} unsent)")
+        self.update_status()
+        target = self._reconnect if self.reconnect else self._hold
+        threading.Thread(target=target, args=(token,), name="reconnect", daemon=True).start()
+
+    def _hold(self, token):
+        with self.lock:
+            self._changed.wait_for(lambda: self._lost_at != token or self.outcome is not None, timeout=self.grace)
+            expired = self._lost_at == token and self.outcome is None
+        if expired:
+            self.end(EXIT_NETWORK, f"the client did not come back within {self.grace:.0f} s")
+
+    def _reconnect(self, token):
+        deadline, delay = time.monotonic() + self.grace, 0.2
+        while time.monotonic() < deadline and self.outcome is None:
+            try:
+                sock, conn, peer = self.reconnect()
+            except (AuthenticationError, NotAeschatPeer) as e:
+                self.end(EXIT_SECURITY, f"cannot reconnect: {e}")
+                return
+            except (NetworkError, OSError, TruncatedFrame, Refused):
+                with self.lock:  # back off, but wake at once if the chat ends meanwhile
+                    self._changed.wait_for(lambda: self.outcome is not None, timeout=delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            self.attach(sock, conn, peer)
+            return
+        self.end(EXIT_NETWORK, f"connection lost: could not reconnect within {self.grace:.0f} s")
+
+    # -- events from a link's reader
+
+    def handle(self, link, event):
+        with self.lock:
+            if isinstance(event, Message):
+                if self.legacy or self.conversation.accept(event):
+                    self.ui.show(verify_and_display(event))
+                if not self.legacy:
+                    link.send(Ack(event.id))
+            elif isinstance(event, Ack):
+                self.conversation.acknowledged(event.id)
+                self._changed.notify_all()
+            elif isinstance(event, Resume):
+                if link.ready or self.reconnect is None:
+                    raise RemoteProtocolError("an unexpected Resume")
+                self._resume(link, event)
+            elif isinstance(event, Goodbye):
+                link.goodbye = True
+            elif isinstance(event, Busy):
+                raise Refused("the server is busy with another chat")
+            elif isinstance(event, ConnectionClosed):
+                if link.goodbye or self.legacy:
+                    self.end(EXIT_OK, "peer left the chat")
+                else:
+                    self.lost(link, "the peer went away without saying goodbye")
+        self.update_status()
+
+    # -- the input loop's side
+
+    def send_text(self, text):
+        """Send one typed line (queued while disconnected); one that cannot be sent gets a one-line error."""
+        timestamp = now_iso()
+        with self.lock:
+            if len(self.conversation.unacked) >= MAX_QUEUED:
+                self.ui.error(f"not sent: {MAX_QUEUED} messages are waiting for the peer already")
+                return
+            try:
+                message = self.conversation.new_message(text, timestamp)
+            except LocalProtocolError as e:
+                self.ui.error(f"not sent: {e}")
+                return
+            link = self.link
+            if link is not None and link.ready:
+                link.send(message)
+            if self.legacy:
+                self.conversation.acknowledged(message.id)  # no acknowledgements in the legacy format
+        self.ui.show(sent_line(text, timestamp))
+        if self.legacy:
+            for warning in legacy_warnings(text, legacy_size(text)):
+                self.ui.error(f"warning: an original receiver may mangle this message: {warning}")
+        self.update_status()
+
+    def leave(self, wait=FLUSH_TIMEOUT):
+        """Wait (bounded) for every message to be acknowledged, say goodbye, close. Returns the exit code."""
+        with self.lock:
+            self._changed.wait_for(lambda: not self.conversation.unacked or self.outcome is not None, timeout=wait)
+            undelivered = len(self.conversation.unacked)
+            link = self.link
+            if link is not None and self.outcome is None and not self.legacy:
+                link.send(Goodbye())
+        self.end(EXIT_NETWORK if undelivered else EXIT_OK,
+                 f"{undelivered} message{'s' if undelivered > 1 else ''} not delivered" if undelivered else None)
+        if link is not None:
+            link.finish(timeout=max(wait, 1.0))  # time to write the goodbye, even in a hurry
+        return self.outcome[0]
+
+    def end(self, code, message):
+        with self.lock:
+            if self.outcome is not None:
+                return
+            self.outcome = (code, message)
+            link, self.link = self.link, None
+            self._changed.notify_all()
+        if message:
+            (self.ui.show if code == EXIT_OK else self.ui.error)(message)
+        if link is not None and code != EXIT_OK:
+            link.close()
+        self.ui.wake()
+
+    def close(self):
+        with self.lock:
+            link, self.link = self.link, None
+        if link is not None:
+            link.close()
+
+    def update_status(self):
+        with self.lock:
+            unsent, link = len(self.conversation.unacked), self.link
+        if self.legacy:
+            state = f"{self.peer} | legacy, NOT SECURE"
+        elif link is None and self.outcome is None:
+            state = f"connection lost, {'reconnecting' if self.reconnect else 'waiting for the client'}"
+        else:
+            state = f"{self.peer} | aeschat v1, encrypted"
+        self.ui.status = f" {state} | {unsent} undelivered | quit() to leave "
 
 
 LEGACY_WARNING = ("WARNING: --legacy is NOT SECURE: AES-ECB under an unsalted key, no authentication; anyone on "
@@ -1051,24 +1247,36 @@ def banner(ui, peer, legacy):
     ui.show(f"{VERIFIED} = message verified, {FAILED} = verification failed. Type quit() or press Ctrl-D to leave.")
 
 
-def chat(session):
+def run_chat(chat):
     """The input loop of one chat; returns its exit code."""
-    ui = session.ui
-    session.start()
+    ui = chat.ui
     try:
-        while session.active:
+        while chat.active:
             line = ui.read_line()
             if line is WAKE:
                 continue
             if line is None or line.strip() == "quit()":
-                return session.leave()
+                return chat.leave()
             if line.strip():
-                session.send_text(line)
+                chat.send_text(line)
     except KeyboardInterrupt:
-        session.leave(wait=0)  # Ctrl-C leaves at once, but still says goodbye
+        chat.leave(wait=0)  # Ctrl-C leaves at once, but still says goodbye
         raise
-    session._close()
-    return session.outcome[0]
+    chat.close()
+    return chat.outcome[0]
+
+
+def first_event(sock, conn, deadline):
+    """Read until conn yields its first event after the handshake (the client's Resume), within deadline."""
+    sock.settimeout(deadline)
+    try:
+        while (event := conn.next_event()) is None:
+            conn.receive_data(sock.recv(RECV_SIZE))
+        return event
+    except socket.timeout:
+        raise NetworkError(f"nothing from the peer within {deadline:.0f} s") from None
+    finally:
+        sock.settimeout(None)
 
 
 def handshake(sock, conn, deadline):
@@ -1139,6 +1347,11 @@ def argument_parser(prog, description):
                         help="speak the original scripts' format: NOT SECURE, only for a peer still running them")
     parser.add_argument("--key-file", metavar="PATH",
                         help="read the passphrase from PATH (else $AESCHAT_KEY, else a prompt)")
+    parser.add_argument("--reconnect-for", type=float, default=RECONNECT_FOR, metavar="SECONDS",
+                        help=f"when a connection drops, how long the client tries to reconnect and the server "
+                             f"keeps the conversation for it (default {RECONNECT_FOR:.0f})")
+    parser.add_argument("--no-reconnect", dest="reconnect_for", action="store_const", const=0.0,
+                        help="end the chat when the connection drops")
     parser.add_argument("--keepalive", type=float, default=KEEPALIVE, metavar="SECONDS", help=argparse.SUPPRESS)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser

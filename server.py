@@ -3,6 +3,7 @@
     python server.py [PORT] [--host ADDR] [--once] [--legacy] [--key-file PATH]
 """
 
+import contextlib
 import ipaddress
 import socket
 import threading
@@ -43,8 +44,8 @@ class Server:
         self._lock = threading.Lock()
         self._limiter = common.GuessLimiter(time.monotonic)
         self._pending = threading.BoundedSemaphore(MAX_PENDING)
-        self._busy = False  # an authenticated chat is on (or about to start)
-        self._ready = None  # (socket, connection, peer) of the chat about to start
+        self._chat = None  # the conversation on now (possibly waiting for its client to come back)
+        self._ready = None  # a new chat for the input loop to take up
         self.idle_status = f" listening on {common.address(listener.getsockname())} | waiting for a client "
         ui.status = self.idle_status
 
@@ -53,9 +54,13 @@ class Server:
         threading.Thread(target=self._accept, name="accept", daemon=True).start()
         while True:
             with self._lock:
-                ready, self._ready = self._ready, None
-            if ready is not None:
-                code = self._chat(*ready)
+                chat, self._ready = self._ready, None
+            if chat is not None:
+                try:
+                    code = common.run_chat(chat)
+                finally:
+                    with self._lock:
+                        self._chat = None
                 if self.args.once:
                     return code
                 self.ui.show("waiting for the next client")
@@ -67,15 +72,6 @@ class Server:
             if line is not common.WAKE and line.strip():
                 self.ui.error("no one is connected yet (quit() stops the server)")
 
-    def _chat(self, sock, conn, peer):
-        self.ui.show(f"{peer} connected")
-        common.banner(self.ui, peer, self.args.legacy)
-        try:
-            return common.chat(common.Session(sock, conn, self.ui, peer, keepalive=self.args.keepalive))
-        finally:
-            with self._lock:
-                self._busy = False
-
     def _accept(self):
         while True:
             sock, addr = self.listener.accept()
@@ -86,9 +82,9 @@ class Server:
             threading.Thread(target=self._admit, args=(sock, common.address(addr)), daemon=True).start()
 
     def _admit(self, sock, peer):
-        """Handshake with one new connection; if it authenticates and no chat is on, it becomes the chat."""
+        """Authenticate one new connection; then it starts a chat, resumes the one on, or is turned away."""
         try:
-            conn = self._authenticate(sock, peer)
+            conn, resume = self._authenticate(sock, peer)
         except (common.AeschatError, OSError) as e:
             self.ui.error(f"{peer} dropped: {e}")
             sock.close()
@@ -98,24 +94,30 @@ class Server:
         if conn is None:
             return
         with self._lock:
-            busy, self._busy = self._busy, True
-            if not busy:
-                self._ready = (sock, conn, peer)
-        if busy:
-            self._refuse_busy(sock, conn, peer)
-        else:
+            chat, new = self._chat, self._chat is None
+            if new:
+                chat = self._chat = common.Chat(self.ui, common.Conversation.new(), legacy=self.args.legacy,
+                                                keepalive=self.args.keepalive, grace=self.args.reconnect_for)
+            elif self.args.legacy or (chat.link is not None and chat.conversation.id != resume.conv):
+                chat = None  # a chat with another client is on
+        if chat is None:
+            self._turn_away(sock, conn, peer)
+            return
+        if new:
+            self.ui.show(f"{peer} connected")
+            common.banner(self.ui, peer, self.args.legacy)
+        if chat.attach(sock, conn, peer, peer_resume=resume) and new:
+            with self._lock:
+                self._ready = chat
             self.ui.wake()
 
     def _authenticate(self, sock, peer):
+        """(connection, the client's Resume), or (None, None) if the passphrase was wrong."""
         if self.args.legacy:
-            return common.LegacyConnection(self.passphrase)  # the legacy format has no handshake
+            return common.LegacyConnection(self.passphrase), None  # the legacy format has no handshake
         conn = common.ServerConnection(self.passphrase)
         with self._lock:
-            busy = self._busy
-            wait = 0 if busy else self._limiter.reserve()
-        if busy:
-            self._refuse_busy(sock, conn, peer)
-            return None
+            wait = self._limiter.reserve()
         time.sleep(wait)  # the guessing limit: one passphrase check per interval after a failure
         try:
             common.handshake(sock, conn, common.HANDSHAKE_DEADLINE)
@@ -128,21 +130,19 @@ class Server:
             conn.refuse(common.DENIED)
             sock.sendall(conn.data_to_send())
             sock.close()
-            return None
+            return None, None
         with self._lock:
             self._limiter.succeeded()
-        return conn
+        resume = common.first_event(sock, conn, common.HANDSHAKE_DEADLINE)
+        if not isinstance(resume, common.Resume):
+            raise common.RemoteProtocolError("the client did not start with a Resume")
+        return conn, resume
 
-    def _refuse_busy(self, sock, conn, peer):
-        """Tell a client plainly that a chat is on: before its handshake a refusal, after it a Busy record."""
-        try:
-            if conn.state is common.State.OPEN:
-                conn.send(common.Busy())
-            else:
-                conn.refuse(common.BUSY)
+    def _turn_away(self, sock, conn, peer):
+        """Tell a client plainly that a chat with someone else is on."""
+        with contextlib.suppress(common.AeschatError, OSError):
+            conn.send(common.Busy())
             sock.sendall(conn.data_to_send())
-        except OSError:
-            pass
         sock.close()
         self.ui.error(f"{peer} turned away: a chat is on")
 

@@ -150,8 +150,21 @@ def test_idle_unauthenticated_connection_is_dropped_by_its_deadline(spawn):
         assert sock.recv(100)[:4] == b"\x00\x00\x00\x2a"  # it had sent its hello
 
 
-def test_client_killed_with_sigkill(spawn):
+def test_client_killed_with_sigkill_and_a_new_one_takes_over(spawn):
     server, client, port = connected(spawn)
+    client.proc.kill()
+    server.expect(r"connection lost: .*; waiting for the client \(0 unsent\)")
+    server.send("are you back?\n")  # queued while the client is away
+    newcomer = spawn("client", port)
+    newcomer.expect("authenticated and encrypted")
+    server.expect("reconnected to 127.0.0.1")
+    newcomer.expect("Received: are you back\\?  ☒")
+    newcomer.send("a new me\n")
+    server.expect("Received: a new me  ☒")
+
+
+def test_client_killed_with_sigkill_without_reconnect(spawn):
+    server, client, port = connected(spawn, "--no-reconnect")
     client.proc.kill()
     server.expect("connection lost")
     server.expect("waiting for the next client")
@@ -159,14 +172,22 @@ def test_client_killed_with_sigkill(spawn):
 
 
 def test_server_killed_with_sigkill(spawn):
-    server, client, _ = connected(spawn)
+    server, client, _ = connected(spawn, client_args=("--no-reconnect",))
     server.proc.kill()
     client.expect("connection lost")
     assert client.wait() == 1
 
 
+def test_server_gone_for_good_ends_the_reconnecting_client(spawn):
+    server, client, _ = connected(spawn, client_args=("--reconnect-for", "1"))
+    server.proc.kill()
+    client.expect(r"connection lost: .*reconnecting \(0 unsent\)")
+    client.expect("could not reconnect within 1 s")
+    assert client.wait() == 1
+
+
 def test_silent_peer_is_noticed_by_keepalive(spawn):
-    server, client, _ = connected(spawn, client_args=("--keepalive", "0.3"))
+    server, client, _ = connected(spawn, client_args=("--keepalive", "0.3", "--no-reconnect"))
     server.proc.send_signal(signal.SIGSTOP)  # alive to TCP, silent to us: a frozen machine
     try:
         client.expect(r"connection lost: no sign of the peer for 1 s")

@@ -198,20 +198,14 @@ def test_client_checks_the_server_confirmation_too():
         pair.client.next_event()
 
 
-def test_busy_refusal_and_odd_refusals():
-    server = ServerConnection("pw")
-    server.refuse(common.BUSY)
-    client = ClientConnection("pw")
-    client.receive_data(server.data_to_send())
-    with pytest.raises(common.Refused, match="busy"):
-        client.next_event()
+def test_odd_refusals_are_remote_errors():
     odd = ClientConnection("pw")
     odd.receive_data(common.frame(common.REFUSAL + b"why not"))
     with pytest.raises(RemoteProtocolError, match="unknown reason"):
         odd.next_event()
     server = ServerConnection("pw")
-    server.receive_data(common.frame(common.REFUSAL + common.BUSY))
-    with pytest.raises(RemoteProtocolError):
+    server.receive_data(common.frame(common.REFUSAL + common.DENIED))
+    with pytest.raises(RemoteProtocolError, match="client sent a refusal"):
         server.next_event()
 
 
@@ -340,13 +334,25 @@ def test_reorder_and_drop_are_detected(opened):
             events(server)
 
 
-def test_truncation_mid_record_is_detected(opened):
+def test_connection_cut_mid_record_is_its_own_error(opened):
     pair, record = recorded(opened)
     pair.server.receive_data(record[:-5])
     assert pair.server.next_event() is None
     pair.server.receive_data(b"")
-    with pytest.raises(IntegrityError, match="cut in the middle"):
+    with pytest.raises(TruncatedFrame):
         pair.server.next_event()
+
+
+def test_truncated_record_in_a_continuing_stream_is_detected(opened):
+    pair = fresh(opened)
+    pair.client.send(Message(0, "m0", TS))
+    first = pair.client.data_to_send()
+    pair.client.send(Message(1, "m1", TS))
+    second = pair.client.data_to_send()
+    body = first[4:-5]  # five bytes cut from the end, the length prefix made to match
+    pair.server.receive_data(common.frame(body) + second)
+    with pytest.raises(IntegrityError):
+        events(pair.server)
 
 
 def test_reflection_is_detected(opened):

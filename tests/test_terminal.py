@@ -114,6 +114,7 @@ def test_client_on_a_terminal_and_no_color():
     client = Terminal(["client.py", "127.0.0.1", port], env={"NO_COLOR": "1"})
     try:
         client.expect("authenticated and encrypted")
+        server.expect("authenticated and encrypted")
         server.send("to the terminal\n")
         client.expect("Received: to the terminal  ☒")
         client.child.send("quit()\r")
