@@ -56,6 +56,10 @@ class Server:
             with self._lock:
                 chat, self._ready = self._ready, None
             if chat is not None:
+                # Announced here, not by the thread that admitted the client: every line typed after the
+                # banner goes to the chat.
+                self.ui.show(f"{chat.peer} connected")
+                common.banner(self.ui, chat.peer, self.args.legacy)
                 try:
                     code = common.run_chat(chat)
                 finally:
@@ -103,9 +107,6 @@ class Server:
         if chat is None:
             self._turn_away(sock, conn, peer)
             return
-        if new:
-            self.ui.show(f"{peer} connected")
-            common.banner(self.ui, peer, self.args.legacy)
         if chat.attach(sock, conn, peer, peer_resume=resume) and new:
             with self._lock:
                 self._ready = chat

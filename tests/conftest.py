@@ -2,8 +2,25 @@
 
 import os
 
+import procs
+import pytest
 from hypothesis import HealthCheck, settings
 
 settings.register_profile("ci", max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("dev", max_examples=100, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+
+@pytest.fixture
+def spawn():
+    """Start processes through this, so that each is killed at the end of the test whatever happens."""
+    started = []
+
+    def _spawn(kind, *args, **kwargs):
+        made = {"server": procs.start_server, "client": procs.start_client, "proc": procs.Proc}[kind](*args, **kwargs)
+        started.append(made[0] if isinstance(made, tuple) else made)
+        return made
+
+    yield _spawn
+    for proc in started:
+        proc.kill()

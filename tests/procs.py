@@ -94,3 +94,17 @@ def start_server(*extra, passphrase=PASSPHRASE, env=None):
 
 def start_client(port, *extra, passphrase=PASSPHRASE, env=None, host="127.0.0.1"):
     return Proc(["client.py", host, port, *extra], passphrase=passphrase, env=env)
+
+
+def connected(spawn, *server_args, client_args=(), port=None):
+    """A server and a client in a chat (through port, a proxy's, if given), both past their banners."""
+    server, server_port = spawn("server", *server_args)
+    client = spawn("client", port(server_port) if port else server_port, *client_args)
+    client.expect("authenticated and encrypted")
+    server.expect("authenticated and encrypted")
+    return server, client, server_port
+
+
+def received(proc):
+    """The texts of every message proc showed as received, in order; call after it exited."""
+    return [m.group(1) for m in re.finditer(r"^Received: (.*?)  [☒☐]  \d\d:\d\d:\d\d$", proc.output()[0], re.M)]

@@ -4,32 +4,9 @@ import signal
 import socket
 
 import pytest
-from procs import PASSPHRASE, Proc, start_client, start_server
+from procs import PASSPHRASE, connected
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def spawn():
-    """Start processes through this, so that each is killed at the end of the test whatever happens."""
-    started = []
-
-    def _spawn(kind, *args, **kwargs):
-        made = {"server": start_server, "client": start_client, "proc": Proc}[kind](*args, **kwargs)
-        started.append(made[0] if isinstance(made, tuple) else made)
-        return made
-
-    yield _spawn
-    for proc in started:
-        proc.kill()
-
-
-def connected(spawn, *server_args, client_args=()):
-    server, port = spawn("server", *server_args)
-    client = spawn("client", port, *client_args)
-    client.expect("authenticated and encrypted")
-    server.expect("authenticated and encrypted")
-    return server, client, port
 
 
 def test_messages_both_ways_with_unicode_then_quit(spawn):

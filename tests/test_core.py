@@ -706,3 +706,75 @@ def test_record_layer_known_answer_under_fixed_keys():
         "89b274cf5a2cbdea8b83f304ba0c0afef6d69e828be443e8689ba7fe95293f510196f2409270ea8ddf9acd1937faa1fa")
     assert layer.seal(payload).hex() == (
         "2a3fa196ea0d094786eff8a60b6d07bdac369c2346b04c53f27f8790370bc1c992b408dfbaa50713f96407f26f4f1c7d")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Resuming a conversation over a new connection
+
+
+def exchange(client, server):
+    """The Resume exchange of a new connection; returns what each side sends again."""
+    reply, server_again = server.on_resume(client.resume_request(), server=True)
+    _, client_again = client.on_resume(reply, server=False)
+    return client_again, server_again
+
+
+def deliver(sender, receiver, messages):
+    shown = [m.text for m in messages if receiver.accept(m)]
+    for m in messages:
+        sender.acknowledged(m.id)
+    return shown
+
+
+def test_resume_sends_again_only_what_was_not_shown_and_shows_each_once():
+    client, server = common.Conversation.new(), common.Conversation.new()
+    exchange(client, server)
+    sent = [client.new_message(f"c{i}", TS) for i in range(5)]
+    assert deliver(client, server, sent[:2]) == ["c0", "c1"]
+    server.accept(sent[2])  # shown, but its acknowledgement was lost with the connection
+    client_again, server_again = exchange(client, server)
+    assert [m.text for m in client_again] == ["c3", "c4"]  # the server said it had shown c0..c2
+    assert server_again == []
+    assert deliver(client, server, [sent[2], *client_again]) == ["c3", "c4"]  # c2 again is not shown twice
+
+
+def test_a_new_client_takes_over_and_gets_what_was_undelivered():
+    old_client, server = common.Conversation.new(), common.Conversation.new()
+    exchange(old_client, server)
+    deliver(old_client, server, [old_client.new_message("hello", TS)])
+    waiting = [server.new_message(f"s{i}", TS) for i in range(3)]
+    server.acknowledged(waiting[0].id)  # the old client saw s0 before it vanished
+    newcomer = common.Conversation.new()
+    client_again, server_again = exchange(newcomer, server)
+    assert [m.text for m in server_again] == ["s1", "s2"]
+    assert deliver(server, newcomer, server_again) == ["s1", "s2"]
+    assert deliver(newcomer, server, [newcomer.new_message("new me", TS)]) == ["new me"]  # numbering anew
+
+
+def test_a_restarted_server_starts_the_numbering_afresh():
+    client, server = common.Conversation.new(), common.Conversation.new()
+    exchange(client, server)
+    deliver(server, client, [server.new_message("before", TS)])
+    restarted = common.Conversation.new()
+    exchange(client, restarted)
+    assert deliver(restarted, client, [restarted.new_message("after", TS)]) == ["after"]
+
+
+def test_a_gap_in_message_ids_is_a_remote_error():
+    conversation = common.Conversation.new()
+    with pytest.raises(RemoteProtocolError, match="never arrived"):
+        conversation.accept(Message(1, "skipped one", TS, ""))
+
+
+def test_a_server_answering_for_another_conversation_is_refused():
+    client = common.Conversation.new()
+    with pytest.raises(RemoteProtocolError, match="another conversation"):
+        client.on_resume(common.Resume("0" * 32, 0, 0, True), server=False)
+
+
+def test_resume_payload_round_trips():
+    event = common.Resume("ab" * 16, 3, 2, True)
+    assert common.decode_payload(common.encode_payload(event)) == event
+    without_resumed = b"".join(common.process_text('{"type":"resume","conv":"x","next":0,"base":0}'))
+    with pytest.raises(RemoteProtocolError, match="resumed"):
+        common.decode_payload(without_resumed)

@@ -1,0 +1,92 @@
+"""Surviving the network: faults injected by a proxy, then the conversation resumes exactly once."""
+
+import pytest
+from mitm import C2S, Proxy
+from procs import connected, received
+
+pytestmark = pytest.mark.slow
+
+FAST = ("--keepalive", "0.3")  # silence is noticed within a second
+
+
+@pytest.fixture
+def proxy():
+    made = []
+
+    def _make(port):
+        made.append(Proxy(port))
+        return made[-1].port
+
+    yield _make, made
+    for p in made:
+        p.close()
+
+
+def batch(prefix, start, count):
+    return [f"{prefix} {i}" for i in range(start, start + count)]
+
+
+FAULTS = {
+    "reset": lambda relay: relay.close(reset=True),
+    "black hole": lambda relay: relay.stall(),
+    "cut mid-record": lambda relay: relay.cut_after.update({C2S: relay.forwarded[C2S] + 150}),
+}
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_fault_while_both_type_then_every_message_once_in_order(spawn, proxy, fault):
+    make_proxy, proxies = proxy
+    server, client, _ = connected(spawn, "--once", *FAST, client_args=FAST, port=make_proxy)
+    first = proxies[0].relay(0)
+    sent_by_client, sent_by_server = batch("from client", 0, 40), batch("from server", 0, 40)
+    client.send("".join(line + "\n" for line in sent_by_client[:20]))
+    server.send("".join(line + "\n" for line in sent_by_server[:20]))
+    FAULTS[fault](first)  # while those are in flight
+    client.send("".join(line + "\n" for line in sent_by_client[20:]))
+    server.send("".join(line + "\n" for line in sent_by_server[20:]))
+    client.expect(r"connection lost: .*reconnecting")
+    client.expect("reconnected to")
+    server.expect("reconnected to")
+    server.expect(rf"Received: {sent_by_client[-1]}  ☒")
+    client.expect(rf"Received: {sent_by_server[-1]}  ☒")
+    client.send("quit()\n")
+    assert client.wait() == 0
+    assert server.wait() == 0
+    assert received(server) == sent_by_client
+    assert received(client) == sent_by_server
+
+
+def test_messages_typed_while_disconnected_are_sent_after(spawn, proxy):
+    make_proxy, proxies = proxy
+    server, client, _ = connected(spawn, "--once", *FAST, client_args=FAST, port=make_proxy)
+    proxies[0].relay(0).stall()
+    client.expect(r"connection lost: no sign of the peer")
+    client.send("typed in the dark\n")
+    client.expect("reconnected to")
+    server.expect("Received: typed in the dark  ☒")
+
+
+def test_a_record_from_the_old_connection_is_rejected_in_the_resumed_one(spawn, proxy):
+    make_proxy, proxies = proxy
+    server, client, _ = connected(spawn, "--once", client_args=("--reconnect-for", "3"), port=make_proxy)
+    client.send("original\n")
+    server.expect("Received: original  ☒")
+    old = proxies[0].relay(0)
+    captured = old.frames[C2S][3]  # hello, confirmation, resume, then the message
+    old.close(reset=True)
+    client.expect("reconnected to")
+    server.expect("reconnected to")
+    proxies[0].relay(1).send(C2S, captured)
+    server.expect("security failure: a record failed its integrity check")
+    assert server.wait() == 3
+    assert received(server) == ["original"]
+
+
+def test_pipe_mode_still_delivers_after_a_blip(spawn, proxy):
+    make_proxy, proxies = proxy
+    server, client, _ = connected(spawn, "--once", port=make_proxy)
+    proxies[0].relay(0).close(reset=True)
+    client.send("after the blip\n")
+    client.close_stdin()
+    assert client.wait() == 0
+    server.expect("Received: after the blip  ☒")
