@@ -90,3 +90,22 @@ def test_pipe_mode_still_delivers_after_a_blip(spawn, proxy):
     client.close_stdin()
     assert client.wait() == 0
     server.expect("Received: after the blip  ☒")
+
+
+def test_an_old_connection_the_server_still_trusts_is_replaced_not_busy(spawn, proxy):
+    make_proxy, proxies = proxy
+    server, client, _ = connected(spawn, "--once", client_args=FAST, port=make_proxy)  # the server is slow to notice
+    proxies[0].relay(0).stall()
+    client.expect("reconnected to")
+    server.expect("reconnected to")
+    client.send("through the new one\n")
+    server.expect("Received: through the new one  ☒")
+
+
+def test_quit_while_disconnected_reports_what_was_never_delivered(spawn):
+    server, client, _ = connected(spawn)
+    server.proc.kill()
+    client.expect("reconnecting")
+    client.send("into the void\nquit()\n")
+    client.expect("1 message not delivered")
+    assert client.wait() == 1
