@@ -159,9 +159,9 @@ def normalize_passphrase(passphrase):
     return unicodedata.normalize("NFC", passphrase).encode("utf-8")
 
 
-def hkdf_sha256(ikm, info, length=32):
-    """HKDF-SHA256 (RFC 5869) with an empty salt: SPAKE2's output is already uniformly random."""
-    return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=info).derive(ikm)
+def hkdf_sha256(ikm, info, length=32, salt=None):
+    """HKDF-SHA256 (RFC 5869); aeschat uses an empty salt, as SPAKE2's output is already uniformly random."""
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt or None, info=info).derive(ikm)
 
 
 class CounterCipher:
