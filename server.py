@@ -3,6 +3,7 @@
     python server.py [PORT] [--host ADDR] [--once] [--legacy] [--key-file PATH]
 """
 
+import collections
 import contextlib
 import ipaddress
 import socket
@@ -11,7 +12,9 @@ import time
 
 import common
 
-MAX_PENDING = 64  # unauthenticated connections handshaking at once; more are closed at once
+# Unauthenticated connections handshaking at once. Past it, the oldest is dropped to make room, so that a
+# flood of silent connections delays a real client by nothing: the newest always gets its chance.
+MAX_PENDING = 64
 
 
 def parse_args(argv=None):
@@ -43,7 +46,7 @@ class Server:
         self.listener, self.passphrase, self.args, self.ui = listener, passphrase, args, ui
         self._lock = threading.Lock()
         self._limiter = common.GuessLimiter(time.monotonic)
-        self._pending = threading.BoundedSemaphore(MAX_PENDING)
+        self._pending = collections.OrderedDict()  # socket -> None, oldest first
         self._chat = None  # the conversation on now (possibly waiting for its client to come back)
         self._ready = None  # a new chat for the input loop to take up
         self.idle_status = f" listening on {common.address(listener.getsockname())} | waiting for a client "
@@ -80,9 +83,12 @@ class Server:
         while True:
             sock, addr = self.listener.accept()
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if not self._pending.acquire(blocking=False):
-                sock.close()
-                continue
+            with self._lock:
+                self._pending[sock] = None
+                oldest = self._pending.popitem(last=False)[0] if len(self._pending) > MAX_PENDING else None
+            if oldest is not None:
+                with contextlib.suppress(OSError):
+                    oldest.shutdown(socket.SHUT_RDWR)  # wakes its handshake, which then reports it dropped
             threading.Thread(target=self._admit, args=(sock, common.address(addr)), daemon=True).start()
 
     def _admit(self, sock, peer):
@@ -94,7 +100,8 @@ class Server:
             sock.close()
             return
         finally:
-            self._pending.release()
+            with self._lock:
+                self._pending.pop(sock, None)
         if conn is None:
             return
         with self._lock:

@@ -1,5 +1,6 @@
 """Shared test settings: hypothesis runs 1,000 examples a property in CI, fewer on a quick local run."""
 
+import json
 import os
 
 import procs
@@ -24,3 +25,15 @@ def spawn():
     yield _spawn
     for proc in started:
         proc.kill()
+
+
+@pytest.fixture(scope="session")
+def score():
+    """Record a figure for SECURITY.md's scoreboard: score(category, figure). tests/scoreboard.py asks
+    for them by setting AESCHAT_SCOREBOARD to a file, which gets them as JSON at the end of the run."""
+    figures = {}
+    yield figures.__setitem__
+    path = os.environ.get("AESCHAT_SCOREBOARD")
+    if path:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(figures, f, indent=1, ensure_ascii=False)

@@ -11,6 +11,8 @@ import socket
 import struct
 import threading
 
+import common
+
 C2S, S2C = "client->server", "server->client"
 
 
@@ -23,6 +25,9 @@ class Relay:
         self.forwarded = {C2S: 0, S2C: 0}  # bytes sent on
         self.cut_after = dict(proxy.cut_after)  # direction -> bytes after which this connection is closed
         self.stalled = threading.Event()
+        self._flowing = {C2S: threading.Event(), S2C: threading.Event()}
+        for event in self._flowing.values():
+            event.set()
         self.closed = threading.Event()
         self._lock = threading.Lock()
 
@@ -39,6 +44,7 @@ class Relay:
         src, _ = self.sockets[direction]
         buffer = bytearray()
         while not self.closed.is_set():
+            self._flowing[direction].wait()
             try:
                 data = src.recv(65536)
             except OSError:
@@ -81,6 +87,13 @@ class Relay:
     def stall(self):
         self.stalled.set()
 
+    def freeze(self, direction):
+        """Stop reading what the sender of direction writes, so that its buffers fill up."""
+        self._flowing[direction].clear()
+
+    def thaw(self, direction):
+        self._flowing[direction].set()
+
     def close(self, reset=False):
         if self.closed.is_set():
             return
@@ -89,6 +102,8 @@ class Relay:
             with contextlib.suppress(OSError):
                 if reset:  # RST instead of FIN
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                else:  # a FIN now, though a pump may be blocked reading this socket
+                    sock.shutdown(socket.SHUT_RDWR)
                 sock.close()
 
 
@@ -135,3 +150,35 @@ class Proxy:
         self.listener.close()
         for relay in self.relays:
             relay.close()
+
+
+class Attacker:
+    """A v1 client built from the protocol core, every byte of which the test controls."""
+
+    def __init__(self, port, passphrase):
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.conn = common.ClientConnection(passphrase)
+        self.conversation = common.Conversation.new()
+
+    def open(self, deadline=10):
+        """Handshake and resume exchange: from here on, records may be sent."""
+        common.handshake(self.sock, self.conn, deadline)
+        self.send_raw(self.record(self.conversation.resume_request()))
+        resume = common.first_event(self.sock, self.conn, deadline)
+        assert isinstance(resume, common.Resume), resume
+        return self
+
+    def record(self, event):
+        """The frame that carries event (the sequence number advances as if it were sent)."""
+        self.conn.send(event)
+        return self.conn.data_to_send()
+
+    def message(self, text):
+        return self.record(self.conversation.new_message(text, common.now_iso()))
+
+    def send_raw(self, data):
+        self.sock.sendall(data)
+
+    def close(self):
+        with contextlib.suppress(OSError):
+            self.sock.close()

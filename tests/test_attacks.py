@@ -1,0 +1,434 @@
+"""Security and reliability under attack and faults, on real server.py and client.py processes.
+
+Each test records its figure for SECURITY.md's scoreboard (`python tests/scoreboard.py` regenerates it).
+"""
+
+import contextlib
+import os
+import random
+import socket
+import struct
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pyaes
+import pytest
+from mitm import C2S, S2C, Attacker, Proxy
+from procs import PASSPHRASE, Proc, connected, received
+
+import common
+
+pytestmark = pytest.mark.slow
+
+SECRET = "the eagle lands at dawn ✓"
+
+
+@pytest.fixture
+def proxies():
+    made = []
+
+    def _make(port, hook=None):
+        made.append(Proxy(port, hook))
+        return made[-1]
+
+    yield _make
+    for proxy in made:
+        proxy.close()
+
+
+def through(spawn, proxies, *server_args, client_args=(), hook=None):
+    """A chat whose every byte goes through a proxy; returns (server, client, proxy, server port)."""
+    made = []
+    server, client, port = connected(spawn, *server_args, client_args=client_args,
+                                     port=lambda p: made.append(proxies(p, hook)) or made[0].port)
+    return server, client, made[0], port
+
+
+def sanity(spawn, port, text):
+    """A normal chat with the server, start to end: the tlsfuzzer "sanity session"."""
+    client = spawn("client", port)
+    client.send(text + "\n")
+    client.close_stdin()
+    assert client.wait() == 0, client.output()
+    return client
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Nothing leaks
+
+
+def test_a_captured_session_holds_neither_text_nor_passphrase(spawn, proxies, score):
+    server, client, proxy, _ = through(spawn, proxies, "--once")
+    client.send(SECRET + "\n")
+    server.expect(f"Received: {SECRET}  ☒")
+    server.send(SECRET.upper() + "\n")
+    client.expect(f"Received: {SECRET.upper()}  ☒")
+    client.send("quit()\n")
+    assert client.wait() == 0
+    relay = proxy.relay(0)
+    capture = b"".join(relay.frames[C2S] + relay.frames[S2C])
+    needles = [s.encode(enc) for s in (SECRET, SECRET.upper(), PASSPHRASE, "eagle", "horse")
+               for enc in ("utf-8", "utf-16-le")]
+    needles += [PASSPHRASE.encode().hex().encode(), common.legacy_key(PASSPHRASE)]
+    found = [n for n in needles if n in capture]
+    assert found == []
+    score("Nothing leaks", f"0 of {len(needles)} forms of the messages and passphrase in a {len(capture)}-byte capture")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tampering
+
+
+def test_every_bit_flip_of_a_record_is_detected(spawn, score):
+    server, port = spawn("server", "--no-reconnect")
+    sanity(spawn, port, "before")
+    server.expect("Received: before  ☒")
+    record = Attacker(port, PASSPHRASE).open().message("hi")  # the shape every flipped copy has
+    server.expect("connection lost")
+    detected = 0
+    for bit in range(len(record) * 8):
+        attacker = Attacker(port, PASSPHRASE).open()
+        damaged = bytearray(attacker.message("hi"))
+        damaged[bit // 8] ^= 1 << (bit % 8)
+        follow = attacker.record(common.Ping())
+        if bit < 32:  # a longer length would swallow what follows: give it enough bytes to fill it
+            follow += os.urandom(min(struct.unpack_from("!I", damaged)[0], common.MAX_FRAME))
+        with contextlib.suppress(OSError):  # the server may close first: that is detection too
+            attacker.send_raw(bytes(damaged) + follow)
+        server.expect("security failure")
+        detected += 1
+        attacker.close()
+    assert detected == len(record) * 8
+    sanity(spawn, port, "after")
+    server.expect("Received: after  ☒")
+    server.send("quit()\n")
+    server.close_stdin()
+    assert server.wait() == 0
+    out, err = server.output()
+    assert "Received: hi" not in out and "Traceback" not in err
+    score("Tampering: bit flips", f"{detected}/{len(record) * 8} single-bit flips of a {len(record)}-byte record "
+          "(length, ciphertext, tag) detected; none shown")
+
+
+def replay(relay, direction, index, frame):
+    return [frame, frame] if (direction, index) == (C2S, 3) else [frame]
+
+
+def drop(relay, direction, index, frame):
+    return [] if (direction, index) == (C2S, 3) else [frame]
+
+
+def reorder(relay, direction, index, frame):
+    if (direction, index) == (C2S, 3):
+        relay.held = frame
+        return []
+    if (direction, index) == (C2S, 4):
+        return [frame, relay.held]
+    return [frame]
+
+
+def truncate(relay, direction, index, frame):
+    if (direction, index) == (C2S, 3):
+        return [struct.pack("!I", len(frame) - 4 - 16) + frame[4:-16]]  # a block less, length to match
+    return [frame]
+
+
+def reflect(relay, direction, index, frame):
+    if (direction, index) == (C2S, 3):
+        relay.send(S2C, frame)  # the client's own record, back to it
+    return [frame]
+
+
+ATTACKS = {"replay": (replay, "server"), "drop": (drop, "server"), "reorder": (reorder, "server"),
+           "truncation": (truncate, "server"), "reflection": (reflect, "client")}
+
+
+@pytest.mark.parametrize("attack", list(ATTACKS))
+def test_record_attacks_are_detected_and_the_server_goes_on(spawn, proxies, attack, score):
+    hook, detector = ATTACKS[attack]
+    server, port = spawn("server", "--no-reconnect")
+    sanity(spawn, port, "before")
+    proxy = proxies(port, hook)
+    client = spawn("client", proxy.port, "--no-reconnect")
+    client.expect("authenticated and encrypted")
+    client.send("first\nsecond\n")
+    victim = server if detector == "server" else client
+    victim.expect("security failure: a record failed its integrity check")
+    if detector == "client":
+        assert client.wait() == 3
+    else:
+        client.expect("connection lost")
+        assert client.wait() == 1
+    server.expect("waiting for the next client")
+    sanity(spawn, port, "after")
+    server.expect("Received: after  ☒")
+    shown = [line for _, line in server.seen if line.startswith("Received:")]
+    assert all("☒" in line for line in shown)
+    assert len([line for line in shown if "first" in line]) <= 1  # never shown twice
+    if attack in ("drop", "reorder", "truncation"):
+        assert not any("second" in line for line in shown)
+    score(f"Tampering: {attack}", f"detected by the {detector} (exit 3 there); sanity chats before and after pass")
+
+
+def test_a_record_spliced_from_another_session_is_detected(spawn, proxies, score):
+    server, port = spawn("server", "--no-reconnect")
+    donor = Attacker(port, PASSPHRASE).open()
+    spliced = donor.message("from elsewhere")
+    donor.close()
+    server.expect("connection lost")
+
+    def splice(relay, direction, index, frame):
+        return [spliced] if (direction, index) == (C2S, 3) else [frame]
+
+    proxy = proxies(port, splice)
+    client = spawn("client", proxy.port, "--no-reconnect")
+    client.expect("authenticated and encrypted")
+    client.send("mine\n")
+    server.expect("security failure: a record failed its integrity check")
+    server.expect("waiting for the next client")
+    sanity(spawn, port, "after")
+    server.expect("Received: after  ☒")
+    assert not any("from elsewhere" in line for _, line in server.seen)
+    score("Tampering: splice", "a record from another session under the same passphrase is detected")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Abort points
+
+
+def cut_client_stream(port, cut):
+    """Speak v1 as a client but stop after `cut` bytes: the handshake, resume and first record."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    conn, sent = common.ClientConnection(PASSPHRASE), 0
+
+    def send(data):
+        nonlocal sent
+        part = data[: max(0, cut - sent)]
+        sock.sendall(part)
+        sent += len(part)
+        return len(part) == len(data)
+
+    try:
+        sock.settimeout(10)
+        if send(conn.data_to_send()):
+            while conn.state is not common.State.OPEN:
+                conn.receive_data(sock.recv(65536))
+                conn.next_event()
+                if not send(conn.data_to_send()):
+                    return
+            conversation = common.Conversation.new()
+            conn.send(conversation.resume_request())
+            conn.send(conversation.new_message("cut short", common.now_iso()))
+            send(conn.data_to_send())
+    finally:
+        sock.close()
+    return sent
+
+
+def test_connection_cut_at_every_byte_of_the_handshake_and_first_record(spawn, score):
+    server, port = spawn("server", "--no-reconnect")
+    total = cut_client_stream(port, 10**9)  # how long the whole stream is
+    server.expect("connection lost|dropped")
+    started = time.monotonic()
+    for cut in range(total):
+        cut_client_stream(port, cut)
+        server.expect(r"dropped|connection lost", timeout=common.HANDSHAKE_DEADLINE + 5)
+    elapsed = time.monotonic() - started
+    client = spawn("client", port)
+    client.expect("authenticated and encrypted")
+    assert "Traceback" not in "".join(line for _, line in server.seen)
+    score("Abort points (client to server)",
+          f"all {total} byte offsets: each ended within the deadline ({elapsed / total * 1000:.0f} ms on average), "
+          "no traceback, the next client served")
+
+
+def test_server_stream_cut_at_every_byte_of_the_handshake(spawn, proxies, score):
+    server, port = spawn("server", "--no-reconnect")
+    hello, confirm = 4 + common.HELLO_SIZE, 4 + 32
+    offsets = list(range(hello + confirm + 1))
+
+    def one(cut):
+        proxy = proxies(port)
+        proxy.cut_after = {S2C: cut}
+        client = Proc(["client.py", "127.0.0.1", proxy.port, "--no-reconnect"])
+        try:
+            code = client.wait(timeout=common.CLIENT_HANDSHAKE_DEADLINE + 10)
+        finally:
+            client.kill()
+        out, err = client.output()
+        return code, "Traceback" in out + err
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        results = list(pool.map(one, offsets))
+    assert all(not traceback for _, traceback in results)
+    assert {code for code, _ in results} <= {1, 3}
+    spawn("client", port).expect("authenticated and encrypted")
+    score("Abort points (server to client)",
+          f"all {len(offsets)} byte offsets of the server's handshake: the client exits 1 or 3, no hang, "
+          "no traceback; the server serves the next client")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Junk
+
+
+def junk(kind, rng):
+    cipher = pyaes.AES(common.legacy_key(PASSPHRASE))
+    return {
+        "random bytes": lambda: rng.randbytes(rng.randint(1, 2000)),
+        "HTTP request": lambda: b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n",
+        "TLS ClientHello": lambda: bytes.fromhex("16030100c4010000c00303") + rng.randbytes(180),
+        "4 GiB length": lambda: b"\xff\xff\xff\xff" + rng.randbytes(100),
+        "half a frame": lambda: common.frame(common.HELLO_PREFIX + b"A" + rng.randbytes(32))[:20],
+        "legacy peer": lambda: common.legacy_encode(cipher, "hello", "12:00:00"),
+        "nothing": lambda: b"",
+    }[kind]()
+
+
+JUNK_KINDS = ["random bytes", "HTTP request", "TLS ClientHello", "4 GiB length", "half a frame", "legacy peer",
+              "nothing"]
+
+
+def test_a_thousand_junk_connections_then_a_real_client_at_once(spawn, score):
+    server, port = spawn("server")
+    sanity(spawn, port, "warm up")
+    before = rss_kib(server.proc.pid)
+    rng, silent = random.Random(7), []
+    for i in range(1000):
+        kind = JUNK_KINDS[i % len(JUNK_KINDS)]
+        sock = socket.create_connection(("127.0.0.1", port))
+        with contextlib.suppress(OSError):  # refused already
+            sock.sendall(junk(kind, rng))
+        if kind in ("half a frame", "nothing"):
+            silent.append(sock)  # silence: kept open
+        else:
+            sock.close()
+    started = time.monotonic()
+    client = spawn("client", port)
+    client.expect("authenticated and encrypted")
+    served = time.monotonic() - started
+    after = rss_kib(server.proc.pid)
+    for sock in silent:
+        sock.close()
+    client.send("after the junk\n")
+    server.expect("Received: after the junk  ☒")
+    assert after - before < 30 * 1024, f"server grew from {before} to {after} KiB"
+    assert "Traceback" not in "".join(line for _, line in server.seen)
+    score("Junk", f"1,000 connections ({', '.join(JUNK_KINDS)}); then a real client served in {served:.2f} s "
+          f"(process start included); server RSS {before / 1024:.1f} MiB before, {after / 1024:.1f} MiB after")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Slow and silent peers
+
+
+def test_a_handshake_dribbled_a_byte_a_second_is_dropped_by_its_deadline(spawn, score):
+    server, port = spawn("server")
+    sock = socket.create_connection(("127.0.0.1", port))
+    hello = common.ClientConnection(PASSPHRASE).data_to_send()
+    done = threading.Event()
+
+    def dribble():
+        with contextlib.suppress(OSError):
+            for byte in hello:
+                sock.sendall(bytes([byte]))
+                if done.wait(1):  # the attack itself: one byte a second
+                    return
+
+    started = time.monotonic()
+    threading.Thread(target=dribble, daemon=True).start()
+    server.expect(r"dropped: no aeschat handshake within 5 s")
+    dropped = time.monotonic() - started
+    done.set()
+    sock.close()
+    assert dropped < common.HANDSHAKE_DEADLINE + 2
+    score("Slow peer", f"a handshake dribbled one byte a second is dropped after {dropped:.1f} s "
+          f"(deadline {common.HANDSHAKE_DEADLINE:.0f} s)")
+
+
+def test_a_black_holed_chat_is_noticed_by_keepalive_on_both_sides(spawn, proxies, score):
+    server, client, proxy, _ = through(spawn, proxies, "--no-reconnect", client_args=("--no-reconnect",))
+    started = time.monotonic()
+    proxy.relay(0).stall()
+    client.expect("connection lost: no sign of the peer", timeout=70)
+    server.expect("connection lost: no sign of the peer", timeout=70)
+    noticed = time.monotonic() - started
+    assert noticed < 60
+    assert client.wait() == 1
+    score("Silent peer", f"a black-holed chat is noticed by both sides within {noticed:.0f} s (limit 60 s)")
+
+
+def test_a_peer_that_stops_reading_does_not_freeze_input(spawn, score):
+    server, port = spawn("server", "--once")
+    proxy = Proxy(port)
+    proxy.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window, quickly full
+    try:
+        client = spawn("client", proxy.port)
+        client.expect("authenticated and encrypted")
+        relay = proxy.relay(0)
+        relay.freeze(C2S)
+        client.send("".join(f"{i} " + "x" * 2000 + "\n" for i in range(150)))
+        client.expect(r"^Sent: 149 x")
+        client.send("still typing\n")
+        client.expect("Sent: still typing")  # the input loop answered though nothing more could be written
+        stuck = relay.forwarded[C2S]
+        assert stuck < 150 * 2000
+        relay.thaw(C2S)
+        server.expect("Received: still typing  ☒")
+    finally:
+        proxy.close()
+    score("Stopped reader", f"with the peer not reading ({stuck // 1024} KiB got through), 151 more lines were "
+          "taken and shown as sent; all delivered once it read again")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Load
+
+
+def test_ten_thousand_messages_each_way_at_once(spawn, score):
+    server, client, _ = connected(spawn, "--once")
+    count = 10_000
+    from_client = [f"c{i}" for i in range(count)]
+    from_server = [f"s{i}" for i in range(count)]
+    started = time.monotonic()
+    client.send("".join(line + "\n" for line in from_client))
+    server.send("".join(line + "\n" for line in from_server))
+    server.expect(rf"^Received: c{count - 1}  ☒", timeout=300)
+    client.expect(rf"^Received: s{count - 1}  ☒", timeout=300)
+    elapsed = time.monotonic() - started
+    client.send("quit()\n")
+    assert client.wait(timeout=60) == 0
+    assert server.wait(timeout=60) == 0
+    assert received(server) == from_client
+    assert received(client) == from_server
+    score("Load", f"{count:,} messages each way at once: none lost, none duplicated, all in order, "
+          f"no deadlock ({2 * count / elapsed:.0f} messages/s in all)")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Online guessing
+
+
+def test_online_guessing_is_slowed_and_logged(spawn, score):
+    server, port = spawn("server")
+    waits = []
+    for _ in range(4):
+        started = time.monotonic()
+        attacker = Attacker(port, "a wrong guess")
+        with pytest.raises(common.AuthenticationError):
+            attacker.open(deadline=30)
+        waits.append(time.monotonic() - started)
+        attacker.close()
+        server.expect(r"failed passphrase attempt from 127\.0\.0\.1:\d+")
+    for attempt, wait in enumerate(waits):
+        floor = 0 if attempt == 0 else 2 ** (attempt - 1)
+        assert wait >= floor - 0.2, waits
+    cap = common.GuessLimiter.MAX_GUESS_INTERVAL
+    score("Online guessing", "answers to wrong guesses came after " + ", ".join(f"{w:.1f}" for w in waits)
+          + f" s: at most 60 a minute after one failure, doubling as they repeat, to {60 / cap:.1f} a minute")
