@@ -12,8 +12,9 @@ from dataclasses import replace
 
 import pyaes
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, precondition, rule
 
 import common
 from common import (
@@ -778,3 +779,110 @@ def test_resume_payload_round_trips():
     without_resumed = b"".join(common.process_text('{"type":"resume","conv":"x","next":0,"base":0}'))
     with pytest.raises(RemoteProtocolError, match="resumed"):
         common.decode_payload(without_resumed)
+
+
+# ---------------------------------------------------------------------------------------------------
+# A stateful model of a session: sends, deliveries, tampering, replays and closes in any order
+
+
+OPENED = None
+
+
+class SessionModel(RuleBasedStateMachine):
+    """Messages go through in order, exactly once; any tampering or replay ends the connection with the
+    project's remote error and nothing altered is ever delivered."""
+
+    def __init__(self):
+        super().__init__()
+        global OPENED
+        OPENED = OPENED or Pair().handshake()
+        self.pair = copy.deepcopy(OPENED)
+        self.in_flight = {"client": [], "server": []}  # frames sent by that side, not yet delivered
+        self.history = {"client": [], "server": []}  # every frame that side ever sent
+        self.expected = {"client": [], "server": []}  # texts the other side should still receive, in order
+        self.next_id = {"client": 0, "server": 0}
+        self.over = False
+
+    def receiver(self, side):
+        return self.pair.sides(side)[1]
+
+    @precondition(lambda self: not self.over)
+    @rule(side=st.sampled_from(["client", "server"]), text=st.text(max_size=40))
+    def send(self, side, text):
+        sender = self.pair.sides(side)[0]
+        sender.send(Message(self.next_id[side], text, TS))
+        self.next_id[side] += 1
+        frame = sender.data_to_send()
+        self.in_flight[side].append(frame)
+        self.history[side].append(frame)
+        self.expected[side].append(text)
+
+    @precondition(lambda self: not self.over and (self.in_flight["client"] or self.in_flight["server"]))
+    @rule(side=st.sampled_from(["client", "server"]), cut=st.integers(0, 300))
+    def deliver(self, side, cut):
+        if not self.in_flight[side]:
+            return
+        frame = self.in_flight[side].pop(0)
+        receiver = self.receiver(side)
+        receiver.receive_data(frame[:cut] or frame)  # sometimes in two reads
+        if frame[:cut] and cut < len(frame):
+            assert receiver.next_event() is None
+            receiver.receive_data(frame[cut:])
+        [event] = events(receiver)
+        assert event.text == self.expected[side].pop(0) and event.verified
+
+    @precondition(lambda self: not self.over and (self.in_flight["client"] or self.in_flight["server"]))
+    @rule(side=st.sampled_from(["client", "server"]), bit=st.integers(0, 10**6))
+    def tamper(self, side, bit):
+        if not self.in_flight[side]:
+            return
+        frame = bytearray(self.in_flight[side].pop(0))
+        frame[bit // 8 % len(frame)] ^= 1 << (bit % 8)
+        self._must_fail(side, bytes(frame))
+
+    @precondition(lambda self: not self.over and (self.history["client"] or self.history["server"]))
+    @rule(side=st.sampled_from(["client", "server"]), which=st.integers(0, 10**6), reflect=st.booleans())
+    def replay(self, side, which, reflect):
+        old = self.history[side]
+        if not old:
+            return
+        frame = old[which % len(old)]
+        if reflect:
+            self.over = True
+            sender = self.pair.sides(side)[0]
+            sender.receive_data(frame)
+            with pytest.raises(RemoteProtocolError):
+                events(sender)
+            return
+        if which % len(old) == len(old) - len(self.in_flight[side]):
+            return  # that is the next frame to deliver: no replay
+        self._must_fail(side, frame)  # an earlier frame again (replay) or a later one first (reorder)
+
+    def _must_fail(self, side, data):
+        self.over = True
+        receiver = self.receiver(side)
+        receiver.receive_data(data)
+        receiver.receive_data(b"")
+        with pytest.raises(RemoteProtocolError):
+            events(receiver)
+
+    @rule()
+    def idle(self):
+        """Nothing happens (and once the connection is over, nothing can)."""
+
+    @precondition(lambda self: not self.over)
+    @rule(side=st.sampled_from(["client", "server"]))
+    def close(self, side):
+        self.over = True
+        receiver = self.receiver(side)
+        pending = b"".join(self.in_flight[side])
+        if pending:
+            receiver.receive_data(pending)
+        receiver.receive_data(b"")
+        got = events(receiver)
+        assert got[-1] == ConnectionClosed()
+        assert [e.text for e in got[:-1]] == self.expected[side]
+
+
+SessionModel.TestCase.settings = settings(stateful_step_count=20)
+test_session_model = SessionModel.TestCase
