@@ -8,6 +8,8 @@ import os
 import random
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pyaes
 import pytest
 from mitm import C2S, S2C, Attacker, Proxy
-from procs import PASSPHRASE, Proc, connected, received
+from procs import PASSPHRASE, ROOT, Proc, connected, received
 
 import common
 
@@ -432,3 +434,20 @@ def test_online_guessing_is_slowed_and_logged(spawn, score):
     cap = common.GuessLimiter.MAX_GUESS_INTERVAL
     score("Online guessing", "answers to wrong guesses came after " + ", ".join(f"{w:.1f}" for w in waits)
           + f" s: at most 60 a minute after one failure, doubling as they repeat, to {60 / cap:.1f} a minute")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fuzzing
+
+
+def test_the_coverage_guided_fuzzer_finds_nothing_in_a_short_run(score):
+    pytest.importorskip("atheris")
+    runs = 3000
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "tests/fuzz.py", f"-runs={runs}", "-seed=1"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"Done {runs} runs" in result.stderr
+    score("Fuzzing", f"hypothesis: every property at 1,000 examples in CI, with a stateful session model; atheris: "
+          f"{runs:,} inputs across 5 decoders in {time.monotonic() - started:.0f} s with no escape but the "
+          "project's own error (`python tests/fuzz.py -max_total_time=600` for ten minutes)")
