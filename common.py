@@ -1132,7 +1132,7 @@ class Chat:
             except (NetworkError, OSError, TruncatedFrame, Refused):
                 with self.lock:  # back off, but wake at once if the chat ends meanwhile
                     self._changed.wait_for(lambda: self.outcome is not None, timeout=delay)
-                delay = min(delay * 2, 5.0)
+                delay = min(delay * 2, 2.0)  # when the network is back, we are back within 2 s
                 continue
             self.attach(sock, conn, peer)
             return

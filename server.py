@@ -67,7 +67,8 @@ class Server:
                     code = common.run_chat(chat)
                 finally:
                     with self._lock:
-                        self._chat = None
+                        if self._chat is chat:  # a new chat may have started as this one ended
+                            self._chat = None
                 if self.args.once:
                     return code
                 self.ui.show("waiting for the next client")
@@ -105,7 +106,8 @@ class Server:
         if conn is None:
             return
         with self._lock:
-            chat, new = self._chat, self._chat is None
+            chat = self._chat if self._chat is not None and self._chat.active else None
+            new = chat is None
             if new:
                 chat = self._chat = common.Chat(self.ui, common.Conversation.new(), legacy=self.args.legacy,
                                                 keepalive=self.args.keepalive, grace=self.args.reconnect_for)

@@ -47,12 +47,14 @@ def through(spawn, proxies, *server_args, client_args=(), hook=None):
     return server, client, made[0], port
 
 
-def sanity(spawn, port, text):
+def sanity(spawn, port, text, server):
     """A normal chat with the server, start to end: the tlsfuzzer "sanity session"."""
     client = spawn("client", port)
     client.send(text + "\n")
     client.close_stdin()
     assert client.wait() == 0, client.output()
+    server.expect(f"Received: {text}  ☒")
+    server.expect("waiting for the next client")
     return client
 
 
@@ -89,8 +91,7 @@ def test_a_captured_session_holds_neither_text_nor_passphrase(spawn, proxies, sc
 
 def test_every_bit_flip_of_a_record_is_detected(spawn, score):
     server, port = spawn("server", "--no-reconnect")
-    sanity(spawn, port, "before")
-    server.expect("Received: before  ☒")
+    sanity(spawn, port, "before", server)
     record = Attacker(port, PASSPHRASE).open().message("hi")  # the shape every flipped copy has
     server.expect("connection lost")
     detected = 0
@@ -107,8 +108,7 @@ def test_every_bit_flip_of_a_record_is_detected(spawn, score):
         detected += 1
         attacker.close()
     assert detected == len(record) * 8
-    sanity(spawn, port, "after")
-    server.expect("Received: after  ☒")
+    sanity(spawn, port, "after", server)
     server.send("quit()\n")
     server.close_stdin()
     assert server.wait() == 0
@@ -155,7 +155,7 @@ ATTACKS = {"replay": (replay, "server"), "drop": (drop, "server"), "reorder": (r
 def test_record_attacks_are_detected_and_the_server_goes_on(spawn, proxies, attack, score):
     hook, detector = ATTACKS[attack]
     server, port = spawn("server", "--no-reconnect")
-    sanity(spawn, port, "before")
+    sanity(spawn, port, "before", server)
     proxy = proxies(port, hook)
     client = spawn("client", proxy.port, "--no-reconnect")
     client.expect("authenticated and encrypted")
@@ -168,8 +168,7 @@ def test_record_attacks_are_detected_and_the_server_goes_on(spawn, proxies, atta
         client.expect("connection lost")
         assert client.wait() == 1
     server.expect("waiting for the next client")
-    sanity(spawn, port, "after")
-    server.expect("Received: after  ☒")
+    sanity(spawn, port, "after", server)
     shown = [line for _, line in server.seen if line.startswith("Received:")]
     assert all("☒" in line for line in shown)
     assert len([line for line in shown if "first" in line]) <= 1  # never shown twice
@@ -194,8 +193,7 @@ def test_a_record_spliced_from_another_session_is_detected(spawn, proxies, score
     client.send("mine\n")
     server.expect("security failure: a record failed its integrity check")
     server.expect("waiting for the next client")
-    sanity(spawn, port, "after")
-    server.expect("Received: after  ☒")
+    sanity(spawn, port, "after", server)
     assert not any("from elsewhere" in line for _, line in server.seen)
     score("Tampering: splice", "a record from another session under the same passphrase is detected")
 
@@ -299,7 +297,7 @@ JUNK_KINDS = ["random bytes", "HTTP request", "TLS ClientHello", "4 GiB length",
 
 def test_a_thousand_junk_connections_then_a_real_client_at_once(spawn, score):
     server, port = spawn("server")
-    sanity(spawn, port, "warm up")
+    sanity(spawn, port, "warm up", server)
     before = rss_kib(server.proc.pid)
     rng, silent = random.Random(7), []
     for i in range(1000):
