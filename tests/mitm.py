@@ -56,7 +56,7 @@ class Relay:
             buffer += data
             while len(buffer) >= 4:
                 size = struct.unpack_from("!I", buffer)[0]
-                if self.proxy.raw or len(buffer) < 4 + size:
+                if len(buffer) < 4 + size:
                     break
                 frame = bytes(buffer[: 4 + size])
                 del buffer[: 4 + size]
@@ -64,9 +64,6 @@ class Relay:
                 self.frames[direction].append(frame)
                 for out in self.proxy.hook(self, direction, index, frame):
                     self._forward(direction, out)
-            if self.proxy.raw and buffer:
-                self._forward(direction, bytes(buffer))
-                buffer.clear()
         if not self.stalled.is_set():
             self.close()
 
@@ -111,8 +108,8 @@ class Proxy:
     def __init__(self, target_port, hook=None):
         self.target_port = target_port
         self.hook = hook or (lambda relay, direction, index, frame: [frame])
-        self.raw = False  # relay bytes as they come instead of whole frames
         self.byte_by_byte = False
+        self.down = False  # the network is out: new connections are closed at once
         self.cut_after = {}  # direction -> bytes after which each new connection is closed
         self.relays = []
         self.new_relay = threading.Condition()
@@ -126,6 +123,9 @@ class Proxy:
                 client, _ = self.listener.accept()
             except OSError:
                 return
+            if self.down:
+                client.close()
+                continue
             try:
                 server = socket.create_connection(("127.0.0.1", self.target_port))
             except OSError:

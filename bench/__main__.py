@@ -1,0 +1,304 @@
+"""The benchmark: real server.py and client.py processes on 127.0.0.1, each figure beside its floor.
+
+    python -m bench [--quick] [--json bench/results.json]
+
+Latencies are measured with a client built from the protocol core (tests/mitm.py's Attacker) against a
+real server process, so that the clock sits next to the socket; throughput, one-shot, memory and
+reconnection use real client processes. Floors, measured in the same run: a plain Python TCP echo over
+loopback (the network), pyaes's own AES-256-CTR in one process (the cipher), and
+`python -c "import pyaes, spake2"` (the start-up).
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+import pyaes  # noqa: E402
+from mitm import Attacker, Proxy  # noqa: E402
+from procs import PASSPHRASE, start_client, start_server  # noqa: E402
+
+import common  # noqa: E402
+
+SIZES = {"100 B": 100, "1 KiB": 1024, "8 KiB": 8192, "64 KiB": 65536}
+
+
+def percentiles(samples):
+    ordered = sorted(samples)
+    return statistics.median(ordered), ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
+
+
+def peak_rss_mib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return int(fields["VmHWM"].split()[0]) / 1024, int(fields["VmRSS"].split()[0]) / 1024
+
+
+# ---------------------------------------------------------------------------------------------------
+# Floors
+
+
+def echo_server():
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        while True:
+            conn, _ = listener.accept()
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            while data := conn.recv(1 << 20):
+                conn.sendall(data)
+            conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener.getsockname()[1]
+
+
+def network_floor(size, rounds):
+    """Round trip of `size` bytes through a plain Python TCP echo on loopback."""
+    sock = socket.create_connection(("127.0.0.1", echo_server()))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    payload, samples = os.urandom(size), []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        sock.sendall(payload)
+        got = 0
+        while got < size:
+            got += len(sock.recv(1 << 20))
+        samples.append(time.perf_counter() - started)
+    sock.close()
+    return percentiles(samples)[0]
+
+
+def cipher_floor(size):
+    """Seconds for pyaes's own AES-256-CTR to encrypt `size` bytes, key set-up included."""
+    data, best = os.urandom(size), float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        pyaes.AESModeOfOperationCTR(os.urandom(32)).encrypt(data)
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def process_time(args, stdin=b""):
+    started = time.perf_counter()
+    subprocess.run(args, input=stdin, cwd=ROOT, check=True, capture_output=True,
+                   env={**os.environ, "AESCHAT_KEY": PASSPHRASE})
+    return time.perf_counter() - started
+
+
+# ---------------------------------------------------------------------------------------------------
+# aeschat
+
+
+def handshakes(port, count):
+    samples = []
+    for _ in range(count):
+        started = time.perf_counter()
+        attacker = Attacker(port, PASSPHRASE).open()  # until the server's Resume: both sides ready
+        samples.append(time.perf_counter() - started)
+        attacker.close()
+    return percentiles(samples)
+
+
+def round_trips(port, size, rounds):
+    """(first message after the handshake, median, p99): a message until its acknowledgement returns."""
+    attacker = Attacker(port, PASSPHRASE).open()
+    attacker.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    text, samples = "x" * size, []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        attacker.send_raw(attacker.message(text))
+        event = None
+        while not isinstance(event, common.Ack):
+            event = attacker.conn.next_event()
+            if event is None:
+                attacker.conn.receive_data(attacker.sock.recv(1 << 20))
+        samples.append(time.perf_counter() - started)
+    attacker.close()
+    return (samples[0], *percentiles(samples[1:] or samples))
+
+
+def pipelined(port, size, count):
+    """Seconds per message when `count` messages of `size` go back to back and all are acknowledged."""
+    attacker = Attacker(port, PASSPHRASE).open()
+    text = "y" * size
+    started = time.perf_counter()
+    acked = 0
+
+    def read_acks():
+        nonlocal acked
+        while acked < count:
+            event = attacker.conn.next_event()
+            if event is None:
+                attacker.conn.receive_data(attacker.sock.recv(1 << 20))
+            elif isinstance(event, common.Ack):
+                acked += 1
+
+    reader = threading.Thread(target=read_acks)
+    reader.start()
+    for _ in range(count):
+        attacker.send_raw(attacker.message(text))
+    reader.join()
+    elapsed = time.perf_counter() - started
+    attacker.close()
+    return elapsed / count
+
+
+def watch_rss(pids, stop):
+    peaks = dict.fromkeys(pids, 0.0)
+    while not stop.is_set():
+        for pid in pids:
+            with contextlib.suppress(OSError, KeyError):
+                peaks[pid] = max(peaks[pid], peak_rss_mib(pid)[1])
+        stop.wait(0.05)
+    return peaks
+
+
+def throughput(legacy, count):
+    """1 KiB messages from a real client process, as fast as it goes; every one checked delivered."""
+    flags = ("--legacy",) if legacy else ()
+    server, port = start_server("--once", *flags)
+    client = start_client(port, *flags)
+    client.expect("Connected to")
+    server.expect("Connected to")
+    idle = {"server": peak_rss_mib(server.proc.pid)[1], "client": peak_rss_mib(client.proc.pid)[1]}
+    stop, peaks = threading.Event(), {}
+    watcher = threading.Thread(target=lambda: peaks.update(watch_rss([server.proc.pid, client.proc.pid], stop)))
+    watcher.start()
+    line = "z" * 1024
+    started = time.perf_counter()
+    client.send((line + "\n") * count)
+    for _ in range(count):
+        server.expect(r"^Received: z+  ☒", timeout=120)
+    client.close_stdin()
+    code = client.wait(timeout=120)
+    elapsed = time.perf_counter() - started
+    stop.set()
+    watcher.join()
+    server.wait(timeout=30)
+    assert code == 0, client.output()
+    return {"messages/s": count / elapsed, "KB/s": count * 1024 / elapsed / 1000,
+            "rss idle MiB": idle, "rss load MiB": {"server": peaks[server.proc.pid], "client": peaks[client.proc.pid]}}
+
+
+def reconnect_time(rounds):
+    """From the network coming back to the conversation resumed (the client says "reconnected")."""
+    samples = []
+    server, port = start_server("--keepalive", "0.3")
+    proxy = Proxy(port)
+    client = start_client(proxy.port, "--keepalive", "0.3")
+    client.expect("authenticated and encrypted")
+    try:
+        for i in range(rounds):
+            relay = proxy.relay(i)
+            proxy.down = True  # the network goes: the connection is cut, new ones refused
+            relay.close(reset=True)
+            client.expect("connection lost")
+            time.sleep(1)  # the outage itself lasts a second
+            back = time.perf_counter()
+            proxy.down = False
+            client.expect("reconnected to")
+            samples.append(time.perf_counter() - back)
+    finally:
+        client.kill()
+        server.kill()
+        proxy.close()
+    return percentiles(samples)
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def run(quick):
+    n = 10 if quick else 50
+    results, rows = {}, []
+    server, port = start_server()
+    try:
+        hs = handshakes(port, n)
+        results["handshake"] = {"median ms": hs[0] * 1e3, "p99 ms": hs[1] * 1e3}
+        rows.append(("handshake (connect to both ready)", f"{hs[0] * 1e3:.1f} ms median, {hs[1] * 1e3:.1f} ms p99",
+                     "SPAKE2 both sides", ""))
+        for label, size in (("100 B", 100), ("1 KiB", 1024), ("64 KiB", 65536)):
+            rounds = (5 if quick else 20) if size > 8192 else (20 if quick else 100)
+            first, median, p99 = round_trips(port, size, rounds)
+            net = network_floor(size, 50)
+            cipher = 2 * cipher_floor(size)  # encrypted by one side, decrypted by the other
+            results[f"round trip {label}"] = {"first ms": first * 1e3, "median ms": median * 1e3, "p99 ms": p99 * 1e3,
+                                              "network floor ms": net * 1e3, "cipher floor ms": cipher * 1e3}
+            rows.append((f"round trip {label} (to its ack)",
+                         f"{median * 1e3:.2f} ms median, {p99 * 1e3:.2f} p99, first {first * 1e3:.2f}",
+                         f"network {net * 1e3:.3f} ms + cipher {cipher * 1e3:.2f} ms",
+                         f"+{(median - net - cipher) * 1e3:.2f} ms over floors"))
+        per_byte = {}
+        for label in ("1 KiB", "8 KiB", "64 KiB"):
+            size = SIZES[label]
+            count = max(3, (200_000 if not quick else 60_000) // size)
+            per_byte[label] = pipelined(port, size, count) / size * 1e6
+        results["scaling us/byte"] = per_byte
+        floor_per_byte = cipher_floor(65536) / 65536 * 1e6
+        rows.append(("cost per byte, 1 / 8 / 64 KiB", " / ".join(f"{v:.2f}" for v in per_byte.values()) + " µs",
+                     f"cipher {floor_per_byte:.2f} µs/byte one way",
+                     f"64 KiB ÷ 1 KiB = {per_byte['64 KiB'] / per_byte['1 KiB']:.2f}"))
+    finally:
+        server.kill()
+
+    count = 200 if quick else 1000
+    for legacy in (False, True):
+        name = "legacy" if legacy else "v1"
+        tp = throughput(legacy, count)
+        results[f"throughput {name}"] = tp
+        cipher_kbs = 1024 / cipher_floor(1024 * 64) * 64 / 1000
+        rows.append((f"throughput {name}, 1 KiB messages", f"{tp['messages/s']:.0f} msg/s, {tp['KB/s']:.0f} KB/s",
+                     f"cipher {cipher_kbs:.0f} KB/s", f"{cipher_kbs / tp['KB/s']:.2f}× the cipher floor"))
+        rows.append((f"peak RSS {name} (idle → load)",
+                     f"server {tp['rss idle MiB']['server']:.1f} → {tp['rss load MiB']['server']:.1f} MiB, "
+                     f"client {tp['rss idle MiB']['client']:.1f} → {tp['rss load MiB']['client']:.1f} MiB",
+                     "under 40 MB a process", ""))
+
+    startup = statistics.median(process_time([sys.executable, "-c", "import pyaes, spake2"]) for _ in range(5))
+    for legacy in (False, True):
+        name = "legacy" if legacy else "v1"
+        server, port = start_server(*(["--legacy"] if legacy else []))
+        try:
+            args = [sys.executable, "client.py", "127.0.0.1", str(port), *(["--legacy"] if legacy else [])]
+            shot = statistics.median(process_time(args, b"x\n") for _ in range(3 if quick else 7))
+        finally:
+            server.kill()
+        results[f"one-shot {name}"] = {"median s": shot, "start-up floor s": startup}
+        rows.append((f"one-shot {name}: printf 'x\\n' | client.py", f"{shot * 1e3:.0f} ms",
+                     f"start-up {startup * 1e3:.0f} ms", f"{shot / startup:.2f}× the start-up floor"))
+
+    rc = reconnect_time(3 if quick else 5)
+    results["reconnect"] = {"median s": rc[0], "p99 s": rc[1]}
+    rows.append(("network back → conversation resumed", f"{rc[0] * 1e3:.0f} ms median, {rc[1] * 1e3:.0f} ms worst",
+                 "backoff capped at 2 s", ""))
+    return results, rows
+
+
+def main():
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds: a smoke run, not figures to quote")
+    parser.add_argument("--json", default=str(ROOT / "bench" / "results.json"), help="where to write the results")
+    args = parser.parse_args()
+    results, rows = run(args.quick)
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    header = ("measure", "aeschat", "floor (same run)", "ratio")
+    widths = [max(w, len(h)) for w, h in zip(widths, header)]
+    for row in (header, tuple("-" * w for w in widths), *rows):
+        print("| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |")
+    Path(args.json).write_text(json.dumps(results, indent=1, ensure_ascii=False))
+    print(f"\n(written to {args.json})")
+
+
+if __name__ == "__main__":
+    main()
