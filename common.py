@@ -602,7 +602,7 @@ class LegacyDecoder:
         self._encrypted = bytearray()
         self._plain = bytearray()  # decrypted bytes of the message being received
         self._scanned = 0  # how much of _plain has been looked at for a message end
-        self._eof = False
+        self._eof = self._closed = False
         self._count = 0
 
     def feed(self, data):
@@ -639,9 +639,10 @@ class LegacyDecoder:
             self._scanned = 0
             self._count += 1
             return Message(self._count - 1, obj["message"], obj["timestamp"], obj["hash"])
-        if self._eof:
+        if self._eof and not self._closed:
             if self._plain or self._encrypted:
                 raise TruncatedFrame("connection closed in the middle of a legacy message")
+            self._closed = True  # reported once, as Connection does
             return ConnectionClosed()
         return None
 
@@ -1074,6 +1075,7 @@ class Chat:
                 return False
             old, self.link, self.peer, was_lost = self.link, link, peer, self._lost_at is not None
             self._lost_at = None
+            self._changed.notify_all()  # a server holding the conversation stops waiting
             if self.legacy:
                 link.ready = True
             elif peer_resume is None:
@@ -1121,7 +1123,7 @@ class Chat:
         if expired:
             self.end(EXIT_NETWORK, f"the client did not come back within {self.grace:.0f} s")
 
-    def _reconnect(self, token):
+    def _reconnect(self, _token):
         deadline, delay = time.monotonic() + self.grace, 0.2
         while time.monotonic() < deadline and self.outcome is None:
             try:
@@ -1247,12 +1249,12 @@ def banner(ui, peer, legacy):
     ui.show(f"{VERIFIED} = message verified, {FAILED} = verification failed. Type quit() or press Ctrl-D to leave.")
 
 
-def run_chat(chat):
-    """The input loop of one chat; returns its exit code."""
-    ui = chat.ui
+def run_chat(chat, typed=()):
+    """The input loop of one chat (after any lines already `typed` for it); returns its exit code."""
+    ui, typed = chat.ui, list(typed)
     try:
         while chat.active:
-            line = ui.read_line()
+            line = typed.pop(0) if typed else ui.read_line()
             if line is WAKE:
                 continue
             if line is None or line.strip() == "quit()":

@@ -49,6 +49,7 @@ class Server:
         self._pending = collections.OrderedDict()  # socket -> None, oldest first
         self._chat = None  # the conversation on now (possibly waiting for its client to come back)
         self._ready = None  # a new chat for the input loop to take up
+        self._typed = []  # lines read as that chat was starting, for it
         self.idle_status = f" listening on {common.address(listener.getsockname())} | waiting for a client "
         ui.status = self.idle_status
 
@@ -58,13 +59,14 @@ class Server:
         while True:
             with self._lock:
                 chat, self._ready = self._ready, None
+            typed, self._typed = self._typed, []
             if chat is not None:
                 # Announced here, not by the thread that admitted the client: every line typed after the
                 # banner goes to the chat.
                 self.ui.show(f"{chat.peer} connected")
                 common.banner(self.ui, chat.peer, self.args.legacy)
                 try:
-                    code = common.run_chat(chat)
+                    code = common.run_chat(chat, typed)
                 finally:
                     with self._lock:
                         if self._chat is chat:  # a new chat may have started as this one ended
@@ -75,6 +77,11 @@ class Server:
                 self.ui.status = self.idle_status
                 continue
             line = self.ui.read_line()
+            with self._lock:
+                starting = self._ready is not None
+            if starting and line is not common.WAKE:
+                self._typed.append(line)  # typed as a chat began: it belongs to that chat
+                continue
             if line is None or (line is not common.WAKE and line.strip() == "quit()"):
                 return common.EXIT_OK
             if line is not common.WAKE and line.strip():

@@ -188,6 +188,7 @@ def test_legacy_client_with_legacy_server(spawn):
     server, port = spawn("server", "--once", "--legacy")
     client = spawn("client", port, "--legacy")
     client.expect("legacy format")
+    server.expect("legacy format")
     client.send("old ~ style\n")
     server.expect(r"^Received: old ~ style  ☒")
     client.expect("warning: an original receiver may mangle this message: it contains '~'")
@@ -210,8 +211,11 @@ def test_legacy_client_against_v1_server(spawn):
     server, port = spawn("server")
     client = spawn("client", port, "--legacy")
     client.send("hello\n")
-    server.expect(r"dropped: the peer is not an aeschat v1 peer")
-    client.expect(r"cannot decrypt the peer's data|connection lost|peer left")
+    # Whichever reads first: the server takes the legacy bytes for no aeschat peer, or the client takes
+    # the server's hello for data it cannot decrypt and leaves before its message went out.
+    server.expect(r"dropped: (the peer is not an aeschat v1 peer|the connection closed during the handshake)")
+    client.expect(r"cannot decrypt the peer's data|connection lost")
+    assert client.wait() in (1, 3)
 
 
 def test_legacy_server_talks_with_the_original_client_both_ways(spawn):

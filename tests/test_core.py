@@ -455,6 +455,7 @@ def test_any_text_round_trips_through_legacy_in_any_segmentation(text, step):
             got.append(m)
     decoder.feed(b"")
     assert decoder.next_message() == ConnectionClosed()
+    assert decoder.next_message() is None  # once
     assert [m.text for m in got] == [text, "second"] and all(m.verified for m in got)
 
 
