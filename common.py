@@ -904,7 +904,7 @@ class TerminalUI:
         from prompt_toolkit import PromptSession
         from prompt_toolkit.patch_stdout import patch_stdout
 
-        self._prompt = PromptSession(history=None)
+        self._prompt = PromptSession(history=None, erase_when_done=True)  # "Sent: ..." replaces the typed line
         self._patch = patch_stdout()
         self._woken = threading.Event()
         self.status = ""
