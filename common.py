@@ -1193,7 +1193,7 @@ class Chat:
         self.update_status()
 
     def leave(self, wait=FLUSH_TIMEOUT):
-        """Wait (bounded) for every message to be acknowledged, say goodbye, close. Returns the exit code."""
+        """Wait (bounded) for every message to be acknowledged, say goodbye, close."""
         with self.lock:
             self._changed.wait_for(lambda: not self.conversation.unacked or self.outcome is not None, timeout=wait)
             undelivered = len(self.conversation.unacked)
@@ -1204,17 +1204,15 @@ class Chat:
                  f"{undelivered} message{'s' if undelivered > 1 else ''} not delivered" if undelivered else None)
         if link is not None:
             link.finish(timeout=max(wait, 1.0))  # time to write the goodbye, even in a hurry
-        return self.outcome[0]
 
     def end(self, code, message):
+        """The chat is over: record why and wake the input loop, which tells the user (run_chat)."""
         with self.lock:
             if self.outcome is not None:
                 return
             self.outcome = (code, message)
             link, self.link = self.link, None
             self._changed.notify_all()
-        if message:
-            (self.ui.show if code == EXIT_OK else self.ui.error)(message)
         if link is not None and code != EXIT_OK:
             link.close()
         self.ui.wake()
@@ -1250,7 +1248,10 @@ def banner(ui, peer, legacy):
 
 
 def run_chat(chat, typed=()):
-    """The input loop of one chat (after any lines already `typed` for it); returns its exit code."""
+    """The input loop of one chat (after any lines already `typed` for it); returns its exit code.
+
+    The final line (peer left, connection lost, security failure) is printed here, by the thread that
+    then returns: a thread that ended the chat could be cut short as the program exits."""
     ui, typed = chat.ui, list(typed)
     try:
         while chat.active:
@@ -1258,13 +1259,18 @@ def run_chat(chat, typed=()):
             if line is WAKE:
                 continue
             if line is None or line.strip() == "quit()":
-                return chat.leave()
+                chat.leave()
+                break
             if line.strip():
                 chat.send_text(line)
     except KeyboardInterrupt:
         chat.leave(wait=0)  # Ctrl-C leaves at once, but still says goodbye
         raise
-    chat.close()
+    finally:
+        chat.close()
+        if chat.outcome is not None and chat.outcome[1]:
+            code, message = chat.outcome
+            (ui.show if code == EXIT_OK else ui.error)(message)
     return chat.outcome[0]
 
 
