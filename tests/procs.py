@@ -29,6 +29,8 @@ class Proc:
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.lines = queue.Queue()
         self.seen = []  # every (stream, line) read so far
+        self.pending = {"out": [], "err": []}  # lines not yet consumed by expect, per stream
+        self.closed = set()
         self.raw = {"out": bytearray(), "err": bytearray()}
         self._readers = [threading.Thread(target=self._read, args=(name, stream), daemon=True)
                          for name, stream in (("out", self.proc.stdout), ("err", self.proc.stderr))]
@@ -42,24 +44,31 @@ class Proc:
         self.lines.put((name, None))
 
     def expect(self, pattern, timeout=TIMEOUT, stream=None):
-        """Wait for a line matching pattern (on stdout or stderr, or the one named); returns the match."""
+        """Wait for a line matching pattern (on stdout or stderr, or the one named); returns the match.
+
+        Lines are consumed up to the match on its own stream only: stdout and stderr are read by two
+        threads, so their order relative to each other is not guaranteed, only each one's own order."""
         end = time.monotonic() + timeout
-        closed = set()
         while True:
+            for name in ("out", "err") if stream is None else (stream,):
+                pending = self.pending[name]
+                for i, line in enumerate(pending):
+                    match = re.search(pattern, line)
+                    if match:
+                        del pending[: i + 1]
+                        return match
             remaining = end - time.monotonic()
-            if remaining <= 0 or len(closed) == 2:
+            if remaining <= 0 or len(self.closed) == 2:
                 raise AssertionError(f"no line matching {pattern!r}; seen: {self.seen[-15:]}")
             try:
                 name, line = self.lines.get(timeout=remaining)
             except queue.Empty:
                 continue
             if line is None:
-                closed.add(name)
-                continue
-            self.seen.append((name, line))
-            match = re.search(pattern, line)
-            if match and stream in (None, name):
-                return match
+                self.closed.add(name)
+            else:
+                self.seen.append((name, line))
+                self.pending[name].append(line)
 
     def send(self, text):
         self.proc.stdin.write(text.encode("utf-8"))
