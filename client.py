@@ -1,16 +1,18 @@
 """aeschat client: connect to an aeschat server and chat.
 
-    python client.py [HOST] [PORT] [--legacy] [--key-file PATH]
+    python client.py [HOST] [PORT] [--key-file PATH] [--reconnect-for SECONDS | --no-reconnect] [--legacy]
 """
 
-import socket
 import sys
+import time
 
 import common
 
+PROG = "aeschat-client"
+
 
 def parse_args(argv=None):
-    parser = common.argument_parser("aeschat-client", "Connect to an aeschat server and chat.")
+    parser = common.argument_parser(PROG, "Connect to an aeschat server and chat.")
     parser.add_argument("host", nargs="?", metavar="HOST", help="server name or address (asked for on a terminal)")
     parser.add_argument("port", nargs="?", type=common.port_number, metavar="PORT",
                         help=f"server port (default {common.DEFAULT_PORT})")
@@ -32,49 +34,28 @@ def parse_args(argv=None):
     return args
 
 
-def connect(host, port):
-    try:
-        sock = socket.create_connection((host, port), timeout=10)
-    except socket.gaierror as e:
-        raise common.NetworkError(f"cannot find the host {host!r}: {e.strerror}") from None
-    except UnicodeError:
-        raise common.UsageError(f"{host!r} is not a valid host name") from None
-    except OSError as e:
-        raise common.NetworkError(f"cannot connect to {host} port {port}: {e.strerror or e}") from None
-    sock.settimeout(None)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no message waits on Nagle
-    return sock
-
-
 def _main():
     args = parse_args()
-    passphrase = common.read_passphrase(args)
+    passphrase = common.passphrase_given(args)
     if args.legacy:
-        print(common.LEGACY_WARNING, file=sys.stderr)
-
-    def open_link():
-        """Connect and authenticate: at the start, and again for each reconnection (new keys each time)."""
-        conn = common.LegacyConnection(passphrase) if args.legacy else common.ClientConnection(passphrase)
-        sock = connect(args.host, args.port)
-        try:
-            if not args.legacy:
-                common.handshake(sock, conn, common.CLIENT_HANDSHAKE_DEADLINE)
-            return sock, conn, common.address(sock.getpeername())
-        except BaseException:
-            sock.close()
-            raise
-
-    sock, conn, peer = open_link()
-    with common.make_ui() as ui:
-        common.banner(ui, peer, args.legacy)
-        chat = common.Chat(ui, common.Conversation.new(), legacy=args.legacy, keepalive=args.keepalive,
-                           grace=args.reconnect_for, reconnect=open_link)
-        chat.attach(sock, conn, peer)
+        print(f"{PROG}: warning: {common.LEGACY_WARNING}", file=sys.stderr)
+    if passphrase is None:
+        if sys.stdin.isatty() and not args.legacy and common.greeting(args.host, args.port) == common.BUSY:
+            raise common.Refused("busy", common.REFUSALS[common.BUSY])  # before anyone types a passphrase
+        passphrase = common.prompt_passphrase()
+    dial = common.Dialer(args.host, args.port, passphrase, args.legacy)
+    sock, conn, peer = dial()
+    with common.make_ui(PROG) as ui:
+        session = common.Session(common.CLIENT, common.LEGACY if args.legacy else common.V2,
+                                 common.Conversation.new(), time.monotonic(), args.keepalive, args.reconnect_for,
+                                 ui.interactive)
+        chat = common.Chat(ui, session, dial)
+        chat.attach(sock, conn, peer, common.PASSPHRASE)
         return common.run_chat(chat)
 
 
 def main():
-    common.run(_main)
+    common.run(_main, PROG)
 
 
 if __name__ == "__main__":

@@ -1,31 +1,47 @@
-"""What client.py and server.py share: the aeschat protocol core, and the chat session around it.
+"""What client.py and server.py share: the aeschat protocol, the session rules, and the thin shell around them.
 
-The first half is the protocol core and does no I/O at all: it takes bytes and returns bytes and
-events, never touches a socket, starts a thread or prints, so every property of it is tested directly
-(tests/test_core.py). PROTOCOL.md describes the wire formats it speaks, byte by byte.
+The map, in layers, each using only those above it:
 
-The second half (from "The session" on) is the small piece that feeds the core from one socket: a
-listener thread that receives and displays, an input loop that reads lines and sends them.
+  1. Errors        one tree, split by whose fault it is; exit_code() maps it to exit codes, in one place
+  2. Wire          16-byte chunking and `~` padding (the original scripts'), length-prefixed frames
+  3. Crypto        key derivation (passphrase, HKDF, resumption secret), AES-256-CTR from pyaes, legacy key
+  4. Records       the events a connection carries, their payloads (strictly validated), the record layer
+  5. Handshake     the v2 connection: greeting, SPAKE2 with the passphrase or a resumption secret, records
+  6. Legacy        the original scripts' format (--legacy), behind the same interface
+  7. Display       verify_and_display, what may reach a terminal, rows laid out so that no peer can forge one
+  8. Session       Conversation (what survives reconnects) and Session, the machine that holds every rule of
+                   a chat: events in, actions out; and Gate, the server's door (pending handshakes, guessing)
+  9. Shell         sockets and threads only: Link (a reader and a writer thread per connection), Chat (steps the
+                   machine under a lock, carries out its actions after), the client's dialling, the server's door
+ 10. UI            PlainUI for pipes, TerminalUI (prompt_toolkit, imported only on a terminal)
+ 11. Command line  arguments, passphrase intake, run()
+
+Layers 1 to 8 do no I/O at all: bytes and events in, bytes, events and actions out; no socket, thread, lock
+or print. tests/test_core.py and tests/test_session.py test them directly; PROTOCOL.md gives the wire
+formats byte by byte.
 """
 
 import argparse
+import collections
 import contextlib
 import datetime
-import enum
+import errno
 import getpass
 import hashlib
 import hmac
 import json
 import os
 import queue
-import select
+import re
+import selectors
+import shutil
 import socket
+import stat
 import struct
 import sys
 import threading
 import time
 import unicodedata
-from dataclasses import dataclass
 
 import pyaes
 import spake2
@@ -33,10 +49,10 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from spake2.ed25519_basic import NotOnCurve
 
-__version__ = "1.0.0"
+__version__ = "2.0.0"
 
-# ---------------------------------------------------------------------------------------------------
-# Errors: one tree, split by whose fault it is. The CLI maps it to exit codes in one place.
+# ===================================================================================================
+# 1. Errors: one tree, split by whose fault it is.
 
 
 class AeschatError(Exception):
@@ -47,12 +63,28 @@ class LocalProtocolError(AeschatError):
     """We asked for something the protocol cannot do (a message too large, a closed connection)."""
 
 
+class UsageError(AeschatError):
+    """The user asked for something that cannot be done (a bad option, no passphrase)."""
+
+
+class NetworkError(AeschatError):
+    """The network failed us: cannot connect, the connection was lost."""
+
+
+class Refused(AeschatError):
+    """The server turned us away: `busy` (a chat with someone else is on) or `unknown` (no such conversation)."""
+
+    def __init__(self, reason, text):
+        super().__init__(text)
+        self.reason = reason
+
+
 class RemoteProtocolError(AeschatError):
     """The peer sent something that is not valid aeschat: it is fatal for the connection."""
 
 
 class TruncatedFrame(RemoteProtocolError):
-    """The connection ended in the middle of a frame."""
+    """The connection ended in the middle of a frame: a lost connection, not an attack."""
 
 
 class NotAeschatPeer(RemoteProtocolError):
@@ -63,16 +95,51 @@ class AuthenticationError(RemoteProtocolError):
     """Key confirmation failed: the passphrases differ, or someone interfered."""
 
 
-class Refused(AeschatError):
-    """The server turned us away: it is busy with a chat with another client."""
+class UnfinishedAuthentication(AuthenticationError):
+    """The peer had our key confirmation, then went away without proving it knows the secret itself."""
 
 
 class IntegrityError(RemoteProtocolError):
     """A record failed its check: tampered, replayed, reordered, dropped, truncated or reflected."""
 
 
-# ---------------------------------------------------------------------------------------------------
-# Blocks and padding, as the original scripts had them: 16-byte chunks, right-padded with `~`.
+EXIT_OK, EXIT_NETWORK, EXIT_USAGE, EXIT_SECURITY, EXIT_INTERNAL = 0, 1, 2, 3, 4
+EXIT_INTERRUPTED = 130  # Ctrl-C, as shells count it (128 + SIGINT)
+EXIT_TERMINATED = 143  # SIGTERM
+
+
+def exit_code(error):
+    """The one place where errors become exit codes."""
+    if isinstance(error, (NetworkError, Refused, OSError, TruncatedFrame)):
+        return EXIT_NETWORK
+    if isinstance(error, RemoteProtocolError):
+        return EXIT_SECURITY
+    if isinstance(error, (UsageError, LocalProtocolError)):
+        return EXIT_USAGE
+    return EXIT_INTERNAL
+
+
+_NETWORK_WORDS = {errno.ECONNRESET: "connection reset", errno.EPIPE: "connection broken",
+                  errno.ECONNREFUSED: "connection refused", errno.ETIMEDOUT: "timed out",
+                  errno.ECONNABORTED: "connection aborted", errno.EHOSTUNREACH: "no route to the host",
+                  errno.ENETUNREACH: "the network is unreachable", errno.ENETDOWN: "the network is down"}
+
+
+def describe(error):
+    """One line for any error: ours say what happened, the network's in its own words; anything else is named as
+    the bug it is."""
+    if isinstance(error, AeschatError):
+        return str(error)
+    if isinstance(error, socket.timeout):
+        return "timed out"
+    if isinstance(error, OSError):
+        text = _NETWORK_WORDS.get(error.errno) or error.strerror or str(error) or type(error).__name__
+        return text[:1].lower() + text[1:]
+    return f"internal error ({type(error).__name__}: {error}); please report it"
+
+
+# ===================================================================================================
+# 2. Wire: blocks and padding, as the original scripts had them, and frames.
 
 BLOCK = 16
 PAD = b"~"
@@ -97,16 +164,13 @@ def strip_padding(data):
     return body
 
 
-# ---------------------------------------------------------------------------------------------------
-# Framing: every unit on the wire is a 4-byte big-endian length N, then N bytes.
-
 LENGTH = struct.Struct("!I")
 
-# The largest frame we accept. A message is at most 64 KiB of UTF-8; in its JSON record quotes and
-# backslashes double and the common control characters (\n, \t) double too, so 256 KiB holds the
-# largest message with room for its escaping, the record fields, padding and tag. Anything larger is
-# refused before a byte of it is buffered, so a peer can make us hold at most this much per connection.
-MAX_FRAME = 256 * 1024
+# The largest frame we accept. A message is at most 64 KiB of UTF-8; JSON writes a control character as
+# six (\u0001), so the worst message is 384 KiB of JSON, plus its fields, padding and tag: 512 KiB holds
+# every message that may be sent, and anything larger is refused before a byte of it is buffered, so a
+# peer can make us hold at most this much per connection.
+MAX_FRAME = 512 * 1024
 
 
 class FrameDecoder:
@@ -124,18 +188,18 @@ class FrameDecoder:
         self._buffer += data
 
     def next_frame(self):
-        """The next whole frame's payload, or None when more data is needed (or the stream ended cleanly)."""
+        """The next whole frame's body, or None when more data is needed (or the stream ended cleanly)."""
         if len(self._buffer) >= LENGTH.size:
             (size,) = LENGTH.unpack_from(self._buffer)
             if size > self.max_size:
                 raise RemoteProtocolError(f"frame of {size} bytes is over the limit of {self.max_size}")
             end = LENGTH.size + size
             if len(self._buffer) >= end:
-                frame = bytes(self._buffer[LENGTH.size : end])
+                body = bytes(self._buffer[LENGTH.size : end])
                 del self._buffer[:end]
-                return frame
+                return body
         if self._eof and self._buffer:
-            raise TruncatedFrame("connection closed in the middle of a frame")
+            raise TruncatedFrame("the connection was cut in the middle of a record")
         return None
 
     @property
@@ -144,17 +208,17 @@ class FrameDecoder:
         return self._eof and not self._buffer
 
 
-def frame(payload):
-    return LENGTH.pack(len(payload)) + payload
+def frame(body):
+    return LENGTH.pack(len(body)) + body
 
 
-# ---------------------------------------------------------------------------------------------------
-# Keys and ciphers.
+# ===================================================================================================
+# 3. Crypto: keys and the cipher.
 
 
 def normalize_passphrase(passphrase):
     """The passphrase as SPAKE2 takes it: NFC-normalised UTF-8, so it matches across systems."""
-    if not passphrase:
+    if not passphrase or not passphrase.strip():
         raise LocalProtocolError("the passphrase is empty")
     return unicodedata.normalize("NFC", passphrase).encode("utf-8")
 
@@ -172,13 +236,13 @@ class CounterCipher:
     """
 
     def __init__(self, key):
-        self._aes = pyaes.AES(key)
+        self._encrypt = pyaes.AES(key).encrypt
 
     def apply(self, counter, data):
         """Encrypt or decrypt (the same in CTR) data with the keystream that starts at counter."""
-        encrypt = self._aes.encrypt
+        encrypt = self._encrypt
         blocks = (len(data) + BLOCK - 1) // BLOCK
-        stream = b"".join(bytes(encrypt(((counter + i) % 2**128).to_bytes(BLOCK, "big"))) for i in range(blocks))
+        stream = b"".join(bytes(encrypt((counter + i).to_bytes(BLOCK, "big"))) for i in range(blocks))
         xored = int.from_bytes(data, "big") ^ int.from_bytes(stream[: len(data)], "big")
         return xored.to_bytes(len(data), "big")
 
@@ -193,64 +257,102 @@ def text_hash(text):
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-# ---------------------------------------------------------------------------------------------------
-# Events: what the connection hands the session, and what the session asks it to send.
+# ===================================================================================================
+# 4. Records: the events a connection carries, their payloads, and the record layer.
 
 MAX_MESSAGE = 64 * 1024  # bytes of UTF-8 text in one message
+MAX_ID = 2**63 - 1  # message and file numbers, offsets and sizes: far beyond any chat, and a fixed width
 
 
-@dataclass(frozen=True)
-class HandshakeComplete:
-    """Both sides proved they know the passphrase; records may flow."""
+class _Event:
+    """A small immutable value: fields named in __slots__, equal when the fields are."""
+
+    __slots__ = ()
+
+    def __init__(self, *values):
+        for name, value in zip(self.__slots__, values):
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"{type(self).__name__} is immutable")
+
+    def __eq__(self, other):
+        return type(self) is type(other) and all(getattr(self, n) == getattr(other, n) for n in self.__slots__)
+
+    def __hash__(self):
+        return hash((type(self), *(getattr(self, n) for n in self.__slots__)))
+
+    def __repr__(self):
+        return f"{type(self).__name__}({', '.join(repr(getattr(self, n)) for n in self.__slots__)})"
 
 
-@dataclass(frozen=True)
-class Message:
-    id: int  # per-direction message number, from 0
-    text: str
-    timestamp: str  # ISO 8601 with UTC offset (v1) or HH:MM:SS (legacy)
-    hash: str = ""  # SHA-256 hex of text; filled in by the sender when empty
+class Message(_Event):
+    """A chat message: id numbers messages per direction from 0; timestamp is ISO 8601 with its UTC offset (v2)
+    or HH:MM:SS (legacy); hash is SHA-256 hex of the text, the seed's integrity tag."""
+
+    __slots__ = ("id", "text", "timestamp", "hash")
+
+    def __init__(self, id, text, timestamp, hash=None):
+        super().__init__(id, text, timestamp, text_hash(text) if hash is None else hash)
 
     @property
     def verified(self):
-        return hmac.compare_digest(self.hash, text_hash(self.text))
+        return hmac.compare_digest(self.hash.encode("ascii", "replace"), text_hash(self.text).encode("ascii"))
 
 
-@dataclass(frozen=True)
-class Ack:
-    """The peer received and displayed message `id`."""
+class Ack(_Event):
+    """The peer received and showed every message up to and including `id` (acknowledgements are cumulative)."""
 
-    id: int
-
-
-@dataclass(frozen=True)
-class Ping:
-    """A keepalive: proof that the peer is still there."""
+    __slots__ = ("id",)
 
 
-@dataclass(frozen=True)
-class Goodbye:
+class Resume(_Event):
+    """The first record each way on every connection: which conversation, and where each direction stands."""
+
+    __slots__ = ("conv", "next", "base", "resumed")
+
+    def __init__(self, conv, next, base, resumed=False):
+        super().__init__(conv, next, base, resumed)
+
+
+class Alert(_Event):
+    """The peer found one of our records bad (`integrity`: it failed its check; `protocol`: it broke a rule)
+    and is closing: the chat is over for both sides."""
+
+    __slots__ = ("reason",)
+
+
+class Ping(_Event):
+    """A keepalive, sent when the peer has been silent for a while: the peer answers at once with a Pong, so each
+    side notices a silent peer by its own clock, whatever the other's keepalive."""
+
+
+class Pong(_Event):
+    """The answer to a Ping."""
+
+
+class Goodbye(_Event):
     """The peer is leaving on purpose."""
 
 
-@dataclass(frozen=True)
-class Busy:
+class Busy(_Event):
     """The server is in a chat with another client: this one is turned away."""
 
 
-@dataclass(frozen=True)
-class Resume:
-    """The first record each way on every connection: which conversation, and where each direction stands."""
-
-    conv: str  # the conversation id, 32 hex digits, chosen by the client when it first starts
-    next: int  # the id of the next message the sender expects: it has shown every one below
-    base: int  # the sender's lowest unacknowledged message id (its next id if none is waiting)
-    resumed: bool = False  # from the server: it still held the conversation the client named
-
-
-@dataclass(frozen=True)
-class ConnectionClosed:
+class ConnectionClosed(_Event):
     """The peer closed the connection (after a Goodbye, a normal end; without one, a loss)."""
+
+
+class HandshakeComplete(_Event):
+    """Both sides proved they hold the same secret; records may flow."""
+
+
+ALERTS = {"integrity": "one of our records failed its integrity check there (tampering on the way)",
+          "protocol": "one of our records broke the protocol"}
+
+_HEX32 = re.compile(r"[0-9a-f]{32}\Z")
+_HEX64 = re.compile(r"[0-9a-f]{64}\Z")
+_TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{3}|\.\d{6})?[+-]\d\d:\d\d\Z")
 
 
 def now_iso(clock=None):
@@ -268,65 +370,109 @@ def check_message_text(text):
         raise LocalProtocolError(f"the message is {size} bytes; the limit is {MAX_MESSAGE} bytes of UTF-8")
 
 
-# The payload inside a record: the seed's JSON object plus a type and an id.
-
-_SIGNAL_TYPES = {Ping: "ping", Goodbye: "bye", Busy: "busy"}  # the events that carry no fields
-
-
-def encode_payload(event):
-    if isinstance(event, Message):
-        check_message_text(event.text)
-        obj = {"type": "msg", "id": event.id, "timestamp": event.timestamp, "message": event.text,
-               "hash": event.hash or text_hash(event.text)}
-    elif isinstance(event, Ack):
-        obj = {"type": "ack", "id": event.id}
-    elif isinstance(event, Resume):
-        obj = {"type": "resume", "conv": event.conv, "next": event.next, "base": event.base, "resumed": event.resumed}
-    elif type(event) in _SIGNAL_TYPES:
-        obj = {"type": _SIGNAL_TYPES[type(event)]}
-    else:
-        raise LocalProtocolError(f"cannot send {event!r}")
-    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
-    return b"".join(process_text(text))
+# Each field's check: a record that passed its MAC is authentic, not sane. A peer who knows the passphrase
+# may send anything that JSON can say; nothing reaches the session unless it has the type, range and
+# form the protocol gives it.
 
 
-def _field(obj, name, kind):
-    value = obj.get(name)
-    if not isinstance(value, kind) or isinstance(value, bool):
-        raise RemoteProtocolError(f"payload field {name!r} is missing or not a {kind.__name__}")
+def _number(value):
+    if type(value) is not int or not 0 <= value <= MAX_ID:
+        raise ValueError("not a whole number from 0 to 2^63 - 1")
     return value
 
 
+def _flag(value):
+    if type(value) is not bool:
+        raise ValueError("not true or false")
+    return value
+
+
+def _matching(pattern):
+    def check(value):
+        if type(value) is not str or not pattern.match(value):
+            raise ValueError("not of its form")
+        return value
+
+    return check
+
+
+def _timestamp(value):
+    if type(value) is not str or not _TIMESTAMP.match(value):
+        raise ValueError("not an ISO 8601 time with its UTC offset")
+    try:
+        datetime.datetime.fromisoformat(value).astimezone(datetime.timezone.utc)
+    except (ValueError, OverflowError):
+        raise ValueError("not a time that exists") from None
+    return value
+
+
+def _text(value):
+    if type(value) is not str:
+        raise ValueError("not text")
+    try:
+        check_message_text(value)
+    except LocalProtocolError as e:
+        raise ValueError(str(e)) from None
+    return value
+
+
+def _alert_reason(value):
+    if value not in ALERTS:
+        raise ValueError("not a known reason")
+    return value
+
+
+# type on the wire -> (event class, its fields in order with their checks)
+PAYLOADS = {
+    "msg": (Message, (("id", _number), ("timestamp", _timestamp), ("message", _text), ("hash", _matching(_HEX64)))),
+    "ack": (Ack, (("id", _number),)),
+    "resume": (Resume, (("conv", _matching(_HEX32)), ("next", _number), ("base", _number), ("resumed", _flag))),
+    "alert": (Alert, (("reason", _alert_reason),)),
+    "ping": (Ping, ()),
+    "pong": (Pong, ()),
+    "bye": (Goodbye, ()),
+    "busy": (Busy, ()),
+}
+_WIRE_NAMES = {cls: (name, fields) for name, (cls, fields) in PAYLOADS.items()}
+_ATTRIBUTES = {"message": "text"}  # a wire field whose attribute has another name
+
+
+def encode_payload(event):
+    """The plaintext of a record: the seed's JSON object (with its type), `~`-padded to 16-byte blocks."""
+    try:
+        name, fields = _WIRE_NAMES[type(event)]
+    except KeyError:
+        raise LocalProtocolError(f"cannot send {event!r}") from None
+    if isinstance(event, Message):
+        check_message_text(event.text)
+    obj = {"type": name, **{field: getattr(event, _ATTRIBUTES.get(field, field)) for field, _ in fields}}
+    return b"".join(process_text(json.dumps(obj, ensure_ascii=False, separators=(",", ":"))))
+
+
 def decode_payload(data):
+    """The event a record's plaintext carries; anything malformed, of another type or out of range is refused."""
     try:
         obj = json.loads(strip_padding(data).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         raise RemoteProtocolError("payload is not valid JSON") from None
-    if not isinstance(obj, dict):
+    if type(obj) is not dict:
         raise RemoteProtocolError("payload is not a JSON object")
     kind = obj.get("type")
-    if kind == "msg":
-        text = _field(obj, "message", str)
+    if type(kind) is not str or kind not in PAYLOADS:
+        raise RemoteProtocolError(f"unknown payload type {str(kind)[:40]!r}")
+    cls, fields = PAYLOADS[kind]
+    if obj.keys() != {"type", *(field for field, _ in fields)}:
+        raise RemoteProtocolError(f"payload {kind!r} has missing or extra fields")
+    values = []
+    for field, check in fields:
         try:
-            check_message_text(text)
-        except LocalProtocolError as e:
-            raise RemoteProtocolError(f"peer's {e}") from None
-        return Message(_field(obj, "id", int), text, _field(obj, "timestamp", str), _field(obj, "hash", str))
-    if kind == "ack":
-        return Ack(_field(obj, "id", int))
-    if kind == "resume":
-        resumed = obj.get("resumed")
-        if not isinstance(resumed, bool):
-            raise RemoteProtocolError("payload field 'resumed' is missing or not a bool")
-        return Resume(_field(obj, "conv", str), _field(obj, "next", int), _field(obj, "base", int), resumed)
-    for signal_class, name in _SIGNAL_TYPES.items():
-        if kind == name:
-            return signal_class()
-    raise RemoteProtocolError(f"unknown payload type {kind!r}")
+            values.append(check(obj[field]))
+        except ValueError as e:
+            raise RemoteProtocolError(f"payload field {field!r} of {kind!r} is {e}") from None
+    if cls is Message:
+        values = [values[0], values[2], values[1], values[3]]  # the wire's order to Message's
+    return cls(*values)
 
-
-# ---------------------------------------------------------------------------------------------------
-# The records: AES-256-CTR, then HMAC-SHA256 over (sequence number, ciphertext): encrypt-then-MAC.
 
 TAG_SIZE = 32
 SEQ = struct.Struct("!Q")
@@ -334,7 +480,10 @@ MAX_SEQ = 2**64 - 1  # the last usable number: the record layer refuses to wrap
 
 
 class RecordLayer:
-    """One direction's keys and sequence number. The sequence number is implicit: never on the wire."""
+    """One direction's keys and sequence number. The sequence number is implicit: never on the wire.
+
+    Encrypt-then-MAC: AES-256-CTR with the counter starting at seq << 64, then HMAC-SHA256 over
+    (seq, ciphertext). The tag is checked, in constant time, before anything is decrypted."""
 
     def __init__(self, enc_key, mac_key, seq=0):
         self._cipher = CounterCipher(enc_key)
@@ -350,6 +499,8 @@ class RecordLayer:
         self.seq += 1
 
     def seal(self, plaintext):
+        if len(plaintext) + TAG_SIZE > MAX_FRAME:  # the peer would refuse it: never send it
+            raise LocalProtocolError(f"a record of {len(plaintext) + TAG_SIZE} bytes is over the limit of {MAX_FRAME}")
         if self.seq >= MAX_SEQ:
             raise LocalProtocolError("sequence numbers exhausted: reconnect to get fresh keys")
         ciphertext = self._cipher.apply(self.seq << 64, plaintext)
@@ -361,7 +512,6 @@ class RecordLayer:
         if len(record) < TAG_SIZE:
             raise IntegrityError("record too short to hold its tag")
         ciphertext, tag = record[:-TAG_SIZE], record[-TAG_SIZE:]
-        # The tag is checked, in constant time, before anything is decrypted.
         if not hmac.compare_digest(tag, self._tag(ciphertext)):
             raise IntegrityError(
                 "a record failed its integrity check: it was altered, replayed, reordered, dropped or reflected")
@@ -370,56 +520,80 @@ class RecordLayer:
         return plaintext
 
 
-# ---------------------------------------------------------------------------------------------------
-# The v1 connection: handshake, then records. Sans-I/O in the manner of h11: receive_data(bytes),
-# next_event() -> event or None, send(event) and data_to_send() -> bytes.
+# ===================================================================================================
+# 5. The v2 connection: a greeting, a SPAKE2 handshake, then records. Sans-I/O in the manner of h11:
+# receive_data(bytes), next_event() -> event or None, data_to_send() -> bytes, seal(event) -> bytes.
 
 MAGIC = b"aeschat\x00"  # eight bytes that no legacy, HTTP or TLS peer starts with
-VERSION = 1
-HELLO_PREFIX = MAGIC + bytes([VERSION])
+VERSION = 2
+PREFIX = MAGIC + bytes([VERSION])
+# The byte after the prefix says what a handshake frame is.
+GREETING = b"g"  # server, first thing: then OPEN or BUSY (advice, so a client learns "busy" before a prompt)
+PASSPHRASE = b"p"  # a hello whose SPAKE2 password is the passphrase
+RESUME = b"r"  # a hello whose password is a conversation's resumption secret; the client's names it by its id
+REFUSAL = b"!"  # server, instead of its hello or its confirmation: then DENIED, BUSY or UNKNOWN
+OPEN, BUSY = b"o", b"b"
+DENIED, UNKNOWN = b"denied", b"unknown"
 SPAKE2_MESSAGE_SIZE = 33  # a side byte, then an Ed25519 point
-HELLO_SIZE = len(HELLO_PREFIX) + SPAKE2_MESSAGE_SIZE
-# In place of its confirmation, a server sends a refusal when the client's was wrong: the prefix, "!",
-# and the reason. It is not authenticated (there are no keys yet): a man in the middle could forge one,
-# but he can always cut the connection anyway.
-REFUSAL = HELLO_PREFIX + b"!"
-DENIED = b"denied"
-ID_A = b"aeschat-v1-client"
-ID_B = b"aeschat-v1-server"
+RESUME_ID_SIZE = 16
+HANDSHAKE_MAX_FRAME = 64  # the largest handshake frame is the client's resumption hello, 59 bytes
+ID_A, ID_B = b"aeschat-v2-client", b"aeschat-v2-server"
+LABEL = b"aeschat v2 "  # HKDF info prefix, followed by what the key is for
+
+REFUSALS = {
+    DENIED: "the server says the passphrases differ (or someone interfered with the connection)",
+    BUSY: "the server is busy with another chat",
+    UNKNOWN: "the server no longer knows this conversation (it restarted, or stopped waiting for us)",
+}
 
 
-_CONSUMED = object()  # a handshake frame was handled and there is nothing to report
+class HelloReceived(_Event):
+    """(server) A client's hello arrived: the caller answers it (with the secret its kind asks for) or refuses it."""
+
+    __slots__ = ("kind", "resume_id")
 
 
-class State(enum.Enum):
+class ConfirmationReceived(_Event):
+    """(server) The client's key confirmation arrived: the caller checks it when its turn comes."""
+
+
+class State:
+    GREETING = "waiting for the server's greeting"
     HELLO = "waiting for the peer's hello"
+    ANSWER = "waiting to answer the client's hello"
     CONFIRM = "waiting for the peer's key confirmation"
+    CHECK = "waiting to check the client's key confirmation"
     OPEN = "open"
     CLOSED = "closed"
     ERROR = "error"
 
 
+_CONSUMED = object()  # a handshake frame was handled and there is nothing to report
+
+
+def parse_handshake_frame(body):
+    """(kind byte, the rest) of a handshake frame; anything that is not aeschat v2 is refused, lengths first."""
+    if not body.startswith(MAGIC):
+        raise NotAeschatPeer("the peer is not an aeschat peer")
+    if len(body) < len(PREFIX) + 1:
+        raise NotAeschatPeer("the peer's handshake is too short to be aeschat")
+    version = body[len(MAGIC)]
+    if version != VERSION:
+        raise NotAeschatPeer(f"the peer speaks aeschat version {version}; this is version {VERSION} "
+                             "(both sides need the same version)")
+    return body[len(PREFIX) : len(PREFIX) + 1], body[len(PREFIX) + 1 :]
+
+
 class Connection:
-    """One side of a v1 connection. Use ClientConnection (SPAKE2 side A) or ServerConnection (side B)."""
+    """What both sides share: the frame decoder, the keys once SPAKE2 has run, and the records after."""
 
-    _spake_class = None
-    side = b""
-    peer_side = b""
-    acknowledges = True  # the session keeps messages until the peer acknowledges them
-
-    def __init__(self, passphrase, entropy=os.urandom):
-        self._spake = self._spake_class(normalize_passphrase(passphrase), idA=ID_A, idB=ID_B,
-                                        entropy_f=entropy)
-        self._frames = FrameDecoder(max_size=HELLO_SIZE)
+    def __init__(self, entropy):
+        self._entropy = entropy
+        self._frames = FrameDecoder(max_size=HANDSHAKE_MAX_FRAME)
         self._outgoing = bytearray()
-        self._transcript = {}
         self._send = self._receive = None
-        self.state = State.HELLO
-        self._hello = HELLO_PREFIX + self._spake.start()  # spake2 guards start() against a second call
-        self._transcript[self.side] = self._hello
-        self._outgoing += frame(self._hello)
-
-    # -- what the session calls
+        self.resumption = None  # (id, secret) after a passphrase handshake: what later reconnections use
+        self.state = None
 
     def data_to_send(self):
         data = bytes(self._outgoing)
@@ -428,134 +602,224 @@ class Connection:
 
     def receive_data(self, data):
         """Feed bytes from the peer; b"" means it closed the connection."""
-        self._check_usable()
+        if self.state is State.ERROR:
+            raise LocalProtocolError("the connection already failed")
         self._frames.feed(data)
 
     def next_event(self):
         """The next event, or None when more data is needed."""
-        self._check_usable()
+        if self.state is State.ERROR:
+            raise LocalProtocolError("the connection already failed")
         try:
-            return self._next_event()
+            event = self._step()
+            while event is _CONSUMED:
+                event = self._step()
+            return event
         except AeschatError:
             self.state = State.ERROR
             raise
 
+    def seal(self, event):
+        """The frame that carries event: the writer's side, usable even after the reading side failed."""
+        if self._send is None or self.state not in (State.OPEN, State.ERROR, State.CLOSED):
+            raise LocalProtocolError("cannot send before the handshake is complete")
+        return frame(self._send.seal(encode_payload(event)))
+
     def send(self, event):
-        """Queue a record carrying event (Message, Ack, Ping or Goodbye) for data_to_send()."""
-        if self.state is not State.OPEN:
-            raise LocalProtocolError(f"cannot send while the connection is {self.state.value}")
-        payload = encode_payload(event)  # refuses a message too large before anything is sealed
-        self._outgoing += frame(self._send.seal(payload))
+        """Queue a record carrying event for data_to_send()."""
+        self._outgoing += self.seal(event)
 
     # -- inside
 
-    def _check_usable(self):
-        if self.state is State.ERROR:
-            raise LocalProtocolError("the connection already failed")
-
-    def _next_event(self):
-        event = self._step()
-        while event is _CONSUMED:
-            event = self._step()
-        return event
-
-    def _step(self):
-        """Handle at most one frame: an event, None for "need data", or _CONSUMED for a handshake frame."""
-        if self.state is State.CLOSED:
-            return None
+    def _derive(self, kind, spake, peer_message, transcript):
+        """Finish SPAKE2, derive the keys, and return (our confirmation, the one we expect)."""
         try:
-            payload = self._frames.next_frame()
-        except TruncatedFrame:
-            raise  # the peer closed mid-frame: a lost connection, whatever the state
-        except RemoteProtocolError:
-            if self.state is State.HELLO:
-                raise NotAeschatPeer("the peer is not an aeschat v1 peer") from None
-            raise
-        if payload is None:
-            if self._frames.closed:
-                self.state = State.CLOSED
-                return ConnectionClosed()
-            return None
-        if self.state is not State.OPEN and payload.startswith(REFUSAL):
-            self._on_refusal(payload[len(REFUSAL) :])
-        if self.state is State.HELLO:
-            return self._on_hello(payload)
-        if self.state is State.CONFIRM:
-            return self._on_confirm(payload)
-        return decode_payload(self._receive.open(payload))
-
-    def _on_hello(self, hello):
-        if not hello.startswith(MAGIC):
-            raise NotAeschatPeer("the peer is not an aeschat v1 peer")
-        if hello[len(MAGIC)] != VERSION:
-            raise NotAeschatPeer(f"the peer speaks aeschat version {hello[len(MAGIC)]}, we speak {VERSION}")
-        if len(hello) != HELLO_SIZE:
-            raise NotAeschatPeer("the peer's hello has the wrong length")
-        message = hello[len(HELLO_PREFIX) :]
-        if message[:1] != self.peer_side:
-            raise AuthenticationError("the peer's hello is from the wrong side (a reflected hello?)")
-        try:
-            key = self._spake.finish(message)
+            key = spake.finish(peer_message)
         except (spake2.SPAKEError, NotOnCurve, ValueError):
             # spake2 raises its own errors, ValueError or NotOnCurve (not a SPAKEError) on a bad element.
             raise RemoteProtocolError("the peer's SPAKE2 message is not a valid group element") from None
-        self._transcript[self.peer_side] = hello
-        transcript = self._transcript[b"A"] + self._transcript[b"B"]
-        keys = {label: hkdf_sha256(key, b"aeschat v1 " + label) for label in
+        keys = {label: hkdf_sha256(key, LABEL + label) for label in
                 (b"A->B enc", b"A->B mac", b"B->A enc", b"B->A mac", b"confirm A", b"confirm B")}
         out, back = (b"A->B", b"B->A") if self.side == b"A" else (b"B->A", b"A->B")
         self._send = RecordLayer(keys[out + b" enc"], keys[out + b" mac"])
         self._receive = RecordLayer(keys[back + b" enc"], keys[back + b" mac"])
+        if kind == PASSPHRASE:  # the conversation's resumption secret: its reconnections prove it, not the passphrase
+            secret = hkdf_sha256(key, LABEL + b"resume secret")
+            self.resumption = (hkdf_sha256(secret, LABEL + b"resume id", RESUME_ID_SIZE), secret)
         mine = hmac.new(keys[b"confirm " + self.side], transcript, hashlib.sha256).digest()
-        self._expected_confirm = hmac.new(keys[b"confirm " + self.peer_side], transcript, hashlib.sha256).digest()
-        # The client confirms first; the server answers only a valid confirmation, so that every guess
-        # at the passphrase costs the guesser a confirmation the server sees, counts and slows down.
-        self._my_confirm = frame(mine)
-        if self.confirms_first:
-            self._outgoing += self._my_confirm
+        theirs = hmac.new(keys[b"confirm " + self.peer_side], transcript, hashlib.sha256).digest()
+        return mine, theirs
+
+    def _next_frame(self):
+        try:
+            return self._frames.next_frame()
+        except TruncatedFrame:
+            raise
+        except RemoteProtocolError:
+            if self._send is None:  # an oversized frame before keys: not an aeschat peer at all
+                raise NotAeschatPeer("the peer is not an aeschat peer") from None
+            raise
+
+    def _open_record(self, body):
+        return decode_payload(self._receive.open(body))
+
+
+def _password(kind, secret):
+    return normalize_passphrase(secret) if kind == PASSPHRASE else secret
+
+
+class ClientConnection(Connection):
+    """The connecting side: SPAKE2 side A. It sends its hello at once and confirms first.
+
+    secret is the passphrase (kind PASSPHRASE) or the conversation's resumption secret (kind RESUME, with its id).
+    """
+
+    side, peer_side = b"A", b"B"
+
+    def __init__(self, secret, kind=PASSPHRASE, resume_id=b"", entropy=os.urandom):
+        super().__init__(entropy)
+        self.kind = kind
+        self._spake = spake2.SPAKE2_A(_password(kind, secret), idA=ID_A, idB=ID_B, entropy_f=entropy)
+        self._hello = PREFIX + kind + (resume_id if kind == RESUME else b"") + self._spake.start()
+        self._outgoing += frame(self._hello)
+        self._expected = None
+        self.greeting = None  # OPEN or BUSY once the server's greeting arrived
+        self.state = State.GREETING
+
+    @property
+    def confirmation_sent(self):
+        """True once our key confirmation went out: from then on, a peer that goes away has had a guess."""
+        return self.state is State.CONFIRM
+
+    def _step(self):
+        try:
+            body = self._next_frame()
+        except TruncatedFrame:
+            if self.confirmation_sent:
+                raise UnfinishedAuthentication("the server cut the connection after our key confirmation, without "
+                                               "proving it knows the secret: someone may be interfering") from None
+            raise
+        if body is None:
+            return self._at_end()
+        if self.state is State.OPEN:
+            return self._open_record(body)
+        if self.state is State.CONFIRM and not body.startswith(PREFIX + REFUSAL):
+            if not hmac.compare_digest(body, self._expected):
+                raise AuthenticationError("the server's key confirmation is wrong: the passphrases differ, "
+                                          "or someone interfered with the connection")
+            self.state = State.OPEN
+            return HandshakeComplete()
+        kind, rest = parse_handshake_frame(body)
+        if kind == REFUSAL:
+            raise self._refusal(rest)
+        if self.state is State.GREETING:
+            if kind != GREETING or rest not in (OPEN, BUSY):
+                raise NotAeschatPeer("the server did not greet as an aeschat v2 server does")
+            self.greeting = rest
+            self.state = State.HELLO
+            return _CONSUMED
+        if kind != self.kind or len(rest) != SPAKE2_MESSAGE_SIZE:
+            raise NotAeschatPeer("the server's hello is not of the kind and size we asked for")
+        if rest[:1] != self.peer_side:
+            raise AuthenticationError("the server's hello is from the wrong side (a reflected hello?)")
+        mine, self._expected = self._derive(kind, self._spake, rest, self._hello + body)
+        self._outgoing += frame(mine)
         self._frames.max_size = MAX_FRAME
         self.state = State.CONFIRM
         return _CONSUMED
 
-    def _on_confirm(self, confirm):
-        if not hmac.compare_digest(confirm, self._expected_confirm):
-            raise AuthenticationError("the passphrases differ (or someone interfered with the connection)")
-        if not self.confirms_first:
-            self._outgoing += self._my_confirm
-        self.state = State.OPEN
-        return HandshakeComplete()
+    def _at_end(self):
+        if not self._frames.closed:
+            return None
+        if self.state is State.OPEN:
+            self.state = State.CLOSED
+            return ConnectionClosed()
+        if self.state is State.CONFIRM:
+            raise UnfinishedAuthentication("the server closed the connection after our key confirmation, without "
+                                           "proving it knows the secret: someone may be interfering")
+        if self.state is State.CLOSED:
+            return None
+        raise NetworkError("the connection closed during the handshake "
+                           "(is the peer an aeschat v2 program, and not in --legacy mode?)")
 
-    def _on_refusal(self, reason):
-        if self.side == b"B":
-            raise RemoteProtocolError("a client sent a refusal")
+    def _refusal(self, reason):
+        if reason not in REFUSALS:
+            return RemoteProtocolError("the server refused the connection for an unknown reason")
         if reason == DENIED:
-            raise AuthenticationError("the server says the passphrases differ (or someone interfered)")
-        raise RemoteProtocolError("the server refused the connection for an unknown reason")
-
-
-class ClientConnection(Connection):
-    """The connecting side: SPAKE2 side A; it sends its key confirmation first."""
-
-    _spake_class = spake2.SPAKE2_A
-    side, peer_side = b"A", b"B"
-    confirms_first = True
+            return AuthenticationError(REFUSALS[DENIED] if self.kind == PASSPHRASE else
+                                       "the server refused our resumption secret: someone may be interfering")
+        return Refused(reason.decode(), REFUSALS[reason])
 
 
 class ServerConnection(Connection):
-    """The listening side: SPAKE2 side B; it confirms only after checking the client's confirmation."""
+    """The listening side: SPAKE2 side B. It greets at once, computes nothing until the client's hello arrives,
+    and lets its caller decide when to answer (answer() or refuse()) and when to check the client's confirmation
+    (check()): the Gate keeps those rules."""
 
-    _spake_class = spake2.SPAKE2_B
     side, peer_side = b"B", b"A"
-    confirms_first = False
+
+    def __init__(self, status=OPEN, entropy=os.urandom):
+        super().__init__(entropy)
+        self._outgoing += frame(PREFIX + GREETING + status)
+        self.kind = self.resume_id = None
+        self.state = State.HELLO
+
+    def _step(self):
+        body = self._next_frame()
+        if body is None:
+            if self._frames.closed and self.state is not State.CLOSED:
+                self.state = State.CLOSED
+                return ConnectionClosed()
+            return None
+        if self.state is State.OPEN:
+            return self._open_record(body)
+        if self.state is State.HELLO:
+            kind, rest = parse_handshake_frame(body)
+            size = SPAKE2_MESSAGE_SIZE + (RESUME_ID_SIZE if kind == RESUME else 0)
+            if kind not in (PASSPHRASE, RESUME) or len(rest) != size:
+                raise NotAeschatPeer("the client's hello is not a hello of aeschat v2")
+            if rest[-SPAKE2_MESSAGE_SIZE:][:1] != self.peer_side:
+                raise AuthenticationError("the client's hello is from the wrong side (a reflected hello?)")
+            self.kind, self.resume_id = kind, rest[:-SPAKE2_MESSAGE_SIZE]
+            self._hello, self._peer_message = body, rest[-SPAKE2_MESSAGE_SIZE:]
+            self.state = State.ANSWER
+            return HelloReceived(kind, self.resume_id)
+        if self.state is State.CONFIRM:
+            self._confirmation = body
+            self.state = State.CHECK
+            return ConfirmationReceived()
+        raise RemoteProtocolError("the client sent more before its handshake was answered")
+
+    def answer(self, secret):
+        """Run SPAKE2 with the secret the hello's kind asks for (the costly part) and send our hello."""
+        if self.state is not State.ANSWER:
+            raise LocalProtocolError(f"cannot answer while {self.state}")
+        spake = spake2.SPAKE2_B(_password(self.kind, secret), idA=ID_A, idB=ID_B, entropy_f=self._entropy)
+        ours = PREFIX + self.kind + spake.start()  # spake2 guards start() and finish() against a second call
+        self._mine, self._expected = self._derive(self.kind, spake, self._peer_message, self._hello + ours)
+        self._outgoing += frame(ours)
+        self._frames.max_size = MAX_FRAME
+        self.state = State.CONFIRM
+
+    def check(self):
+        """Check the client's confirmation; if right, send ours: the connection is open. Returns whether it was."""
+        if self.state is not State.CHECK:
+            raise LocalProtocolError(f"cannot check a confirmation while {self.state}")
+        if not hmac.compare_digest(self._confirmation, self._expected):
+            self.state = State.CLOSED
+            return False
+        self._outgoing += frame(self._mine)
+        self.state = State.OPEN
+        return True
 
     def refuse(self, reason):
-        """Queue a refusal (DENIED, after a wrong passphrase); then close."""
-        self._outgoing += frame(REFUSAL + reason)
+        """Queue a refusal (DENIED, BUSY or UNKNOWN, unauthenticated: there may be no keys); then close."""
+        self._outgoing += frame(PREFIX + REFUSAL + reason)
         self.state = State.CLOSED
 
 
-# ---------------------------------------------------------------------------------------------------
-# The legacy format of the original scripts (../shared/legacy-wire-format.md): JSON padded with `~`,
+# ===================================================================================================
+# 6. The legacy format of the original scripts (../shared/legacy-wire-format.md): JSON padded with `~`,
 # each 16-byte block encrypted alone with AES-256 (ECB) under SHA-256(passphrase). Insecure by design.
 
 LEGACY_PREFIX = b'{"timestamp": "'  # how every legacy plaintext starts: a wrong key shows at once
@@ -563,7 +827,9 @@ LEGACY_PREFIX = b'{"timestamp": "'  # how every legacy plaintext starts: a wrong
 # non-ASCII character (six bytes for one, twelve for a pair), so this leaves room for 64 KiB of any text.
 LEGACY_MAX = 1024 * 1024
 LEGACY_ORIGINAL_LIMIT = 1024  # what an original receiver reads in one recv and takes as one message
-LEGACY_DISPLAY_LIMIT = 79  # an original receiver shows a message only if "Received: " + it is shorter
+# An original shows a message only if its display line is shorter than 79 columns; one public copy prints
+# "Received : " (eleven columns), so a message of 68 characters already vanishes there.
+LEGACY_DISPLAY_LIMIT = 79 - len("Received : ")
 
 
 def legacy_plaintext(text, timestamp):
@@ -581,16 +847,16 @@ def legacy_size(text):
     return len(b"".join(process_text(legacy_plaintext(text, "00:00:00"))))
 
 
-def legacy_warnings(text, encrypted_size):
+def legacy_warnings(text):
     """Why an original receiver would mangle this message (it is sent all the same)."""
     warnings = []
-    if encrypted_size > LEGACY_ORIGINAL_LIMIT:
-        warnings.append(f"it is {encrypted_size} bytes encrypted, and the original scripts lose messages "
-                        f"over {LEGACY_ORIGINAL_LIMIT}")
+    size = legacy_size(text)
+    if size > LEGACY_ORIGINAL_LIMIT:
+        warnings.append(f"it is {size} bytes encrypted, and they lose every message over {LEGACY_ORIGINAL_LIMIT}")
     if "~" in text:
-        warnings.append("it contains '~', which the original scripts delete (their hash check will fail)")
-    if len("Received: " + text) >= LEGACY_DISPLAY_LIMIT:
-        warnings.append("the original scripts do not display messages this long")
+        warnings.append("it contains '~', which they delete (so its hash check fails)")
+    if len(text) >= LEGACY_DISPLAY_LIMIT:
+        warnings.append(f"they do not show a message of {LEGACY_DISPLAY_LIMIT} characters or more")
     return warnings
 
 
@@ -630,10 +896,9 @@ class LegacyDecoder:
                 continue
             try:
                 obj = json.loads(self._plain[:end].rstrip(PAD).decode("utf-8"))
-            except (UnicodeDecodeError, ValueError):
+            except (UnicodeDecodeError, ValueError, RecursionError):
                 continue
-            if not (isinstance(obj, dict) and all(isinstance(obj.get(k), str)
-                                                  for k in ("timestamp", "message", "hash"))):
+            if not (type(obj) is dict and all(type(obj.get(k)) is str for k in ("timestamp", "message", "hash"))):
                 raise RemoteProtocolError("legacy message without its timestamp, message and hash")
             del self._plain[:end]
             self._scanned = 0
@@ -641,78 +906,22 @@ class LegacyDecoder:
             return Message(self._count - 1, obj["message"], obj["timestamp"], obj["hash"])
         if self._eof and not self._closed:
             if self._plain or self._encrypted:
-                raise TruncatedFrame("connection closed in the middle of a legacy message")
+                raise TruncatedFrame("the connection was cut in the middle of a legacy message")
             self._closed = True  # reported once, as Connection does
             return ConnectionClosed()
         return None
 
 
-# ---------------------------------------------------------------------------------------------------
-# Display. Every control character from the peer (Unicode Cc and Cf, line and paragraph separators,
-# lone surrogates) is shown escaped, so a peer cannot move the cursor, retitle the window, reorder or
-# hide text, or fake a line of ours: one message, one line.
-
-VERIFIED, FAILED = "☒", "☐"
-_UNSAFE = {"Cc", "Cf", "Cs", "Zl", "Zp"}
-_SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
-
-
-def visible(text):
-    if text.isprintable():  # fast path: no category above is printable
-        return text
-    out = []
-    for ch in text:
-        if unicodedata.category(ch) not in _UNSAFE:
-            out.append(ch)
-        elif ch in _SHORT_ESCAPES:
-            out.append(_SHORT_ESCAPES[ch])
-        else:
-            code = ord(ch)
-            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
-    return "".join(out)
-
-
-def local_time(timestamp):
-    """HH:MM:SS in this machine's zone, from an ISO 8601 time (v1) or an HH:MM:SS one (legacy)."""
-    try:
-        moment = datetime.datetime.fromisoformat(timestamp)
-    except ValueError:
-        moment = None
-    if moment is not None and moment.tzinfo is not None:
-        return moment.astimezone().strftime("%H:%M:%S")
-    try:
-        return datetime.datetime.strptime(timestamp, "%H:%M:%S").strftime("%H:%M:%S")
-    except ValueError:
-        return "??:??:??"
-
-
-def verify_and_display(message):
-    """The line that shows a received message: `Received: MESSAGE  TAG  HH:MM:SS`."""
-    tag = VERIFIED if message.verified else FAILED
-    return f"Received: {visible(message.text)}  {tag}  {local_time(message.timestamp)}"
-
-
-def sent_line(text, timestamp):
-    return f"Sent: {visible(text)}  {local_time(timestamp)}"
-
-
 class LegacyConnection:
-    """The legacy format behind Connection's interface: no handshake, no acknowledgements, no goodbye."""
+    """The legacy format behind Connection's interface: no handshake; only messages have a form on the wire."""
 
-    acknowledges = False
-    state = State.OPEN
+    resumption = None
 
     def __init__(self, passphrase):
-        if not passphrase:
+        if not passphrase or not passphrase.strip():
             raise LocalProtocolError("the passphrase is empty")
         self._cipher = pyaes.AES(legacy_key(passphrase))
         self._decoder = LegacyDecoder(self._cipher)
-        self._outgoing = bytearray()
-
-    def data_to_send(self):
-        data = bytes(self._outgoing)
-        self._outgoing.clear()
-        return data
 
     def receive_data(self, data):
         self._decoder.feed(data)
@@ -720,55 +929,184 @@ class LegacyConnection:
     def next_event(self):
         return self._decoder.next_message()
 
-    def send(self, event):
-        """Encrypt a Message as the original scripts do; the other events have no legacy form."""
-        if isinstance(event, Message):
-            self._outgoing += legacy_encode(self._cipher, event.text, local_time(event.timestamp))
+    def seal(self, event):
+        """A Message encrypted as the original scripts do; the other events have no legacy form."""
+        if not isinstance(event, Message):
+            return b""
+        return legacy_encode(self._cipher, event.text, local_time(event.timestamp))
 
 
-class GuessLimiter:
-    """Slows online passphrase guessing: after a failed attempt, at most one check a second,
-    the interval doubling as failures repeat (up to MAX_GUESS_INTERVAL); a success resets it."""
+# ===================================================================================================
+# 7. Display. Whatever the peer sends is shown so that it can neither act on the terminal nor pass for
+# something of ours: control and format characters are shown escaped, and every row of a block after its
+# first (a line of a multi-line message, or a long line wrapped at the terminal's width) begins with MARK,
+# which peer text cannot put at the start of a row. So a row that begins otherwise is always ours.
 
-    MAX_GUESS_INTERVAL = 8  # seconds: at worst 7.5 guesses a minute, a wait a real user can bear
+VERIFIED, FAILED = "☒", "☐"  # the seed's tags: ☒ verified, ☐ failed
+ORIGINAL_VERIFIED, ORIGINAL_FAILED = "☑", "☒"  # what the original scripts print instead
+MARK = "  │ "
+MAX_MARKS = 4  # combining marks shown on one character; more are escaped, so text cannot stack or hide
+_SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+_JOINERS = {"\u200c", "\u200d"}  # ZWNJ and ZWJ: emoji sequences, Indic scripts and Persian need them
+# Letters and symbols that show as nothing: text could hide behind them or pose as a space.
+_BLANKS = {"\u115f", "\u1160", "\u3164", "\uffa0", "\u2800"}
 
-    def __init__(self, clock):
-        self._clock = clock
-        self.failures = 0
-        self._next_slot = 0.0
 
-    def interval(self):
-        return 0 if self.failures == 0 else min(2 ** (self.failures - 1), self.MAX_GUESS_INTERVAL)
+def _escape(ch):
+    if ch in _SHORT_ESCAPES:
+        return _SHORT_ESCAPES[ch]
+    code = ord(ch)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
-    def reserve(self):
-        """Book the next passphrase check; returns how many seconds to wait before doing it."""
-        now = self._clock()
-        slot = max(now, self._next_slot)
-        self._next_slot = slot + self.interval()
-        return slot - now
 
-    def failed(self):
-        self.failures += 1
-        self._next_slot = max(self._next_slot, self._clock() + self.interval())
+def visible(text):
+    """Text as it may reach a terminal: C0 and C1 controls, bidi and other format characters (all but the
+    joiners), separators and spaces other than U+0020, blank-looking letters, unassigned code points and lone
+    surrogates escaped; at most MAX_MARKS combining marks on a character."""
+    if text.isascii() and text.isprintable():  # the fast path: nothing to escape
+        return text
+    out, marks = [], 0
+    for ch in text:
+        category = unicodedata.category(ch)
+        if category in ("Mn", "Me"):
+            marks += 1
+            out.append(ch if marks <= MAX_MARKS else _escape(ch))
+            continue
+        marks = 0
+        if ch in _JOINERS or (category[0] not in "CZ" and ch not in _BLANKS) or ch == " ":
+            out.append(ch)
+        else:
+            out.append(_escape(ch))
+    return "".join(out)
 
-    def succeeded(self):
-        self.failures = 0
-        self._next_slot = 0.0
+
+def local_time(timestamp):
+    """HH:MM:SS in this machine's zone, from an ISO 8601 time (v2) or an HH:MM:SS one (legacy); never raises."""
+    try:
+        moment = datetime.datetime.fromisoformat(timestamp[:64])
+        if moment.tzinfo is not None:
+            return moment.astimezone().strftime("%H:%M:%S")
+    except (ValueError, OverflowError, OSError):
+        pass
+    try:
+        return datetime.datetime.strptime(timestamp[:8], "%H:%M:%S").strftime("%H:%M:%S")
+    except ValueError:
+        return "??:??:??"
+
+
+def _block(label, text, suffix):
+    """A message as its logical lines: the first after the label, with the suffix (tag and time)."""
+    lines = [visible(line) for line in text.split("\n")]
+    lines[0] = f"{label}: {lines[0]}  {suffix}"
+    return lines
+
+
+def verify_and_display(message):
+    """The block that shows a received message: `Received: FIRST LINE  TAG  HH:MM:SS`, then its other lines."""
+    tag = VERIFIED if message.verified else FAILED
+    return _block("Received", message.text, f"{tag}  {local_time(message.timestamp)}")
+
+
+def sent_lines(text, timestamp, label="Sent"):
+    return _block(label, text, local_time(timestamp))
+
+
+def first_words(text, limit=24):
+    """A message named by its beginning, for lists of what was not delivered."""
+    words = " ".join(text.split())
+    return "“" + visible(words if len(words) <= limit else words[: limit - 1] + "…") + "”"
+
+
+def _cjk_locale():
+    locale = os.environ.get("LC_ALL") or os.environ.get("LC_CTYPE") or os.environ.get("LANG") or ""
+    return locale[:2] in ("zh", "ja", "ko")
+
+
+def cells(ch, wide_ambiguous=False):
+    """Columns a character may take, counted high where terminals differ: a row we lay out must never be wider
+    on screen than we think, or the terminal would wrap it and peer text would begin a row."""
+    if " " <= ch <= "~":
+        return 1
+    category = unicodedata.category(ch)
+    if category in ("Mn", "Me", "Cf"):
+        return 1  # nothing in most terminals, a cell in some, and VS16 widens the symbol before it
+    width = unicodedata.east_asian_width(ch)
+    if width in ("W", "F") or category == "So" or "\U0001f1e6" <= ch <= "\U0001f1ff":
+        return 2  # wide, or a symbol a terminal may draw as an emoji
+    return 2 if width == "A" and wide_ambiguous else 1
+
+
+def layout(lines, width=None):
+    """The rows that show a block: its first row as it is, every other row (its next lines, and the rest of any
+    line wider than the terminal) after MARK. width None (a pipe) wraps nothing."""
+    rows = [lines[0]] + [MARK + line for line in lines[1:]]
+    if width is None:
+        return rows
+    wide = _cjk_locale()
+    mark = sum(cells(ch, wide) for ch in MARK)
+    limit = max(width - 1, mark + 2)  # one column spare: no row ever ends in the terminal's last column
+    out = []
+    for row in rows:
+        start, used = 0, 0
+        for i, ch in enumerate(row):
+            need = cells(ch, wide)
+            if used + need > limit and i > start:
+                out.append(row[start:i] if start == 0 else MARK + row[start:i])
+                start, used = i, mark
+            used += need
+        out.append(row[start:] if start == 0 else MARK + row[start:])
+    return out
+
+
+def fit_status(fields, order, width):
+    """The status line for a terminal `width` columns wide. fields are in the order shown, each a list of ever
+    shorter forms (the last may be empty: the field goes); `order` names the fields in the order they give way.
+    So the line is shortened, never cut."""
+    levels = [0] * len(fields)
+
+    def render():
+        return " " + " | ".join(f[level] for f, level in zip(fields, levels) if f[level]) + " "
+
+    line = render()
+    while sum(cells(ch) for ch in line) > width - 1:
+        for i in order:
+            if levels[i] + 1 < len(fields[i]):
+                levels[i] += 1
+                break
+        else:
+            return line[: max(width - 1, 0)]  # not even the shortest forms fit: a terminal this narrow gets a cut
+        line = render()
+    return line
+
+
+# ===================================================================================================
+# 8. The session: what survives reconnects (Conversation), the rules of a chat (Session) and of the
+# server's door (Gate). Machines in the manner of magic-wormhole's: inputs in, actions out, no I/O; the
+# caller passes the time in (`now`, monotonic seconds), so every rule is tested without a clock.
+
+KEEPALIVE = 15.0  # seconds of the peer's silence before we ping it
+DEAD_AFTER = 3  # keepalive intervals of the peer's silence before we call the connection lost (45 s)
+FLUSH_TIMEOUT = 10.0  # how long leaving waits for the peer to acknowledge what we sent
+RECONNECT_FOR = 300.0  # how long a client tries to reconnect, and a server holds a dropped conversation
+FIRST_RETRY, LAST_RETRY = 0.2, 2.0  # the client's reconnection backoff: when the network is back, so are we
+MAX_QUEUED = 10_000  # messages waiting for acknowledgement; past it, new ones are refused with a message
+LEGACY_PACE = 0.15  # seconds between legacy messages, so that an original receiver reads each alone
+AUTH_FAILURES = 2  # reconnections in a row that fail to authenticate before a client stops trying
 
 
 class Conversation:
-    """What survives reconnects, without I/O: the conversation id, the message numbers both ways, and
-    the messages the peer has not acknowledged, to be sent again on the next connection.
+    """What survives reconnects: the conversation id, the message numbers both ways, and the messages the peer
+    has not acknowledged, to be sent again on the next connection.
 
-    Each connection starts with a Resume each way (the client's first). Each side then forgets what the
-    peer says it has shown and sends the rest again with the same ids; the receiver shows an id once.
+    Each connection starts with a Resume each way (the client's first). Each side then forgets what the peer
+    says it has shown and sends the rest again with the same ids; the receiver shows an id once.
     """
 
     def __init__(self, conv_id):
         self.id = conv_id
         self.next_id = 0  # the id of our next message
         self.expected_id = 0  # the id of the peer's next message
-        self.unacked = {}  # id -> Message, oldest first
+        self.unacked = collections.OrderedDict()  # id -> Message, oldest first
 
     @classmethod
     def new(cls, entropy=os.urandom):
@@ -776,7 +1114,7 @@ class Conversation:
 
     def new_message(self, text, timestamp):
         check_message_text(text)
-        message = Message(self.next_id, text, timestamp, text_hash(text))
+        message = Message(self.next_id, text, timestamp)
         self.unacked[message.id] = message
         self.next_id += 1
         return message
@@ -797,15 +1135,22 @@ class Conversation:
         return True
 
     def acknowledged(self, message_id):
-        self.unacked.pop(message_id, None)
+        """The peer has shown every message up to message_id."""
+        if message_id >= self.next_id:
+            raise RemoteProtocolError(f"the peer acknowledged message {message_id}, which was never sent")
+        while self.unacked and next(iter(self.unacked)) <= message_id:
+            self.unacked.popitem(last=False)
 
     def on_resume(self, peer, server):
-        """Take the peer's Resume; returns (our reply or None, the messages to send again, in order)."""
+        """Take the peer's Resume; returns (our reply or None, the messages to send again in order, whether a
+        different client took the conversation over)."""
+        took_over = server and peer.conv != self.id
+        if peer.next > self.next_id and not took_over:
+            raise RemoteProtocolError("the peer says it has shown messages we never sent")
         if server:
-            resumed = peer.conv == self.id
-            if not resumed:  # a client new to us takes the conversation over: its numbering starts anew
+            if took_over:  # a client new to us takes the conversation over: its numbering starts anew
                 self.id, self.expected_id = peer.conv, peer.base
-            reply = Resume(self.id, max(self.expected_id, peer.base), self.base(), resumed)
+            reply = Resume(self.id, max(self.expected_id, peer.base), self.base(), not took_over)
         else:
             if peer.conv != self.id:
                 raise RemoteProtocolError("the server answered for another conversation")
@@ -813,62 +1158,1476 @@ class Conversation:
             if not peer.resumed:  # the server started afresh (or restarted): take its numbering
                 self.expected_id = peer.base
         self.expected_id = max(self.expected_id, peer.base)
-        for message_id in [i for i in self.unacked if i < peer.next]:
-            del self.unacked[message_id]
-        return reply, list(self.unacked.values())
+        if not took_over:  # a newcomer's `next` counts someone else's messages, not ours
+            for message_id in [i for i in self.unacked if i < peer.next]:
+                del self.unacked[message_id]
+        return reply, list(self.unacked.values()), took_over
+
+
+class Role:
+    """What differs between the two ends of a chat."""
+
+    def __init__(self, name, opens_resume, reconnects, away, gave_up):
+        self.name, self.opens_resume, self.reconnects, self.away, self.gave_up = (
+            name, opens_resume, reconnects, away, gave_up)
+
+
+CLIENT = Role("client", opens_resume=True, reconnects=True, away="reconnecting",
+              gave_up="connection lost: could not reconnect within {grace:.0f} s")
+SERVER = Role("server", opens_resume=False, reconnects=False, away="waiting for the client",
+              gave_up="the client did not come back within {grace:.0f} s")
+
+
+class Format:
+    """What differs between the two wire formats, as far as the session is concerned."""
+
+    def __init__(self, name, security, resumes, acknowledges, keepalive, signals, pace):
+        self.name, self.security, self.resumes, self.acknowledges, self.keepalive, self.signals, self.pace = (
+            name, security, resumes, acknowledges, keepalive, signals, pace)
+
+
+V2 = Format("aeschat v2", "encrypted", resumes=True, acknowledges=True, keepalive=True, signals=True, pace=0.0)
+# The legacy format has no message numbers (no resume), no receipts, no pings (silence is not death there:
+# an original user may say nothing for an hour) and no way to say anything but a message.
+LEGACY = Format("legacy", "NOT SECURE", resumes=False, acknowledges=False, keepalive=False, signals=False,
+                pace=LEGACY_PACE)
+
+
+class Input(_Event):
+    """What the shell tells a Session."""
+
+
+class Typed(Input):
+    """The user typed a line (or a block, from a paste) at timestamp (ISO 8601)."""
+
+    __slots__ = ("text", "timestamp")
+
+
+class Attached(Input):
+    """A connection authenticated: link is the shell's token for it; how is the handshake's kind
+    (RESUME: the same client, proven by the resumption secret; PASSPHRASE: a client that gave the passphrase)."""
+
+    __slots__ = ("link", "peer", "how")
+
+
+class Got(Input):
+    """A link delivered an event (a record, or ConnectionClosed)."""
+
+    __slots__ = ("link", "event")
+
+
+class Drained(Input):
+    """A link has no more whole records buffered: a moment to acknowledge what arrived (cumulatively)."""
+
+    __slots__ = ("link",)
+
+
+class Failed(Input):
+    """A link failed with error (network, protocol or anything else)."""
+
+    __slots__ = ("link", "error")
+
+
+class Tick(Input):
+    """Time passed: keepalives, silent peers, backoff, grace periods, leaving, pacing."""
+
+
+class Leave(Input):
+    """The user leaves (quit(), end of input): deliver what is pending, within wait seconds."""
+
+    __slots__ = ("wait",)
+
+
+class Interrupt(Input):
+    """Ctrl-C or a signal: leave now, with this exit code."""
+
+    __slots__ = ("code",)
+
+
+class DialFailed(Input):
+    """(client) A reconnection attempt failed with error."""
+
+    __slots__ = ("error",)
+
+
+class Action(_Event):
+    """What a Session asks the shell to do."""
+
+
+class Send(Action):
+    __slots__ = ("link", "event")
+
+
+class Show(Action):
+    """Show lines as one block; kind is chat (the transcript), notice, warning or error."""
+
+    __slots__ = ("lines", "kind")
+
+    def __init__(self, lines, kind="chat"):
+        super().__init__(tuple(lines), kind)
+
+
+class Close(Action):
+    """Close a link; with flush, after what was queued for it is written (a goodbye, an alert)."""
+
+    __slots__ = ("link", "flush")
+
+
+class Dial(Action):
+    """(client) Start one reconnection attempt, a handshake of this kind."""
+
+    __slots__ = ("kind",)
+
+
+class Live(Action):
+    """The chat has begun: the input loop may take lines."""
+
+
+class End(Action):
+    """The chat is over: exit with code, after telling the user text."""
+
+    __slots__ = ("code", "text")
+
+
+class Phase:
+    STARTING = "starting"  # a link is up; the Resume exchange has not finished
+    LIVE = "live"
+    AWAY = "away"  # no link: the client reconnects, the server holds the conversation
+    ENDED = "ended"
+
+
+class _LinkState:
+    def __init__(self, link, peer, now):
+        self.link, self.peer, self.goodbye = link, peer, False
+        self.heard = self.pinged = now  # when the peer was last heard from, and we last pinged it
+
+    def next_ping(self, keepalive):
+        return max(self.heard, self.pinged) + keepalive
+
+
+def undelivered_text(messages):
+    shown = ", ".join(first_words(m.text) for m in messages[:5])
+    more = f" and {len(messages) - 5} more" if len(messages) > 5 else ""
+    return f"{len(messages)} message{'s' if len(messages) != 1 else ''} not delivered: {shown}{more}"
+
+
+def banner(peer, fmt, interactive):
+    """The lines that open a chat, each within 80 columns (with an IPv4 peer)."""
+    if fmt.acknowledges:
+        lines = [f"Connected to {peer}: authenticated and encrypted ({fmt.name})."]
+    else:
+        lines = [f"Connected to {peer} in the legacy format: NOT SECURE.",
+                 f"Here {VERIFIED} = verified and {FAILED} = failed, where the original scripts",
+                 f"show {ORIGINAL_VERIFIED} = verified and {ORIGINAL_FAILED} = failed."]
+    if interactive:
+        if fmt.acknowledges:
+            lines.append(f"{VERIFIED} = verified, {FAILED} = failed. Enter sends; Alt-Enter starts a new line.")
+        else:
+            lines.append("Enter sends; Alt-Enter starts a new line.")
+        lines.append("/help lists the commands; quit() or Ctrl-D leaves.")
+    return lines
+
+
+HELP = ["/help          this list",
+        "/reconnect     connect again with the passphrase, when the server no longer knows this conversation",
+        "//text         send a message that begins with /text",
+        "Alt-Enter (or Esc then Enter) starts a new line; quit() or Ctrl-D leaves."]
+
+
+class Session:
+    """Every rule of one chat, without I/O: step(input, now) returns the actions to carry out, in order.
+
+    The rules, state by input (roles and formats differ by the attributes of CLIENT/SERVER and V2/LEGACY):
+
+    | state    | input                    | rule                                                                    |
+    |----------|--------------------------|-------------------------------------------------------------------------|
+    | any      | Attached                 | the new link replaces the old (closed); v2: STARTING, the client sends   |
+    |          |                          | its Resume; legacy: LIVE at once                                         |
+    | STARTING | Got Resume               | reply (server), send again what the peer lacks, LIVE; the banner, or     |
+    |          |                          | "reconnected", or "a new client took the conversation over"              |
+    | STARTING | Got Busy                 | end 1: the server is busy (nothing was announced or shown as sent)       |
+    | LIVE     | Typed                    | v2: send, show "Sent:"; legacy: warn first, then send paced, "Sent:"     |
+    | STARTING | Typed                    | queue it (shown "Queued:"); it goes when LIVE                            |
+    | AWAY     | Typed                    |                                                                          |
+    | LIVE     | Got Message              | show each id once, in order; acknowledge when Drained (cumulatively)     |
+    | any      | Got Ack                  | forget what it covers; when leaving and nothing is left, leave           |
+    | any      | Got Goodbye, then closed | end 0: the peer left                                                     |
+    | any      | closed without goodbye,  | v2 with a grace period: AWAY (the client dials, backing off; the server  |
+    |          | Failed (network), silent | holds); else end 1: connection lost                                      |
+    | any      | Failed (bad record)      | send an Alert (v2), close, end 3: security failure                       |
+    | any      | Got Alert                | end 3: the peer found one of our records bad                             |
+    | AWAY     | DialFailed               | network: back off and dial again; unknown/busy: ask the user (/reconnect)|
+    |          |                          | or end 1 in a pipe; authentication: warn; twice in a row: end 3          |
+    | AWAY     | Tick past the grace      | end 1                                                                    |
+    | any      | Leave                    | wait (bounded) for acknowledgements and paced sends; goodbye; end 0, or  |
+    |          |                          | 1 listing what was not delivered                                         |
+    | any      | Interrupt                | goodbye now; end with its code                                           |
+    | ENDED    | anything                 | a link that arrives late is closed; nothing else                         |
+    """
+
+    def __init__(self, role, fmt, conversation, now, keepalive=KEEPALIVE, grace=RECONNECT_FOR,
+                 interactive=False, queued=()):
+        self.role, self.fmt, self.conversation = role, fmt, conversation
+        self.keepalive, self.dead_after = keepalive, keepalive * DEAD_AFTER
+        self.grace = grace if fmt.resumes else 0.0
+        self.interactive = interactive
+        self.phase = Phase.STARTING
+        self.now = now
+        self._link = None  # _LinkState of the current link
+        self._begun = False  # the chat has been LIVE once
+        self._away_since = self._next_dial = None
+        self._retry = FIRST_RETRY
+        self._dialing = self._asking = False
+        self._dial_kind = RESUME
+        self._auth_failures = 0
+        self._ack_due = None  # the highest message id shown and not yet acknowledged
+        self._leave_by = None  # when leaving: the deadline
+        self._paced = collections.deque()  # legacy messages waiting for their turn on the wire
+        self._next_paced = now
+        self.sent = 0  # messages handed to the connection (legacy's only count)
+        self._actions = []
+        for text, timestamp in queued:  # typed before the chat existed: they go first
+            if fmt.acknowledges:
+                self.conversation.new_message(text, timestamp)
+            else:
+                self._paced.append(Message(len(self._paced), text, timestamp))
+
+    # -- the interface
+
+    @property
+    def link(self):
+        return None if self._link is None else self._link.link
+
+    @property
+    def ended(self):
+        return self.phase is Phase.ENDED
+
+    def step(self, event, now):
+        """Take one input; the actions it calls for, in order."""
+        self.now = now
+        self._actions = []
+        if self.phase is Phase.ENDED:
+            if isinstance(event, Attached):
+                self._do(Close(event.link, False))
+            return self._actions
+        try:
+            self._HANDLERS[type(event)](self, event)
+        except RemoteProtocolError as error:  # a record that passed its MAC but breaks a rule
+            self._violation(error)
+        return self._actions
+
+    def crash(self, error):
+        """The shell's last resort when a rule itself raised (a bug): end the chat, closing its link."""
+        self._actions = []
+        self._end(EXIT_INTERNAL, describe(error))
+        return self._actions
+
+    def next_wakeup(self):
+        """When the next Tick is needed (monotonic seconds), or None."""
+        times = []
+        if self._link is not None and self.fmt.keepalive:
+            times += [self._link.next_ping(self.keepalive), self._link.heard + self.dead_after]
+        if self.phase is Phase.AWAY:
+            times.append(self._away_since + self.grace)
+            if self.role.reconnects and not (self._dialing or self._asking):
+                times.append(self._next_dial)
+        if self._leave_by is not None:
+            times.append(self._leave_by)
+        if self._paced and self._link is not None and self.phase is Phase.LIVE:
+            times.append(self._next_paced)
+        return min(times) if times else None
+
+    def status(self):
+        """The status line's fields in the order shown, each in ever shorter forms, and the order in which they
+        give way when the terminal is narrow (see fit_status)."""
+        if self.phase is Phase.LIVE:
+            state = [f"{self.fmt.name}, {self.fmt.security}", self.fmt.security]
+        elif self.phase is Phase.AWAY:
+            doing = "type /reconnect" if self._asking else self.role.away
+            state = [f"connection lost, {doing}", f"lost, {doing}", "lost"]
+        else:
+            state = ["ended" if self.ended else "connecting"]
+        if self.fmt.acknowledges:
+            n = len(self.conversation.unacked)
+            count = [f"{n} undelivered", f"{n} undeliv."]
+        else:
+            count = [f"{self.sent} sent, delivery unknown", f"{self.sent} sent, unconfirmed", f"{self.sent} sent"]
+        fields = [[self._last_peer, ""], state, count, ["quit() to leave", ""]]
+        return fields, (3, 0, 2, 1)
+
+    _last_peer = ""
+
+    # -- inputs
+
+    def _typed(self, event):
+        text = event.text
+        if text.startswith("/") and not text.startswith("//"):
+            return self._command(text[1:])
+        text = text[1:] if text.startswith("//") else text
+        if not self.fmt.acknowledges:
+            return self._typed_legacy(text, event.timestamp)
+        if len(self.conversation.unacked) >= MAX_QUEUED:
+            return self._show([f"not sent: {MAX_QUEUED} messages are waiting for the peer already"], "error")
+        try:
+            message = self.conversation.new_message(text, event.timestamp)
+        except LocalProtocolError as e:
+            return self._show([f"not sent: {e}"], "error")
+        if self.phase is Phase.LIVE:
+            self._send(message)
+            self._show(sent_lines(text, event.timestamp))
+        else:
+            self._show(sent_lines(text, event.timestamp, "Queued") + ["(sent once the connection is back)"])
+
+    def _typed_legacy(self, text, timestamp):
+        try:
+            check_message_text(text)
+        except LocalProtocolError as e:
+            return self._show([f"not sent: {e}"], "error")
+        warnings = legacy_warnings(text)
+        if warnings:  # before it goes, as promised
+            self._show(["an original receiver will mangle this message: " + "; ".join(warnings)], "warning")
+        self._paced.append(Message(self.sent + len(self._paced), text, timestamp))
+        self._release()
+
+    def _command(self, text):
+        name, _, argument = text.partition(" ")
+        if name == "help":
+            self._show(HELP, "notice")
+        elif name == "reconnect":
+            if not self._asking:
+                return self._show(["/reconnect: the connection is not waiting for you"], "error")
+            self._asking = False
+            self._dial(PASSPHRASE)
+        else:
+            self._show([f"unknown command /{name}: /help lists the commands (//text sends /text)"], "error")
+
+    def _attached(self, event):
+        if self._link is not None:
+            self._do(Close(self._link.link, False))  # replaced by the new, authenticated one
+        self._link = _LinkState(event.link, event.peer, self.now)
+        self._last_peer = event.peer
+        self._dialing = False
+        if not self.fmt.resumes:
+            self._live()
+            return
+        self.phase = Phase.STARTING
+        if self.role.opens_resume:
+            self._send(self.conversation.resume_request())
+
+    def _got(self, got):
+        if self._link is None or got.link is not self._link.link:
+            return  # from a link already replaced or closed
+        self._link.heard = self.now
+        event = got.event
+        if isinstance(event, Message):
+            if self.phase is not Phase.LIVE:
+                raise RemoteProtocolError("a message before the conversation resumed")
+            if not self.fmt.acknowledges:
+                return self._show(verify_and_display(event))
+            if self.conversation.accept(event):  # each id shown once, in order
+                self._show(verify_and_display(event))
+            self._ack_due = self.conversation.expected_id - 1  # cumulative: everything shown so far
+        elif isinstance(event, Ack):
+            self.conversation.acknowledged(event.id)
+            self._maybe_left()
+        elif isinstance(event, Resume):
+            if self.phase is not Phase.STARTING:
+                raise RemoteProtocolError("an unexpected Resume")
+            self._resumed(event)
+        elif isinstance(event, Ping):
+            self._send(Pong())
+        elif isinstance(event, Goodbye):
+            self._link.goodbye = True
+        elif isinstance(event, Busy):
+            if self.phase is not Phase.STARTING or not self.role.opens_resume:
+                raise RemoteProtocolError("an unexpected busy record")
+            self._drop_link()
+            if not self._begun:
+                return self._end(EXIT_NETWORK, REFUSALS[BUSY])
+            self.phase = Phase.AWAY  # lost the race for a held conversation to another client
+            self._refused(Refused("busy", REFUSALS[BUSY]))
+        elif isinstance(event, Alert):
+            self._drop_link()
+            self._end(EXIT_SECURITY, f"security failure: the peer says {ALERTS[event.reason]}; the chat is closed")
+        elif isinstance(event, ConnectionClosed):
+            if self._link.goodbye:
+                self._peer_left()
+            elif not self.fmt.resumes:
+                self._link = None
+                self._end(EXIT_OK, "the peer closed the connection")
+            else:
+                self._lost("the connection was closed without a goodbye")
+        elif not isinstance(event, Pong):
+            raise RemoteProtocolError(f"an unexpected {type(event).__name__}")
+
+    def _drained(self, event):
+        if self._link is not None and event.link is self._link.link and self._ack_due is not None:
+            self._send(Ack(self._ack_due))
+            self._ack_due = None
+
+    def _failed(self, event):
+        if self._link is None or event.link is not self._link.link:
+            return
+        error = event.error
+        if isinstance(error, (TruncatedFrame, NetworkError, OSError)):
+            self._lost(describe(error))
+        elif isinstance(error, RemoteProtocolError):
+            self._violation(error)
+        else:
+            self._end(EXIT_INTERNAL, describe(error))
+
+    def _tick(self, event):
+        now = self.now
+        if self._link is not None and self.fmt.keepalive:
+            if now - self._link.heard >= self.dead_after:
+                self._lost(f"no sign of the peer for {self.dead_after:.0f} s")
+            elif now >= self._link.next_ping(self.keepalive):
+                self._link.pinged = now
+                self._send(Ping())
+        if self.phase is Phase.AWAY:
+            if now >= self._away_since + self.grace:
+                self._end(EXIT_NETWORK, self.role.gave_up.format(grace=self.grace), self._undelivered())
+            elif self.role.reconnects and not (self._dialing or self._asking) and now >= self._next_dial:
+                self._dial(self._dial_kind)
+        if self._leave_by is not None and now >= self._leave_by and not self.ended:
+            self._finish_leaving()
+        self._release()
+
+    def _leave(self, event):
+        self._leave_by = self.now + event.wait
+        self._maybe_left()
+
+    def _interrupt(self, event):
+        if self._link is not None and self.fmt.signals:
+            self._send(Goodbye())
+        self._end(event.code, "you left the chat (interrupted)", self._undelivered())
+
+    def _dial_failed(self, event):
+        self._dialing = False
+        if self.phase is not Phase.AWAY:
+            return
+        error, kind, self._dial_kind = event.error, self._dial_kind, RESUME
+        if isinstance(error, Refused):
+            return self._refused(error)
+        if isinstance(error, (AuthenticationError, NotAeschatPeer)):
+            self._auth_failures += 1
+            if self._auth_failures >= AUTH_FAILURES:
+                return self._end(EXIT_SECURITY, f"stopped reconnecting: {self._auth_failures} reconnections in a row "
+                                 f"failed to authenticate ({error}); someone may be interfering with the connection",
+                                 self._undelivered())
+            self._show([f"a reconnection failed to authenticate: {error}; someone may be interfering with "
+                        "the connection"], "warning")
+        elif not isinstance(error, (NetworkError, OSError, TruncatedFrame, RemoteProtocolError)):
+            return self._end(EXIT_INTERNAL, describe(error))
+        if kind == PASSPHRASE and self.interactive:  # one passphrase handshake per deliberate request
+            self._asking = True
+            return self._show([f"the reconnection failed: {describe(error)}. /reconnect tries again."], "notice")
+        self._next_dial = self.now + self._retry
+        self._retry = min(self._retry * 2, LAST_RETRY)
+
+    _HANDLERS = {Typed: _typed, Attached: _attached, Got: _got, Drained: _drained, Failed: _failed, Tick: _tick,
+                 Leave: _leave, Interrupt: _interrupt, DialFailed: _dial_failed}
+
+    # -- rules shared by several inputs
+
+    def _do(self, action):
+        self._actions.append(action)
+
+    def _show(self, lines, kind="chat"):
+        self._do(Show(lines, kind))
+
+    def _send(self, event):
+        self._do(Send(self._link.link, event))
+
+    def _refused(self, error):
+        """The server will not resume this conversation (unknown), or is busy: only the user may decide to offer
+        the passphrase again; a pipe has no one to ask."""
+        if not self.interactive:
+            return self._end(EXIT_NETWORK, f"{error}; not offering the passphrase again without you "
+                             "(start the client again to begin afresh)", self._undelivered())
+        self._asking = True
+        self._show([f"{error}.", "Type /reconnect to connect again with the passphrase, or quit() to leave."], "notice")
+
+    def _drop_link(self):
+        self._do(Close(self._link.link, False))
+        self._link = None
+
+    def _live(self):
+        first = not self._begun
+        self.phase, self._begun = Phase.LIVE, True
+        if first:
+            self._do(Live())
+            for line in banner(self._link.peer, self.fmt, self.interactive):
+                self._show([line], "notice")
+
+    def _resumed(self, peer):
+        first = not self._begun
+        reply, again, took_over = self.conversation.on_resume(peer, server=not self.role.opens_resume)
+        if reply is not None:
+            self._send(reply)
+        for message in again:
+            self._send(message)
+        self._live()
+        self._auth_failures, self._retry = 0, FIRST_RETRY
+        address = self._link.peer
+        if first:
+            if again:
+                self._show([f"sent {len(again)} message{'s' if len(again) > 1 else ''} typed before the chat began"],
+                           "notice")
+        elif took_over:
+            self._show([f"a new client ({address}) took the conversation over; it is sent the {len(again)} "
+                        f"message{'s' if len(again) != 1 else ''} the last one had not acknowledged"], "notice")
+        else:
+            who = "reconnected to" if self.role.opens_resume else "the client reconnected from"
+            resent = f" ({len(again)} sent again)" if again else ""
+            self._show([f"{who} {address}{resent}"], "notice")
+        self._maybe_left()
+
+    def _lost(self, reason):
+        self._drop_link()
+        self._ack_due = None
+        if self.grace <= 0:
+            return self._end(EXIT_NETWORK, f"connection lost: {reason}", self._undelivered())
+        self.phase, self._away_since = Phase.AWAY, self.now
+        self._next_dial, self._retry = self.now, FIRST_RETRY
+        n = len(self.conversation.unacked)
+        self._show([f"connection lost: {reason}; {self.role.away} ({n} undelivered)"], "notice")
+        if self.role.reconnects and not self._dialing:
+            self._dial(RESUME)
+
+    def _violation(self, error):
+        if self._link is not None and self.fmt.signals:
+            self._send(Alert("integrity" if isinstance(error, IntegrityError) else "protocol"))
+        self._end(EXIT_SECURITY, f"security failure: {error}; the chat is closed")
+
+    def _peer_left(self):
+        self._link = None  # it closed
+        undelivered = self._undelivered()
+        self._end(EXIT_NETWORK if undelivered else EXIT_OK, "the peer left the chat", undelivered)
+
+    def _maybe_left(self):
+        """When leaving, leave as soon as nothing is pending."""
+        pending = self._paced or (self.fmt.acknowledges and self.conversation.unacked)
+        if self._leave_by is not None and not pending and not self.ended:
+            self._finish_leaving()
+
+    def _finish_leaving(self):
+        if self._link is not None and self.fmt.signals:
+            self._send(Goodbye())
+        undelivered = self._undelivered()
+        if self.fmt.acknowledges:
+            self._end(EXIT_NETWORK if undelivered else EXIT_OK, "you left the chat", undelivered)
+        else:
+            n = self.sent
+            self._end(EXIT_OK, f"you left the chat; sent {n} message{'s' if n != 1 else ''} "
+                      "(the legacy format cannot confirm delivery)")
+
+    def _undelivered(self):
+        if not self.fmt.acknowledges:
+            return list(self._paced)
+        return list(self.conversation.unacked.values())
+
+    def _end(self, code, text, undelivered=()):
+        if undelivered:
+            text = f"{text}; {undelivered_text(list(undelivered))}"
+            code = code or EXIT_NETWORK
+        if self._link is not None:
+            self._do(Close(self._link.link, True))  # after what is queued: a goodbye, an alert
+            self._link = None
+        self.phase = Phase.ENDED
+        self._leave_by = None
+        self._paced.clear()
+        self._do(End(code, text))
+
+    def _dial(self, kind):
+        self._dialing, self._dial_kind = True, kind
+        self._do(Dial(kind))
+
+    def _release(self):
+        """Legacy pacing: one message at a time, LEGACY_PACE apart, each in its own write."""
+        if self._paced and self._link is not None and self.phase is Phase.LIVE and self.now >= self._next_paced:
+            message = self._paced.popleft()
+            self._send(message)
+            self.sent += 1
+            self._show(sent_lines(message.text, message.timestamp))
+            self._next_paced = self.now + self.fmt.pace
+            self._maybe_left()
+
+
+HANDSHAKE_DEADLINE = 5.0  # seconds an unauthenticated client has for each of its steps (hello, confirmation)
+CLIENT_HANDSHAKE_DEADLINE = 30.0  # a client waits longer: a server slowing down guesses may hold it back
+MAX_PENDING = 64  # connections handshaking at once; past it the one that has done least is dropped
+SPAKE2_PER_SECOND = 20  # the door's budget of SPAKE2 work (a few ms each): the live chat keeps its share of CPU
+SPAKE2_BURST = 4
+
+
+class GuessLimiter:
+    """Online guessing, slowed: passphrase confirmations are checked one at a time, and after failures the next
+    check waits 1, 2, 4, then at most 8 s. The count of failures decays (halving every HALF_LIFE seconds) rather
+    than resetting on a success, so a legitimate login in the middle of an attack does not open a burst."""
+
+    MAX_GUESS_INTERVAL = 8  # seconds: at worst 7.5 guesses a minute, a wait a real user can bear
+    HALF_LIFE = 60.0
+
+    def __init__(self):
+        self._score, self._at = 0.0, 0.0
+        self.next_check = 0.0
+
+    def failures(self, now):
+        return self._score * 0.5 ** ((now - self._at) / self.HALF_LIFE)
+
+    def interval(self, now):
+        count = round(self.failures(now))
+        return 0 if count < 1 else min(2 ** (count - 1), self.MAX_GUESS_INTERVAL)
+
+    def checked(self, now, ok):
+        if not ok:
+            self._score, self._at = self.failures(now) + 1, now
+        self.next_check = now + self.interval(now)
+
+
+class Write(Action):
+    __slots__ = ("key", "data")
+
+
+class Drop(Action):
+    """Close the connection; log the line (None: silently)."""
+
+    __slots__ = ("key", "line")
+
+
+class Admit(Action):
+    """The connection authenticated (or, legacy, needs no handshake): hand it to a chat."""
+
+    __slots__ = ("key", "conn", "kind")
+
+
+class Log(Action):
+    __slots__ = ("line",)
+
+
+class _Pending:
+    __slots__ = ("key", "peer", "host", "conn", "since", "stage")
+
+    STAGES = ("hello", "confirm", "queued", "check")  # in the order they are dropped to make room
+
+    def __init__(self, key, peer, conn, now):
+        self.key, self.peer, self.conn, self.since, self.stage = key, peer, conn, now, "hello"
+        self.host = peer.rsplit(":", 1)[0]
+
+
+class Gate:
+    """The server's door, without I/O: every connection that has not yet authenticated, and the rules for them.
+
+    - A connection is greeted at once (OPEN or BUSY, so that a client learns "busy" before asking for a
+      passphrase), and nothing is computed for it until its hello arrives.
+    - A hello with the passphrase while a chat with a connected client is on is refused as BUSY; a hello naming a
+      conversation the server does not hold is refused as UNKNOWN. While a client is connected, the others wait
+      their turn for the SPAKE2 budget (SPAKE2_PER_SECOND), so the live chat keeps its share of the CPU.
+    - The client's confirmation of a resumption is checked at once (its secret cannot be guessed). One with the
+      passphrase waits its turn at the GuessLimiter, addresses taking turns, and a failure is logged and refused.
+      Only a failed confirmation counts as a guess: never a connection that merely opens or closes.
+    - Each step of the client's (hello, confirmation) has HANDSHAKE_DEADLINE seconds. Past MAX_PENDING, or when
+      the process runs out of descriptors, connections are dropped to make room: first those that never sent a
+      hello, oldest first.
+
+    host answers two questions about the chats: status() -> OPEN or BUSY, secret_for(resume id) -> secret or None.
+    """
+
+    def __init__(self, passphrase, host, handshakes=True, entropy=os.urandom, max_pending=MAX_PENDING,
+                 deadline=HANDSHAKE_DEADLINE, budget=(SPAKE2_PER_SECOND, SPAKE2_BURST)):
+        self.passphrase, self.host, self.handshakes, self.entropy = passphrase, host, handshakes, entropy
+        self.max_pending, self.deadline = max_pending, deadline
+        self.rate, self.burst = budget
+        self.pending = collections.OrderedDict()  # key -> _Pending, oldest first
+        self.limiter = GuessLimiter()
+        self._tokens, self._filled = float(self.burst), 0.0
+        self._last_turn = {}  # address -> when its last confirmation was checked
+
+    def accepted(self, key, peer, now):
+        if not self.handshakes:  # legacy: no handshake, nothing to wait for
+            return [Admit(key, LegacyConnection(self.passphrase), None)]
+        actions = []
+        if len(self.pending) >= self.max_pending:
+            actions += self._shed(1, "too many connections at once")
+        conn = ServerConnection(self.host.status(), entropy=self.entropy)
+        self.pending[key] = _Pending(key, peer, conn, now)
+        return actions + [Write(key, conn.data_to_send())]
+
+    def received(self, key, data, now):
+        """Bytes from a pending connection (b"": it closed)."""
+        pending = self.pending.get(key)
+        if pending is None:
+            return []
+        actions = []
+        try:
+            pending.conn.receive_data(data)
+            while key in self.pending and (event := pending.conn.next_event()) is not None:
+                actions += self._on(pending, event, now)
+        except RemoteProtocolError as e:
+            actions += self._drop(pending, f"{pending.peer} dropped: {e}")
+        return actions + self._work(now)
+
+    def tick(self, now):
+        actions = []
+        for pending in list(self.pending.values()):
+            waited = now - pending.since
+            if pending.stage in ("hello", "confirm") and waited >= self.deadline:
+                actions += self._drop(pending, f"{pending.peer} dropped: no aeschat handshake within "
+                                               f"{self.deadline:.0f} s")
+            elif waited >= CLIENT_HANDSHAKE_DEADLINE:  # waiting on us for longer than any client waits
+                actions += self._drop(pending, f"{pending.peer} dropped: its turn did not come within "
+                                               f"{CLIENT_HANDSHAKE_DEADLINE:.0f} s")
+        return actions + self._work(now)
+
+    def overloaded(self, now):
+        """The process is out of descriptors: make room, oldest idle connections first."""
+        count = max(1, len(self.pending) // 4)
+        actions = self._shed(count, "out of file descriptors", quiet=True)
+        if actions:
+            actions.append(Log(f"out of file descriptors: dropped {len(actions)} pending connections to make room"))
+        return actions
+
+    def next_wakeup(self):
+        times = []
+        for pending in self.pending.values():
+            limit = self.deadline if pending.stage in ("hello", "confirm") else CLIENT_HANDSHAKE_DEADLINE
+            times.append(pending.since + limit)
+            if pending.stage == "check":
+                times.append(self.limiter.next_check)
+            elif pending.stage == "queued":
+                times.append(self._filled + (1 - self._tokens) / self.rate)
+        return min(times) if times else None
+
+    # -- inside
+
+    def _on(self, pending, event, now):
+        conn = pending.conn
+        if isinstance(event, HelloReceived):
+            if event.kind == PASSPHRASE and self.host.status() == BUSY:
+                conn.refuse(BUSY)
+                return [Write(pending.key, conn.data_to_send())] + self._drop(
+                    pending, f"{pending.peer} turned away: a chat with another client is on")
+            if event.kind == RESUME and self.host.secret_for(event.resume_id) is None:
+                conn.refuse(UNKNOWN)
+                return [Write(pending.key, conn.data_to_send())] + self._drop(
+                    pending, f"{pending.peer} asked to resume a conversation this server does not hold")
+            pending.stage, pending.since = "queued", now
+            return []
+        if isinstance(event, ConfirmationReceived):
+            pending.stage, pending.since = "check", now
+            if conn.kind == RESUME:  # an unguessable secret: no limiter, no waiting
+                return self._check(pending, now)
+            return []
+        if isinstance(event, ConnectionClosed):
+            if pending.stage == "confirm":
+                return self._drop(pending, f"{pending.peer} dropped: it closed the connection after our hello, "
+                                           "without a key confirmation")
+            return self._drop(pending, f"{pending.peer} dropped: it closed the connection")
+        raise RemoteProtocolError(f"an unexpected {type(event).__name__} during the handshake")
+
+    def _work(self, now):
+        """Spend the SPAKE2 budget on hellos waiting for it, and check the confirmation whose turn it is."""
+        actions = []
+        self._tokens = min(self.burst, self._tokens + (now - self._filled) * self.rate)
+        self._filled = now
+        budgeted = self.host.status() == BUSY  # a chat with a connected client: its CPU comes first
+        while self._tokens >= 1 or not budgeted:
+            queued = [p for p in self.pending.values() if p.stage == "queued"]
+            if not queued:
+                break
+            pending = min(queued, key=lambda p: (p.conn.kind != RESUME, p.since))
+            self._tokens -= budgeted
+            actions += self._answer(pending, now)
+        while now >= self.limiter.next_check:
+            waiting = [p for p in self.pending.values() if p.stage == "check"]
+            if not waiting:
+                break
+            # Addresses take turns: one guesser cannot keep a real user's confirmation waiting behind its own.
+            pending = min(waiting, key=lambda p: (self._last_turn.get(p.host, -1.0), p.since))
+            self._last_turn[pending.host] = now
+            actions += self._check(pending, now)
+        return actions
+
+    def _answer(self, pending, now):
+        conn = pending.conn
+        secret = self.passphrase if conn.kind == PASSPHRASE else self.host.secret_for(conn.resume_id)
+        if secret is None:  # the conversation ended while the hello waited
+            conn.refuse(UNKNOWN)
+            return [Write(pending.key, conn.data_to_send())] + self._drop(pending, None)
+        try:
+            conn.answer(secret)
+        except RemoteProtocolError as e:
+            return self._drop(pending, f"{pending.peer} dropped: {e}")
+        pending.stage, pending.since = "confirm", now
+        return [Write(pending.key, conn.data_to_send())]
+
+    def _check(self, pending, now):
+        conn = pending.conn
+        ok = conn.check()
+        if conn.kind == PASSPHRASE:
+            self.limiter.checked(now, ok)
+        if ok:
+            del self.pending[pending.key]
+            return [Write(pending.key, conn.data_to_send()), Admit(pending.key, conn, conn.kind)]
+        conn.refuse(DENIED)
+        if conn.kind == RESUME:
+            line = f"failed resumption from {pending.peer}: someone may be interfering"
+        else:
+            failures, wait = self.limiter.failures(now), self.limiter.interval(now)
+            line = (f"failed passphrase attempt from {pending.peer} ({failures:.0f} recently; "
+                    f"the next check waits {wait} s)")
+        return [Write(pending.key, conn.data_to_send())] + self._drop(pending, line)
+
+    def _drop(self, pending, line):
+        self.pending.pop(pending.key, None)
+        return [Drop(pending.key, line)]
+
+    def _shed(self, count, reason, quiet=False):
+        order = sorted(self.pending.values(), key=lambda p: (_Pending.STAGES.index(p.stage), p.since))
+        actions = []
+        for pending in order[:count]:
+            actions += self._drop(pending, None if quiet else f"{pending.peer} dropped to make room: {reason}")
+        return actions
 
 
 # ===================================================================================================
-# The session: one chat over one socket. A reader thread receives, feeds the protocol and displays; a
-# writer thread sends, so that a peer who stops reading never freezes the input loop; the input loop
-# (the caller's thread) reads lines and sends them. One lock guards the protocol object.
+# 9. The shell: sockets and threads, nothing else. A Chat steps its Session under a lock and carries out the
+# actions after releasing it, in order; a Link is one connection's reader and writer thread; the client dials,
+# the server's Door runs one selector loop over every connection its Gate has not yet admitted. Every thread
+# ends in guarded(), the one place where whatever escapes it becomes a single line, never a traceback.
 
-EXIT_OK, EXIT_NETWORK, EXIT_USAGE, EXIT_SECURITY = 0, 1, 2, 3
 DEFAULT_PORT = 5555
-HANDSHAKE_DEADLINE = 5.0  # seconds a server gives an unauthenticated connection to finish its handshake
-CLIENT_HANDSHAKE_DEADLINE = 30.0  # a client waits longer: a server slowing down guesses may hold it back
-KEEPALIVE = 15.0  # seconds of our silence before we send a ping
-DEAD_AFTER = 45.0  # seconds of the peer's silence before we call the connection lost (pings come every 15)
-FLUSH_TIMEOUT = 10.0  # how long leaving waits for the peer to acknowledge what we sent
-RECONNECT_FOR = 300.0  # how long a client tries to reconnect, and a server holds a dropped conversation
-MAX_QUEUED = 10_000  # messages waiting for acknowledgement; past it, new ones are refused with a message
 RECV_SIZE = 256 * 1024
+CONNECT_TIMEOUT = 10.0
 
 
-class UsageError(AeschatError):
-    """The user asked for something that cannot be done (a bad option, no passphrase)."""
+def guarded(target, on_error, name):
+    """Start a daemon thread running target; anything that escapes it goes to on_error, and if even that fails,
+    to one line on stderr."""
+
+    def run():
+        try:
+            target()
+        except BaseException as error:  # noqa: B036 -- SystemExit in a thread is a bug too
+            try:
+                on_error(error)
+            except BaseException as again:  # noqa: B036
+                with contextlib.suppress(Exception):
+                    print(f"aeschat: {name} thread failed: {describe(error)}; then {describe(again)}",
+                          file=sys.stderr, flush=True)
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    return thread
 
 
-class NetworkError(AeschatError):
-    """The network failed us: cannot connect, the connection was lost."""
+_CLOSE = object()  # the writer's sentinel: write what came before, then close
 
 
-def exit_code(error):
-    """The one place where errors become exit codes."""
-    if isinstance(error, (NetworkError, Refused, OSError, TruncatedFrame)):
-        return EXIT_NETWORK
-    if isinstance(error, RemoteProtocolError):
-        return EXIT_SECURITY
-    return EXIT_USAGE
+class Link:
+    """One authenticated connection of a chat: a reader thread opens records and steps the chat; a writer
+    thread seals what the chat sends and writes it, so that a peer that stops reading never freezes the rest."""
 
+    def __init__(self, chat, sock, conn, peer, coalesce=True):
+        self.chat, self.sock, self.conn, self.peer, self.coalesce = chat, sock, conn, peer, coalesce
+        self._outbox = queue.Queue()
+        self._closed = threading.Lock()
+        self._is_closed = False
+        self.written = threading.Event()  # the writer is done: everything queued before a close is out
+
+    def __repr__(self):
+        return f"Link({self.peer})"
+
+    def start(self):
+        guarded(self._write, self._write_failed, "writer")
+        guarded(self._read, self._failed, "reader")
+
+    def put(self, event):
+        self._outbox.put(event)
+
+    def close(self, flush):
+        """Close now, or (flush) once the writer has written what was queued before."""
+        if flush:
+            self._outbox.put(_CLOSE)
+        else:
+            self._shutdown()
+            self._outbox.put(_CLOSE)
+
+    def _shutdown(self):
+        with self._closed:
+            if self._is_closed:
+                return
+            self._is_closed = True
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+
+    def _failed(self, error):
+        self.chat.step(Failed(self, error))
+
+    def _write_failed(self, error):
+        self.written.set()
+        self._failed(error)
+
+    def _read(self):
+        # Whole records already buffered (they came with the handshake) are taken before the next recv.
+        conn, step = self.conn, self.chat.step
+        while True:
+            event = conn.next_event()
+            if event is None:
+                step(Drained(self))
+                conn.receive_data(self.sock.recv(RECV_SIZE))
+                continue
+            step(Got(self, event))
+            if isinstance(event, ConnectionClosed):
+                return
+
+    def _write(self):
+        seal, outbox = self.conn.seal, self._outbox
+        while True:
+            batch = [outbox.get()]
+            while self.coalesce and batch[-1] is not _CLOSE and not outbox.empty():
+                batch.append(outbox.get_nowait())  # records queued meanwhile go out in one write
+            data = b"".join(seal(event) for event in batch if event is not _CLOSE)
+            if data and not self._is_closed:
+                self.sock.sendall(data)
+            if batch[-1] is _CLOSE:
+                self._shutdown()
+                self.written.set()
+                return
+
+
+class Chat:
+    """One chat: its Session (the rules) under a lock, and the carrying out of what it asks, in order."""
+
+    def __init__(self, ui, session, dial=None):
+        self.ui, self.session, self._dial = ui, session, dial
+        self.lock = threading.Lock()
+        self._clock = threading.Condition(self.lock)
+        self._wake_at = None  # when the clock thread means to tick next
+        self._todo = collections.deque()
+        self._acting = threading.Lock()
+        self.outcome = None  # (exit code, what to tell the user) once the chat is over
+        self.begun = threading.Event()  # set once the chat is live, or over
+        self.done = threading.Event()  # set once it is over
+        self._links = []
+        guarded(self._tick, self._crashed, "clock")
+
+    @property
+    def active(self):
+        return self.outcome is None
+
+    def connected(self):
+        with self.lock:
+            return self.session.link is not None and not self.session.ended
+
+    def settle(self, timeout):
+        """Give the writers of closing links time to write what was queued (a goodbye, an alert)."""
+        end = time.monotonic() + timeout
+        for link in self._links:
+            link.written.wait(max(0.0, end - time.monotonic()))
+
+    def step(self, event):
+        """Step the session (under the lock), then carry out its actions (without it), in order."""
+        with self.lock:
+            try:
+                actions = self.session.step(event, time.monotonic())
+            except Exception as error:  # a rule raised: a bug, but it ends this chat only, in one line
+                actions = self.session.crash(error)
+            self._todo.extend(actions)
+            status = self.session.status()
+            wake = self.session.next_wakeup()
+            if wake is not None and (self._wake_at is None or wake < self._wake_at) or self.session.ended:
+                self._clock.notify()
+        self.ui.set_status(*status)
+        self._carry_out()
+
+    def typed(self, text):
+        self.step(Typed(text, now_iso()))
+
+    def attach(self, sock, conn, peer, how):
+        """Run the chat over a new authenticated connection (the session decides what it replaces)."""
+        link = Link(self, sock, conn, peer, coalesce=self.session.fmt.pace == 0)
+        self._links.append(link)
+        self.step(Attached(link, peer, how))
+        link.start()
+
+    def _carry_out(self):
+        with self._acting:
+            while True:
+                with self.lock:
+                    if not self._todo:
+                        return
+                    action = self._todo.popleft()
+                self._do(action)
+
+    def _do(self, action):
+        kind = type(action)
+        if kind is Send:
+            action.link.put(action.event)
+        elif kind is Show:
+            self.ui.show(action.lines, action.kind)
+        elif kind is Close:
+            action.link.close(action.flush)
+        elif kind is Dial:
+            guarded(lambda: self._redial(action.kind), lambda e: self.step(DialFailed(e)), "dial")
+        elif kind is Live:
+            self.begun.set()
+        elif kind is End:
+            self.outcome = (action.code, action.text)
+            self.begun.set()
+            self.done.set()
+            self.ui.wake()
+
+    def _redial(self, kind):
+        try:
+            sock, conn, peer = self._dial(kind)
+        except Exception as error:
+            self.step(DialFailed(error))
+            return
+        self.attach(sock, conn, peer, kind)
+
+    def _tick(self):
+        while True:
+            with self.lock:
+                if self.session.ended:
+                    return
+                self._wake_at = wake = self.session.next_wakeup()
+                now = time.monotonic()
+                if wake is None or wake > now:  # a step that needs an earlier tick notifies us
+                    self._clock.wait(None if wake is None else wake - now)
+                    continue
+            self.step(Tick())
+
+    def _crashed(self, error):
+        with self.lock:
+            self._todo.extend(self.session.crash(error))
+        self._carry_out()
+
+    def leave(self, wait=FLUSH_TIMEOUT):
+        self.step(Leave(wait))
+
+    def interrupt(self, code):
+        self.step(Interrupt(code))
+
+    def close(self):
+        """The program is exiting: whatever the session still holds is closed."""
+        if self.active:
+            self.step(Interrupt(EXIT_INTERRUPTED))
+
+
+def connect(host, port):
+    """A TCP connection to host:port with Nagle off (no message waits for the next)."""
+    try:
+        sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
+    except socket.gaierror as e:
+        raise NetworkError(f"cannot find the host {host!r}: {e.strerror}") from None
+    except UnicodeError:
+        raise UsageError(f"{host!r} is not a valid host name") from None
+    except OSError as e:
+        raise NetworkError(f"cannot connect to {host} port {port}: {describe(e)}") from None
+    sock.settimeout(None)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def handshake(sock, conn, deadline):
+    """The client's socket loop for a handshake: write what conn has, read until it is open, within deadline.
+    Records that arrive with the last handshake frame stay buffered in conn for the link's reader."""
+    end = time.monotonic() + deadline
+    try:
+        while True:
+            event = conn.next_event()
+            out = conn.data_to_send()
+            if out:
+                sock.sendall(out)
+            if isinstance(event, HandshakeComplete):
+                return
+            if event is None:
+                sock.settimeout(max(0.01, end - time.monotonic()))
+                conn.receive_data(sock.recv(RECV_SIZE))
+    except (socket.timeout, OSError) as e:
+        if getattr(conn, "confirmation_sent", False):  # the peer has our confirmation, and went quiet or away
+            raise UnfinishedAuthentication(
+                f"the server did not answer our key confirmation ({describe(e)}): someone may be interfering") from None
+        if isinstance(e, socket.timeout):
+            raise NetworkError(f"no aeschat handshake within {deadline:.0f} s (is the peer an aeschat v2 program? "
+                               "--legacy talks to the original scripts)") from None
+        raise NetworkError(f"the connection failed during the handshake: {describe(e)}") from None
+    finally:
+        sock.settimeout(None)
+
+
+def greeting(host, port, deadline=CONNECT_TIMEOUT):
+    """Connect only to read the server's greeting (OPEN or BUSY), before asking anyone for a passphrase."""
+    sock = connect(host, port)
+    decoder = FrameDecoder(max_size=HANDSHAKE_MAX_FRAME)
+    try:
+        sock.settimeout(deadline)
+        while (body := decoder.next_frame()) is None:
+            data = sock.recv(HANDSHAKE_MAX_FRAME)
+            if not data:
+                raise NetworkError("the server closed the connection before greeting us")
+            decoder.feed(data)
+    except socket.timeout:
+        raise NetworkError(f"no greeting from the server within {deadline:.0f} s") from None
+    except RemoteProtocolError:
+        raise NotAeschatPeer("the peer is not an aeschat peer") from None
+    except OSError as e:
+        raise NetworkError(f"the connection failed: {describe(e)}") from None
+    finally:
+        sock.close()
+    kind, status = parse_handshake_frame(body)
+    if kind != GREETING or status not in (OPEN, BUSY):
+        raise NotAeschatPeer("the server did not greet as an aeschat v2 server does")
+    return status
+
+
+class Dialer:
+    """The client's connections: the first with the passphrase, reconnections with the resumption secret that
+    the last passphrase handshake gave; never the passphrase on its own (the Session asks the user first)."""
+
+    def __init__(self, host, port, passphrase, legacy):
+        self.host, self.port, self.passphrase, self.legacy = host, port, passphrase, legacy
+        self.resumption = None
+
+    def __call__(self, kind=PASSPHRASE):
+        sock = connect(self.host, self.port)
+        try:
+            peer = address(sock.getpeername())
+            if self.legacy:
+                return sock, LegacyConnection(self.passphrase), peer
+            if kind == RESUME:
+                resume_id, secret = self.resumption
+                conn = ClientConnection(secret, RESUME, resume_id)
+            else:
+                conn = ClientConnection(self.passphrase)
+            handshake(sock, conn, CLIENT_HANDSHAKE_DEADLINE)
+            if conn.resumption is not None:
+                self.resumption = conn.resumption
+            return sock, conn, peer
+        except BaseException:
+            sock.close()
+            raise
+
+
+def address(sockaddr):
+    """host:port, with brackets around an IPv6 host."""
+    host, port = sockaddr[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+_OUT_OF_DESCRIPTORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+
+class Door:
+    """The server's accept loop: one thread, one selector over the listener and every connection the Gate has not
+    admitted yet. It moves bytes; the Gate decides. Nothing a connection does can end the loop."""
+
+    PAUSE = 0.5  # seconds without accepting, when descriptors ran out and there was nothing to drop
+
+    def __init__(self, listener, gate, admit, log):
+        self.listener, self.gate, self.admit, self.log = listener, gate, admit, log
+        self._selector = selectors.DefaultSelector()
+        self._conns = {}  # socket -> [peer, bytes not yet written]
+        self._paused_until = None
+
+    def run(self):
+        self.listener.setblocking(False)
+        self._selector.register(self.listener, selectors.EVENT_READ)
+        while True:
+            wake = self.gate.next_wakeup()
+            if self._paused_until is not None:
+                wake = self._paused_until if wake is None else min(wake, self._paused_until)
+            timeout = None if wake is None else max(0.0, wake - time.monotonic())
+            for key, mask in self._selector.select(timeout):
+                sock = key.fileobj
+                try:
+                    if sock is self.listener:
+                        self._accept()
+                    else:
+                        if mask & selectors.EVENT_WRITE:
+                            self._flush(sock)
+                        if mask & selectors.EVENT_READ and sock in self._conns:
+                            self._read(sock)
+                except Exception as error:  # one connection's trouble, never the door's
+                    self.log(f"{self._conns.get(sock, ['?'])[0]} dropped: {describe(error)}")
+                    self._close(sock)
+            if self._paused_until is not None and time.monotonic() >= self._paused_until:
+                self._paused_until = None
+                self._selector.register(self.listener, selectors.EVENT_READ)
+            self._apply(self.gate.tick(time.monotonic()))
+
+    def _accept(self):
+        for _ in range(MAX_PENDING):  # a bounded batch, so that connections already here are served too
+            try:
+                sock, addr = self.listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as e:
+                if e.errno not in _OUT_OF_DESCRIPTORS:
+                    continue  # a connection that died in the backlog, and the like
+                actions = self.gate.overloaded(time.monotonic())
+                self._apply(actions)
+                if not actions:  # nothing of ours to drop: stop accepting for a moment
+                    self.log(f"out of file descriptors: not accepting connections for {self.PAUSE} s")
+                    self._selector.unregister(self.listener)
+                    self._paused_until = time.monotonic() + self.PAUSE
+                return
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            peer = address(addr)
+            self._conns[sock] = [peer, bytearray()]
+            self._selector.register(sock, selectors.EVENT_READ)
+            self._apply(self.gate.accepted(sock, peer, time.monotonic()))
+
+    def _read(self, sock):
+        try:
+            data = sock.recv(RECV_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        self._apply(self.gate.received(sock, data, time.monotonic()))
+
+    def _flush(self, sock):
+        out = self._conns[sock][1]
+        with contextlib.suppress(BlockingIOError):
+            del out[: sock.send(out)]
+        self._selector.modify(sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if out else 0))
+
+    def _close(self, sock):
+        if self._conns.pop(sock, None) is None:
+            return
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(sock)
+        sock.close()
+
+    def _apply(self, actions):
+        for action in actions:
+            if isinstance(action, Log):
+                self.log(action.line)
+                continue
+            sock = action.key
+            if sock not in self._conns:
+                continue
+            elif isinstance(action, Write):
+                self._conns[sock][1] += action.data
+                with contextlib.suppress(OSError):
+                    self._flush(sock)
+            elif isinstance(action, Drop):
+                with contextlib.suppress(OSError):  # a refusal queued just before goes out if it can
+                    sock.send(self._conns[sock][1])
+                self._close(sock)
+                if action.line:
+                    self.log(action.line)
+            elif isinstance(action, Admit):
+                peer, out = self._conns.pop(sock)
+                self._selector.unregister(sock)
+                try:
+                    sock.setblocking(True)
+                    sock.sendall(out)
+                    self.admit(sock, action.conn, action.kind, peer)
+                except Exception as error:
+                    self.log(f"{peer} dropped: {describe(error)}")
+                    sock.close()
+
+
+class Server:
+    """The server's chats: one at a time, each started by a client that gave the passphrase, resumed by the same
+    client's resumption secret; and the input loop that gives them what is typed."""
+
+    def __init__(self, listener, passphrase, args, ui):
+        self.listener, self.args, self.ui = listener, args, ui
+        self.fmt = LEGACY if args.legacy else V2
+        self.gate = Gate(passphrase, self, handshakes=not args.legacy)
+        self.lock = threading.Lock()
+        self.chat = None  # the chat on now, possibly holding its conversation for its client
+        self._resumption = None  # (id, secret) of that chat's conversation
+        self.queued = []  # (text, timestamp) typed while no chat was on: the next chat sends them
+        self._door_failed = None
+        ui.set_status([[f"listening on {address(listener.getsockname())}", "listening"],
+                       ["waiting for a client", ""]], (1, 0))
+
+    # -- what the Gate asks, from the door's thread
+
+    def status(self):
+        chat = self.chat
+        return BUSY if chat is not None and chat.active and chat.connected() else OPEN
+
+    def secret_for(self, resume_id):
+        with self.lock:
+            known = self._resumption if self.chat is not None and self.chat.active else None
+        if known is not None and hmac.compare_digest(known[0], resume_id):
+            return known[1]
+        return None
+
+    def admit(self, sock, conn, kind, peer):
+        """An authenticated connection (any connection, in legacy): start a chat, resume or take over the one on,
+        or turn it away."""
+        new = False
+        with self.lock:
+            chat = self.chat if self.chat is not None and self.chat.active else None
+            if kind == RESUME and (chat is None or self._resumption is None):
+                sock.close()  # the conversation ended while its client was handshaking
+                return
+            if kind != RESUME and chat is not None and (chat.connected() or not self.fmt.resumes):
+                self._turn_away(sock, conn, peer)  # lost the race to another client
+                return
+            if chat is None:
+                session = Session(SERVER, self.fmt, Conversation.new(), time.monotonic(), self.args.keepalive,
+                                  self.args.reconnect_for, self.ui.interactive, self.queued)
+                chat = self.chat = Chat(self.ui, session)
+                self.queued, new = [], True
+            if kind == PASSPHRASE:
+                self._resumption = conn.resumption
+        chat.attach(sock, conn, peer, kind)
+        if new:
+            self.ui.wake()  # the input loop takes the new chat up
+
+    def _turn_away(self, sock, conn, peer):
+        with contextlib.suppress(AeschatError, OSError):
+            sock.sendall(conn.seal(Busy()))
+        sock.close()
+        self.ui.show([f"{peer} turned away: a chat with another client is on"], "notice")
+
+    # -- the input loop
+
+    def serve(self):
+        door = Door(self.listener, self.gate, self.admit, lambda line: self.ui.show([line], "notice"))
+        guarded(door.run, self._door_crashed, "door")
+        while True:
+            with self.lock:
+                chat = self.chat
+            if self._door_failed is not None:
+                raise self._door_failed
+            if chat is not None and not chat.active:
+                code = self._report(chat)
+                if self.args.once:
+                    return code
+                continue
+            line = self.ui.read_line()
+            if line is WAKE:
+                continue
+            with self.lock:  # the chat the line goes to is the one on when it arrived
+                chat = self.chat if self.chat is not None and self.chat.active else None
+            if chat is not None:
+                if line is None or line.strip() == "quit()":
+                    chat.leave()
+                    chat.done.wait()
+                elif line.strip():
+                    chat.typed(line)
+            elif line is None:
+                self.ui.show(["end of input: the server stops (--receive-only keeps it serving)"], "notice")
+                return EXIT_OK
+            elif line.strip() == "quit()":
+                return EXIT_OK
+            elif line.strip() and not line.startswith("/"):
+                self._queue(line)
+            elif line.strip():
+                self.ui.show(["commands work once a client is connected; quit() stops the server"], "error")
+
+    def _queue(self, line):
+        """A line typed while no one is connected: kept for the next chat, which sends it first."""
+        try:
+            check_message_text(line)
+        except LocalProtocolError as e:
+            return self.ui.show([f"not sent: {e}"], "error")
+        if not self.fmt.acknowledges and legacy_warnings(line):
+            self.ui.show(["an original receiver will mangle this message: " + "; ".join(legacy_warnings(line))],
+                         "warning")
+        timestamp = now_iso()
+        with self.lock:
+            self.queued.append((line, timestamp))
+        self.ui.show(sent_lines(line, timestamp, "Queued") + ["(sent when a client connects)"])
+
+    def interrupt(self, code):
+        with self.lock:
+            chat = self.chat
+        if chat is not None and chat.active:
+            chat.interrupt(code)
+            chat.done.wait(2.0)
+            self._report(chat)
+
+    def _report(self, chat):
+        with self.lock:
+            if self.chat is chat:
+                self.chat = self._resumption = None
+        code = report(chat)
+        if not self.args.once:
+            self.ui.show(["waiting for the next client"], "notice")
+        return code
+
+    def _door_crashed(self, error):
+        self._door_failed = error
+        self.ui.wake()
+
+
+def report(chat):
+    """Tell the user how a chat ended (here, by the input loop's thread, so the line is never lost at exit)."""
+    chat.settle(2.0)
+    code, text = chat.outcome
+    if text:
+        chat.ui.show([text], "notice" if code in (EXIT_OK, EXIT_INTERRUPTED, EXIT_TERMINATED) else "error")
+    return code
+
+
+class Terminated(BaseException):
+    """SIGTERM (or SIGHUP), raised in the main thread: leave as Ctrl-C does."""
+
+    code = EXIT_TERMINATED
+
+
+def run_chat(chat):
+    """The client's input loop: once the chat has begun, every typed line goes to it; returns the exit code."""
+    ui = chat.ui
+    try:
+        chat.begun.wait()
+        while chat.active:
+            line = ui.read_line()
+            if line is WAKE:
+                continue
+            if line is None or line.strip() == "quit()":
+                chat.leave()
+                chat.done.wait()
+            elif line.strip():
+                chat.typed(line)
+    except KeyboardInterrupt:
+        chat.interrupt(EXIT_INTERRUPTED)
+        chat.done.wait(2.0)
+    except Terminated:
+        chat.interrupt(EXIT_TERMINATED)
+        chat.done.wait(2.0)
+    return report(chat)
+
+
+# ===================================================================================================
+# 10. The user interface: plain lines for pipes and scripts, prompt_toolkit on a terminal.
 
 WAKE = object()  # what read_line returns when something other than the user needs the input loop
 
 
 class PlainUI:
-    """Pipes and scripts: plain lines in and out, no escape codes at all."""
+    """Pipes and scripts: no escape codes at all. stdout carries the transcript (Received:, Sent:, Queued:);
+    everything else goes to stderr, so a script can parse stdout."""
 
-    def __init__(self):
+    interactive = False
+
+    def __init__(self, prog, read_input=True):
+        self.prog = prog
         for stream in (sys.stdin, sys.stdout, sys.stderr):
             stream.reconfigure(errors="replace" if stream is sys.stdin else "backslashreplace")
+        self._width = shutil.get_terminal_size().columns if sys.stdout.isatty() else None
         self._inbox = queue.Queue()
-        self._lock = threading.Lock()
-        self.status = ""
-        threading.Thread(target=self._read_stdin, name="stdin", daemon=True).start()
+        self._printing = queue.Queue()
+        self._printer = guarded(self._print, lambda error: None, "printer")  # a closed stdout: nothing to tell
+        if read_input:
+            guarded(self._read_stdin, lambda error: self._inbox.put(None), "stdin")
 
     def _read_stdin(self):
         for line in sys.stdin:
-            self._inbox.put(line.rstrip("\r\n"))
+            self._inbox.put(line.rstrip("\n"))
         self._inbox.put(None)
 
     def read_line(self):
@@ -881,33 +2640,70 @@ class PlainUI:
     def wake(self):
         self._inbox.put(WAKE)
 
-    def show(self, line):
-        with self._lock:
-            print(line, flush=True)
+    def show(self, lines, kind="chat"):
+        """Queue a block for the printer thread: a slow reader of our output stalls nothing else."""
+        self._printing.put((kind, layout(prefixed(self.prog, lines, kind), self._width)))
 
-    def error(self, line):
-        with self._lock:
-            print(line, file=sys.stderr, flush=True)
+    def set_status(self, fields, order):
+        pass  # a pipe has no status line
+
+    def _print(self):
+        while (item := self._printing.get()) is not None:
+            kind, rows = item
+            stream = sys.stdout if kind == "chat" else sys.stderr
+            stream.write("\n".join(rows) + "\n")
+            stream.flush()
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
+        self._printing.put(None)
+        self._printer.join(timeout=5)
         return False
 
 
-class TerminalUI:
-    """A terminal (prompt_toolkit): the typed line stays intact while messages print above it, with line
-    editing, history and a status line. Imported only here, to keep it off the non-terminal path."""
+def prefixed(prog, lines, kind):
+    """Errors and warnings say whose they are, in one style: `aeschat-client: error: ...`."""
+    if kind in ("error", "warning"):
+        return [f"{prog}: {kind}: {lines[0]}", *lines[1:]]
+    return list(lines)
 
-    def __init__(self):
+
+_MOUSE_REPORT = re.compile(r"\x1b\[(<\d+;\d+;\d+[mM]|\d+;\d+;\d+M|M...)\Z", re.S)
+
+
+class TerminalUI:
+    """A terminal (prompt_toolkit): the typed line stays intact while messages print above it, with line editing,
+    history, multi-line messages (a paste, or Alt-Enter) and a status line. Imported only here, to keep it off
+    the pipe path."""
+
+    interactive = True
+
+    def __init__(self, prog):
         from prompt_toolkit import PromptSession
+        from prompt_toolkit.key_binding import KeyBindings
+        from prompt_toolkit.keys import Keys
         from prompt_toolkit.patch_stdout import patch_stdout
 
-        self._prompt = PromptSession(history=None, erase_when_done=True)  # "Sent: ..." replaces the typed line
-        self._patch = patch_stdout()
+        self.prog = prog
+        keys = KeyBindings()
+
+        @keys.add("escape", "enter")  # Alt-Enter, or Esc then Enter: a new line inside the message
+        def _(event):
+            event.current_buffer.insert_text("\n")
+
+        @keys.add(Keys.Vt100MouseEvent)
+        def _(event):
+            # prompt_toolkit takes any ESC [ digits m for a mouse report, and its own handler raises on what is not
+            # one (Esc then "[31m" typed quickly). We never turn mouse reporting on, so it is typed text: keep it.
+            if not _MOUSE_REPORT.match(event.data):
+                event.current_buffer.insert_text(event.data[1:])
+
+        self._session = PromptSession(history=None, key_bindings=keys, erase_when_done=True)
+        self._patch = patch_stdout(raw=True)
         self._woken = threading.Event()
-        self.status = ""
+        self._status = ([[""]], ())
 
     def __enter__(self):
         self._patch.__enter__()
@@ -916,419 +2712,96 @@ class TerminalUI:
     def __exit__(self, *exc):
         return self._patch.__exit__(*exc)
 
+    def _width(self):
+        return self._session.output.get_size().columns
+
     def read_line(self):
         if self._woken.is_set():
             self._woken.clear()
             return WAKE
         try:
-            return self._prompt.prompt("> ", bottom_toolbar=lambda: self.status, refresh_interval=0.5,
-                                       pre_run=self._exit_if_woken)
+            text = self._session.prompt("> ", bottom_toolbar=self._toolbar, refresh_interval=0.5,
+                                        pre_run=self._exit_if_woken)
         except EOFError:
             return None
+        return text if text is WAKE else text.rstrip("\n")
+
+    def _toolbar(self):
+        return fit_status(*self._status, self._width())
 
     def _exit_if_woken(self):
-        app = self._prompt.app
+        app = self._session.app
         if self._woken.is_set() and app.is_running and not app.future.done():
             self._woken.clear()
             app.exit(result=WAKE)
 
     def wake(self):
         self._woken.set()
-        app = self._prompt.app
+        app = self._session.app
         if app.is_running:
             app.loop.call_soon_threadsafe(self._exit_if_woken)
 
-    def show(self, line):
-        print(line, flush=True)
+    def show(self, lines, kind="chat"):
+        rows = layout(prefixed(self.prog, lines, kind), self._width())
+        print("\n".join(rows), flush=True)
 
-    error = show
-
-
-def make_ui():
-    if sys.stdin.isatty() and sys.stdout.isatty():
-        return TerminalUI()
-    return PlainUI()
+    def set_status(self, fields, order):
+        self._status = (fields, order)
 
 
-class Link:
-    """One connection of a chat: a reader thread and a writer thread over one socket."""
-
-    def __init__(self, chat, sock, conn, peer):
-        self.chat, self.sock, self.conn, self.peer = chat, sock, conn, peer
-        self.ready = False  # messages may flow (after the Resume exchange)
-        self.goodbye = False  # the peer said goodbye
-        self.closed = False
-        self._outbox = queue.Queue()
-        self._last_sent = self._last_received = time.monotonic()
-        self._writer = threading.Thread(target=self._write, name="writer", daemon=True)
-
-    def start(self):
-        self._writer.start()
-        threading.Thread(target=self._read, name="reader", daemon=True).start()
-
-    def send(self, event):
-        """Seal event and queue it for the writer; the caller holds the chat's lock."""
-        self.conn.send(event)
-        self._outbox.put(self.conn.data_to_send())
-
-    def finish(self, timeout):
-        """Let the writer send what is queued (bounded), then close."""
-        self._outbox.put(None)
-        self._writer.join(timeout=timeout)
-        self.close()
-
-    def close(self):
-        self.closed = True
-        self._outbox.put(None)
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
-
-    def _write(self):
-        while True:
-            data = self._outbox.get()
-            while data is not None and not self._outbox.empty():  # coalesce what is waiting
-                more = self._outbox.get()
-                if more is None:
-                    self._outbox.put(None)
-                    break
-                data += more
-            if data is None:
-                return
-            try:
-                self.sock.sendall(data)
-            except OSError as e:
-                self.chat.lost(self, e.strerror or str(e))
-                return
-            self._last_sent = time.monotonic()
-
-    def _read(self):
-        chat = self.chat
-        try:
-            while not self.closed:
-                readable, _, _ = select.select([self.sock], [], [], min(1.0, chat.keepalive))
-                if readable:
-                    data = self.sock.recv(RECV_SIZE)
-                    self._last_received = time.monotonic()
-                    with chat.lock:
-                        self.conn.receive_data(data)
-                    while (event := self._next_event()) is not None:
-                        chat.handle(self, event)
-                    if not data:
-                        return
-                elif time.monotonic() - self._last_received > chat.dead_after:
-                    chat.lost(self, f"no sign of the peer for {chat.dead_after:.0f} s")
-                    return
-                elif time.monotonic() - self._last_sent > chat.keepalive and self.conn.acknowledges:
-                    self._last_sent = time.monotonic()
-                    with chat.lock:
-                        self.send(Ping())
-        except TruncatedFrame:
-            chat.lost(self, "the connection was cut in the middle of a record")
-        except Refused as e:
-            chat.end(EXIT_NETWORK, str(e))
-        except RemoteProtocolError as e:
-            chat.end(EXIT_SECURITY, f"security failure: {e}; the chat is closed")
-        except (OSError, ValueError) as e:  # ValueError: select on a socket closed under it
-            chat.lost(self, getattr(e, "strerror", None) or str(e))
-
-    def _next_event(self):
-        with self.chat.lock:
-            if self.closed:
-                return None
-            return self.conn.next_event()
+def make_ui(prog, receive_only=False):
+    if sys.stdin.isatty() and sys.stdout.isatty() and not receive_only:
+        return TerminalUI(prog)
+    return PlainUI(prog, read_input=not receive_only)
 
 
-class Chat:
-    """One conversation: its state, the link it runs over now (if any), and what the user sees.
+# ===================================================================================================
+# 11. The command line.
 
-    When a link is lost without a goodbye, a client reconnects (reconnect() gives a new link's
-    socket, connection and peer) and a server holds the conversation for a client to come back, both
-    for `grace` seconds; then each side sends again what the other had not acknowledged.
-    """
-
-    def __init__(self, ui, conversation, legacy=False, keepalive=KEEPALIVE, grace=0.0, reconnect=None):
-        self.ui, self.conversation, self.legacy = ui, conversation, legacy
-        self.keepalive, self.dead_after = keepalive, keepalive * DEAD_AFTER / KEEPALIVE
-        self.grace, self.reconnect = (0.0 if legacy else grace), reconnect
-        self.lock = threading.RLock()
-        self._changed = threading.Condition(self.lock)
-        self.link = None
-        self.peer = ""
-        self.outcome = None  # (exit code, what to tell the user) once the chat is over
-        self._lost_at = None
-
-    @property
-    def active(self):
-        return self.outcome is None
-
-    # -- links
-
-    def attach(self, sock, conn, peer, peer_resume=None):
-        """Run the chat over a new connection (replacing any old one); the server passes the client's
-        Resume, which it has already read; a client sends its own and waits for the server's.
-        False if the chat ended meanwhile (and the socket is closed)."""
-        link = Link(self, sock, conn, peer)
-        with self.lock:
-            if self.outcome is not None:
-                link.close()
-                return False
-            old, self.link, self.peer, was_lost = self.link, link, peer, self._lost_at is not None
-            self._lost_at = None
-            self._changed.notify_all()  # a server holding the conversation stops waiting
-            if self.legacy:
-                link.ready = True
-            elif peer_resume is None:
-                link.send(self.conversation.resume_request())
-            else:
-                self._resume(link, peer_resume)
-        if old is not None:
-            old.close()
-        if was_lost or old is not None:
-            self.ui.show(f"reconnected to {peer}")
-        link.start()
-        self.update_status()
-        return True
-
-    def _resume(self, link, peer_resume):
-        reply, again = self.conversation.on_resume(peer_resume, server=self.reconnect is None)
-        if reply is not None:
-            link.send(reply)
-        for message in again:
-            link.send(message)
-        link.ready = True
-
-    def lost(self, link, reason):
-        """A link failed: reconnect, hold the conversation, or end the chat."""
-        with self.lock:
-            if link is not self.link or self.outcome is not None:
-                return
-            self.link = None
-            self._lost_at = token = time.monotonic()
-            unsent = len(self.conversation.unacked)
-        link.close()
-        if self.grace <= 0:
-            self.end(EXIT_NETWORK, f"connection lost: {reason}")
-            return
-        self.ui.error(f"connection lost: {reason}; {'reconnecting' if self.reconnect else 'waiting for the client'}"
-                      f" ({unsent} unsent)")
-        self.update_status()
-        target = self._reconnect if self.reconnect else self._hold
-        threading.Thread(target=target, args=(token,), name="reconnect", daemon=True).start()
-
-    def _hold(self, token):
-        with self.lock:
-            self._changed.wait_for(lambda: self._lost_at != token or self.outcome is not None, timeout=self.grace)
-            expired = self._lost_at == token and self.outcome is None
-        if expired:
-            self.end(EXIT_NETWORK, f"the client did not come back within {self.grace:.0f} s")
-
-    def _reconnect(self, _token):
-        deadline, delay = time.monotonic() + self.grace, 0.2
-        while time.monotonic() < deadline and self.outcome is None:
-            try:
-                sock, conn, peer = self.reconnect()
-            except (AuthenticationError, NotAeschatPeer) as e:
-                self.end(EXIT_SECURITY, f"cannot reconnect: {e}")
-                return
-            except (NetworkError, OSError, TruncatedFrame, Refused):
-                with self.lock:  # back off, but wake at once if the chat ends meanwhile
-                    self._changed.wait_for(lambda: self.outcome is not None, timeout=delay)
-                delay = min(delay * 2, 2.0)  # when the network is back, we are back within 2 s
-                continue
-            self.attach(sock, conn, peer)
-            return
-        self.end(EXIT_NETWORK, f"connection lost: could not reconnect within {self.grace:.0f} s")
-
-    # -- events from a link's reader
-
-    def handle(self, link, event):
-        with self.lock:
-            if isinstance(event, Message):
-                if self.legacy or self.conversation.accept(event):
-                    self.ui.show(verify_and_display(event))
-                if not self.legacy:
-                    link.send(Ack(event.id))
-            elif isinstance(event, Ack):
-                self.conversation.acknowledged(event.id)
-                self._changed.notify_all()
-            elif isinstance(event, Resume):
-                if link.ready or self.reconnect is None:
-                    raise RemoteProtocolError("an unexpected Resume")
-                self._resume(link, event)
-            elif isinstance(event, Goodbye):
-                link.goodbye = True
-            elif isinstance(event, Busy):
-                raise Refused("the server is busy with another chat")
-            elif isinstance(event, ConnectionClosed):
-                if link.goodbye or self.legacy:
-                    self.end(EXIT_OK, "peer left the chat")
-                else:
-                    self.lost(link, "the peer went away without saying goodbye")
-        self.update_status()
-
-    # -- the input loop's side
-
-    def send_text(self, text):
-        """Send one typed line (queued while disconnected); one that cannot be sent gets a one-line error."""
-        timestamp = now_iso()
-        with self.lock:
-            if len(self.conversation.unacked) >= MAX_QUEUED:
-                self.ui.error(f"not sent: {MAX_QUEUED} messages are waiting for the peer already")
-                return
-            try:
-                message = self.conversation.new_message(text, timestamp)
-            except LocalProtocolError as e:
-                self.ui.error(f"not sent: {e}")
-                return
-            link = self.link
-            if link is not None and link.ready:
-                link.send(message)
-            if self.legacy:
-                self.conversation.acknowledged(message.id)  # no acknowledgements in the legacy format
-        self.ui.show(sent_line(text, timestamp))
-        if self.legacy:
-            for warning in legacy_warnings(text, legacy_size(text)):
-                self.ui.error(f"warning: an original receiver may mangle this message: {warning}")
-        self.update_status()
-
-    def leave(self, wait=FLUSH_TIMEOUT):
-        """Wait (bounded) for every message to be acknowledged, say goodbye, close."""
-        with self.lock:
-            self._changed.wait_for(lambda: not self.conversation.unacked or self.outcome is not None, timeout=wait)
-            undelivered = len(self.conversation.unacked)
-            link = self.link
-            if link is not None and self.outcome is None and not self.legacy:
-                link.send(Goodbye())
-        self.end(EXIT_NETWORK if undelivered else EXIT_OK,
-                 f"{undelivered} message{'s' if undelivered > 1 else ''} not delivered" if undelivered else None)
-        if link is not None:
-            link.finish(timeout=max(wait, 1.0))  # time to write the goodbye, even in a hurry
-
-    def end(self, code, message):
-        """The chat is over: record why and wake the input loop, which tells the user (run_chat)."""
-        with self.lock:
-            if self.outcome is not None:
-                return
-            self.outcome = (code, message)
-            link, self.link = self.link, None
-            self._changed.notify_all()
-        if link is not None and code != EXIT_OK:
-            link.close()
-        self.ui.wake()
-
-    def close(self):
-        with self.lock:
-            link, self.link = self.link, None
-        if link is not None:
-            link.close()
-
-    def update_status(self):
-        with self.lock:
-            unsent, link = len(self.conversation.unacked), self.link
-        if self.legacy:
-            state = f"{self.peer} | legacy, NOT SECURE"
-        elif link is None and self.outcome is None:
-            state = f"connection lost, {'reconnecting' if self.reconnect else 'waiting for the client'}"
-        else:
-            state = f"{self.peer} | aeschat v1, encrypted"
-        self.ui.status = f" {state} | {unsent} undelivered | quit() to leave "
+LEGACY_WARNING = ("--legacy is NOT SECURE: AES-ECB under an unsalted key, no authentication; anyone on the "
+                  "network can read, alter and replay messages. Use it only with the original scripts.")
 
 
-LEGACY_WARNING = ("WARNING: --legacy is NOT SECURE: AES-ECB under an unsalted key, no authentication; anyone on "
-                  "the network can read, alter and replay messages. Use it only with the original scripts.")
-
-
-def banner(ui, peer, legacy):
-    if legacy:
-        ui.show(f"Connected to {peer} (legacy format: not authenticated, not protected).")
-    else:
-        ui.show(f"Connected to {peer}: authenticated and encrypted (aeschat v1: SPAKE2, AES-256-CTR, HMAC-SHA256).")
-    ui.show(f"{VERIFIED} = message verified, {FAILED} = verification failed. Type quit() or press Ctrl-D to leave.")
-
-
-def run_chat(chat, typed=()):
-    """The input loop of one chat (after any lines already `typed` for it); returns its exit code.
-
-    The final line (peer left, connection lost, security failure) is printed here, by the thread that
-    then returns: a thread that ended the chat could be cut short as the program exits."""
-    ui, typed = chat.ui, list(typed)
+def read_key_file(path):
+    """The passphrase in a key file: UTF-8 (a byte order mark is dropped), less one trailing newline."""
     try:
-        while chat.active:
-            line = typed.pop(0) if typed else ui.read_line()
-            if line is WAKE:
-                continue
-            if line is None or line.strip() == "quit()":
-                chat.leave()
-                break
-            if line.strip():
-                chat.send_text(line)
-    except KeyboardInterrupt:
-        chat.leave(wait=0)  # Ctrl-C leaves at once, but still says goodbye
-        raise
-    finally:
-        chat.close()
-        if chat.outcome is not None and chat.outcome[1]:
-            code, message = chat.outcome
-            (ui.show if code == EXIT_OK else ui.error)(message)
-    return chat.outcome[0]
-
-
-def first_event(sock, conn, deadline):
-    """Read until conn yields its first event after the handshake (the client's Resume), within deadline."""
-    sock.settimeout(deadline)
+        with open(path, "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            data = f.read()
+    except OSError as e:
+        raise UsageError(f"cannot read the key file {path}: {describe(e)}") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        print(f"warning: the key file {path} can be read by other users (chmod 600 {path})", file=sys.stderr)
     try:
-        while (event := conn.next_event()) is None:
-            conn.receive_data(sock.recv(RECV_SIZE))
-        return event
-    except socket.timeout:
-        raise NetworkError(f"nothing from the peer within {deadline:.0f} s") from None
-    finally:
-        sock.settimeout(None)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:  # say where, never which bytes: they are the secret
+        raise UsageError(f"the key file {path} is not UTF-8 text") from None
+    text = text[1:] if text.startswith("\ufeff") else text
+    for ending in ("\r\n", "\n"):
+        if text.endswith(ending):
+            return text[: -len(ending)]
+    return text
 
 
-def handshake(sock, conn, deadline):
-    """Run the v1 handshake on a connected socket, within deadline seconds."""
-    sock.settimeout(deadline)
-    end = time.monotonic() + deadline
-    try:
-        while True:
-            event = conn.next_event()
-            out = conn.data_to_send()
-            if out:
-                sock.sendall(out)
-            if isinstance(event, HandshakeComplete):
-                return
-            if isinstance(event, ConnectionClosed):
-                raise NetworkError("the connection closed during the handshake "
-                                   "(is the peer an aeschat v1 program, and not in --legacy mode?)")
-            if event is None:
-                sock.settimeout(max(0.01, end - time.monotonic()))
-                conn.receive_data(sock.recv(RECV_SIZE))
-    except socket.timeout:
-        raise NetworkError(f"no aeschat handshake within {deadline:.0f} s "
-                           "(is the peer an aeschat v1 program? --legacy talks to the original scripts)") from None
-    finally:
-        sock.settimeout(None)
-
-
-def read_passphrase(args):
-    """--key-file, else AESCHAT_KEY, else a prompt that does not echo; never argv."""
+def passphrase_given(args):
+    """--key-file, else AESCHAT_KEY; None when neither is given (then only a prompt can ask)."""
     if args.key_file:
-        try:
-            with open(args.key_file, encoding="utf-8") as f:
-                passphrase = f.read()
-        except (OSError, UnicodeDecodeError) as e:
-            raise UsageError(f"cannot read the key file {args.key_file}: {getattr(e, 'strerror', None) or e}") from None
-        passphrase = passphrase[:-1] if passphrase.endswith("\n") else passphrase
-        passphrase = passphrase[:-1] if passphrase.endswith("\r") else passphrase
+        passphrase = read_key_file(args.key_file)
     elif os.environ.get("AESCHAT_KEY") is not None:
         passphrase = os.environ["AESCHAT_KEY"]
-    elif sys.stdin.isatty():
-        passphrase = getpass.getpass("Passphrase: ")
     else:
+        return None
+    return checked_passphrase(passphrase)
+
+
+def prompt_passphrase():
+    if not sys.stdin.isatty():
         raise UsageError("no passphrase: give one with --key-file PATH or the AESCHAT_KEY environment variable")
-    if not passphrase:
+    return checked_passphrase(getpass.getpass("Passphrase: "))
+
+
+def checked_passphrase(passphrase):
+    if not passphrase.strip():
         raise UsageError("the passphrase is empty")
     return passphrase
 
@@ -1365,23 +2838,35 @@ def argument_parser(prog, description):
     return parser
 
 
-def run(main):
-    """Run a program's main, mapping every error to a one-line message and its exit code."""
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+def run(main, prog):
+    """Run a program's main, mapping every error to one line and its exit code."""
+    with contextlib.suppress(ImportError, ValueError, OSError):
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core file holds the passphrase
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGHUP, _terminate)
     try:
         code = main()
     except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        code = EXIT_OK
+        print(f"\n{prog}: interrupted", file=sys.stderr)
+        code = EXIT_INTERRUPTED
+    except Terminated:
+        code = EXIT_TERMINATED
     except AeschatError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         code = exit_code(e)
     except BrokenPipeError:
-        code = EXIT_OK
-    sys.stdout.flush() if not sys.stdout.closed else None
+        code = EXIT_NETWORK
+    except Exception as e:
+        print(f"{prog}: error: {describe(e)}", file=sys.stderr)
+        code = EXIT_INTERNAL
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
     sys.exit(code)
-
-
-def address(sockaddr):
-    """host:port, with brackets around an IPv6 host."""
-    host, port = sockaddr[:2]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

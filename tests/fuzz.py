@@ -44,10 +44,14 @@ def legacy(data):
 
 
 def handshake(data):
-    server = common.ServerConnection("pw", entropy=lambda n: bytes(range(n)))
+    server = common.ServerConnection(entropy=lambda n: bytes(range(n)))
     server.receive_data(data)
     server.receive_data(b"")
-    drain(server.next_event)
+    while (event := server.next_event()) not in (None, common.ConnectionClosed()):
+        if isinstance(event, common.HelloReceived):
+            server.answer("pw")
+        elif isinstance(event, common.ConfirmationReceived):
+            server.check()
 
 
 TARGETS = [frames, record, common.decode_payload, legacy, handshake]

@@ -7,6 +7,7 @@ number of bytes, and relay byte by byte.
 """
 
 import contextlib
+import os
 import socket
 import struct
 import threading
@@ -126,18 +127,21 @@ class Proxy:
             if self.down:
                 client.close()
                 continue
-            try:
-                server = socket.create_connection(("127.0.0.1", self.target_port))
-            except OSError:
-                client.close()
-                continue
-            for sock in (client, server):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            relay = Relay(self, client, server)
-            with self.new_relay:
-                self.relays.append(relay)
-                self.new_relay.notify_all()
-            relay.start()
+            self._connect(client)
+
+    def _connect(self, client):
+        try:
+            server = socket.create_connection(("127.0.0.1", self.target_port))
+        except OSError:
+            client.close()
+            return
+        for sock in (client, server):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        relay = Relay(self, client, server)
+        with self.new_relay:
+            self.relays.append(relay)
+            self.new_relay.notify_all()
+        relay.start()
 
     def relay(self, index, timeout=20):
         """The index-th connection made through the proxy, once it exists."""
@@ -153,7 +157,7 @@ class Proxy:
 
 
 class Attacker:
-    """A v1 client built from the protocol core, every byte of which the test controls."""
+    """A v2 client built from the protocol core, every byte of which the test controls."""
 
     def __init__(self, port, passphrase):
         self.sock = socket.create_connection(("127.0.0.1", port))
@@ -164,14 +168,23 @@ class Attacker:
         """Handshake and resume exchange: from here on, records may be sent."""
         common.handshake(self.sock, self.conn, deadline)
         self.send_raw(self.record(self.conversation.resume_request()))
-        resume = common.first_event(self.sock, self.conn, deadline)
+        resume = self.next_event(deadline)
         assert isinstance(resume, common.Resume), resume
         return self
 
+    def next_event(self, deadline=10):
+        """The next event from the server, reading as needed."""
+        self.sock.settimeout(deadline)
+        try:
+            while (event := self.conn.next_event()) is None:
+                self.conn.receive_data(self.sock.recv(1 << 20))
+            return event
+        finally:
+            self.sock.settimeout(None)
+
     def record(self, event):
         """The frame that carries event (the sequence number advances as if it were sent)."""
-        self.conn.send(event)
-        return self.conn.data_to_send()
+        return self.conn.seal(event)
 
     def message(self, text):
         return self.record(self.conversation.new_message(text, common.now_iso()))
@@ -182,3 +195,52 @@ class Attacker:
     def close(self):
         with contextlib.suppress(OSError):
             self.sock.close()
+
+
+class GuessingServer(Proxy):
+    """A man in the middle who relays a client's first connection to the real server, and answers every later
+    one himself, as a server would: with a SPAKE2 hello for a guess (answer "guess"), or a forged refusal (answer
+    common.UNKNOWN or common.BUSY). For each key confirmation the client then sends him, he checks his guess
+    offline, exactly as he would with a dictionary; then he hangs up.
+
+    checked: the passphrase guesses he could check; resumptions: confirmations that only prove a resumption
+    secret (256 random bits: nothing to guess)."""
+
+    def __init__(self, target_port, answer="guess"):
+        self.answer, self.checked, self.resumptions = answer, [], 0
+        self._guesses = (f"guess number {i}" for i in range(10**6))
+        super().__init__(target_port)
+
+    def _connect(self, client):
+        if not self.relays:
+            return super()._connect(client)
+        threading.Thread(target=self._impersonate, args=(client,), daemon=True).start()
+
+    def _impersonate(self, sock):
+        with contextlib.suppress(OSError, common.AeschatError), sock:
+            sock.settimeout(10)
+            conn = common.ServerConnection()
+            sock.sendall(conn.data_to_send())
+            event = self._until(conn, sock, common.HelloReceived)
+            if self.answer != "guess":
+                conn.refuse(self.answer)
+                sock.sendall(conn.data_to_send())
+                return
+            guess = next(self._guesses) if event.kind == common.PASSPHRASE else os.urandom(32)
+            conn.answer(guess)
+            sock.sendall(conn.data_to_send())
+            self._until(conn, sock, common.ConfirmationReceived)
+            right = conn.check()  # the offline check: does the client's confirmation match this guess?
+            if event.kind == common.PASSPHRASE:
+                self.checked.append((guess, right))
+            else:
+                self.resumptions += 1
+
+    @staticmethod
+    def _until(conn, sock, kind):
+        while not isinstance(event := conn.next_event(), kind):
+            data = sock.recv(4096)
+            if not data:
+                raise OSError("the client went away")
+            conn.receive_data(data)
+        return event

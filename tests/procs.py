@@ -6,6 +6,7 @@ Every wait is for output we expect, with a timeout: no sleeps stand in for synch
 import os
 import queue
 import re
+import resource
 import subprocess
 import sys
 import threading
@@ -20,13 +21,18 @@ TIMEOUT = 20  # seconds any one expected line may take on a loaded 2-core CI mac
 class Proc:
     """A child process with its stdout and stderr read line by line into one queue."""
 
-    def __init__(self, args, passphrase=PASSPHRASE, env=None, stdin=subprocess.PIPE):
+    def __init__(self, args, passphrase=PASSPHRASE, env=None, stdin=subprocess.PIPE, max_files=None):
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         full_env.pop("AESCHAT_KEY", None)
         if passphrase is not None:
             full_env["AESCHAT_KEY"] = passphrase
+
+        def limits():  # in the child, before it runs: at most max_files descriptors
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max_files, max_files))
+
         self.proc = subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, env=full_env, stdin=stdin,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     preexec_fn=limits if max_files else None)
         self.lines = queue.Queue()
         self.seen = []  # every (stream, line) read so far
         self.pending = {"out": [], "err": []}  # lines not yet consumed by expect, per stream
@@ -48,15 +54,13 @@ class Proc:
 
         Lines are consumed up to the match on its own stream only: stdout and stderr are read by two
         threads, so their order relative to each other is not guaranteed, only each one's own order."""
+        streams = ("out", "err") if stream is None else (stream,)
+        for name in streams:  # lines already read and not consumed
+            match = self._consume(name, pattern, 0)
+            if match:
+                return match
         end = time.monotonic() + timeout
         while True:
-            for name in ("out", "err") if stream is None else (stream,):
-                pending = self.pending[name]
-                for i, line in enumerate(pending):
-                    match = re.search(pattern, line)
-                    if match:
-                        del pending[: i + 1]
-                        return match
             remaining = end - time.monotonic()
             if remaining <= 0 or len(self.closed) == 2:
                 raise AssertionError(f"no line matching {pattern!r}; seen: {self.seen[-15:]}")
@@ -66,9 +70,22 @@ class Proc:
                 continue
             if line is None:
                 self.closed.add(name)
-            else:
-                self.seen.append((name, line))
-                self.pending[name].append(line)
+                continue
+            self.seen.append((name, line))
+            self.pending[name].append(line)
+            if name in streams:  # only the new line can match now
+                match = self._consume(name, pattern, len(self.pending[name]) - 1)
+                if match:
+                    return match
+
+    def _consume(self, name, pattern, start):
+        pending = self.pending[name]
+        for i in range(start, len(pending)):
+            match = re.search(pattern, pending[i])
+            if match:
+                del pending[: i + 1]
+                return match
+        return None
 
     def send(self, text):
         self.proc.stdin.write(text.encode("utf-8"))
@@ -94,9 +111,10 @@ class Proc:
             self.proc.wait()
 
 
-def start_server(*extra, passphrase=PASSPHRASE, env=None):
+def start_server(*extra, passphrase=PASSPHRASE, env=None, max_files=None):
     """server.py on 127.0.0.1 and a free port; returns (process, port) once it is listening."""
-    server = Proc(["server.py", "0", "--host", "127.0.0.1", *extra], passphrase=passphrase, env=env)
+    server = Proc(["server.py", "0", "--host", "127.0.0.1", *extra], passphrase=passphrase, env=env,
+                  max_files=max_files)
     port = int(server.expect(r"listening on 127\.0\.0\.1:(\d+)").group(1))
     return server, port
 

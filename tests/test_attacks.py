@@ -14,9 +14,10 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import procs
 import pyaes
 import pytest
-from mitm import C2S, S2C, Attacker, Proxy
+from mitm import C2S, S2C, Attacker, GuessingServer, Proxy
 from procs import PASSPHRASE, ROOT, Proc, connected, received
 
 import common
@@ -162,21 +163,18 @@ def test_record_attacks_are_detected_and_the_server_goes_on(spawn, proxies, atta
     client.send("first\nsecond\n")
     victim = server if detector == "server" else client
     victim.expect("security failure: a record failed its integrity check")
-    if detector == "client":
-        assert client.wait() == 3
-        server.expect("connection lost")
-    else:
-        client.expect("connection lost")
-        assert client.wait() == 1
+    # The side that detected it says so to the other in an authenticated alert: both end, both say why.
+    other = client if detector == "server" else server
+    other.expect("security failure: the peer says one of our records failed its integrity check there")
+    assert client.wait() == 3
     sanity(spawn, port, "after", server)
     shown = [line for _, line in server.seen if line.startswith("Received:")]
     assert all("☒" in line for line in shown)
     assert len([line for line in shown if "first" in line]) <= 1  # never shown twice
     if attack in ("drop", "reorder", "truncation"):
         assert not any("second" in line for line in shown)
-    ending = "the client exits 3" if detector == "client" else "the server ends that chat as a security failure"
-    score(f"Tampering: {attack}", f"detected by the {detector} ({ending}); nothing altered shown; "
-          "sanity chats before and after pass")
+    score(f"Tampering: {attack}", f"detected by the {detector}, which alerts the other: both end the chat as a "
+          "security failure (the client exits 3); nothing altered shown; sanity chats before and after pass")
 
 
 def test_a_record_spliced_from_another_session_is_detected(spawn, proxies, score):
@@ -263,8 +261,8 @@ def test_connection_cut_at_every_byte_of_the_handshake_and_first_record(spawn, s
 
 def test_server_stream_cut_at_every_byte_of_the_handshake(spawn, proxies, score):
     server, port = spawn("server", "--no-reconnect")
-    hello, confirm = 4 + common.HELLO_SIZE, 4 + 32
-    offsets = list(range(hello + confirm + 1))
+    greeting, hello, confirm = 4 + 11, 4 + len(common.PREFIX) + 1 + common.SPAKE2_MESSAGE_SIZE, 4 + 32
+    offsets = list(range(greeting + hello + confirm + 1))
 
     def one(cut):
         proxy = proxies(port)
@@ -298,7 +296,7 @@ def junk(kind, rng):
         "HTTP request": lambda: b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n",
         "TLS ClientHello": lambda: bytes.fromhex("16030100c4010000c00303") + rng.randbytes(180),
         "4 GiB length": lambda: b"\xff\xff\xff\xff" + rng.randbytes(100),
-        "half a frame": lambda: common.frame(common.HELLO_PREFIX + b"A" + rng.randbytes(32))[:20],
+        "half a frame": lambda: common.frame(common.PREFIX + common.PASSPHRASE + b"A" + rng.randbytes(32))[:20],
         "legacy peer": lambda: common.legacy_encode(cipher, "hello", "12:00:00"),
         "nothing": lambda: b"",
     }[kind]()
@@ -465,3 +463,185 @@ def test_the_coverage_guided_fuzzer_finds_nothing_in_a_short_run(score):
     score("Fuzzing", f"hypothesis: every property at 1,000 examples in CI, with a stateful session model; atheris: "
           f"{runs:,} inputs across 5 decoders in {time.monotonic() - started:.0f} s with no escape but the "
           "project's own error (`python tests/fuzz.py -max_total_time=600` for ten minutes)")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The door: nothing a stranger without the passphrase does may cost a real client its turn
+
+
+def wrong_guess(port):
+    attacker = Attacker(port, "a wrong guess")
+    with pytest.raises(common.AuthenticationError):
+        attacker.open(deadline=30)
+    attacker.close()
+
+
+def test_a_real_client_is_served_after_wrong_guesses_and_a_flood_of_bare_and_idle_connections(spawn, score):
+    """Once, every accepted socket booked a guess slot: 4 wrong guesses then 100 bare connects locked a real
+    client out (it gave up after 30 s, with ~778 s of waiting booked)."""
+    server, port = spawn("server")
+    for _ in range(4):
+        wrong_guess(port)
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(100)]
+    for _ in range(100):
+        socket.create_connection(("127.0.0.1", port)).close()
+    started = time.monotonic()
+    client = spawn("client", port)
+    client.expect("authenticated and encrypted")
+    served = time.monotonic() - started
+    for sock in idle:
+        sock.close()
+    client.send("through\n")
+    server.expect("Received: through  ☒")
+    score("Door: wrong guesses, then bare and idle connections",
+          f"4 wrong guesses, then 100 idle and 100 bare connections: a real client served in {served:.1f} s "
+          f"(the guessing limit's wait after 4 failures is at most {common.GuessLimiter.MAX_GUESS_INTERVAL} s)")
+
+
+def test_the_door_survives_running_out_of_descriptors(spawn, score):
+    """Once, EMFILE killed the accept thread for good: the server looked alive and never served anyone again."""
+    server, port = spawn("server", max_files=48)
+    idle = []
+    with contextlib.suppress(OSError):
+        for _ in range(200):
+            idle.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+    server.expect("out of file descriptors")
+    started = time.monotonic()
+    client = spawn("client", port)
+    client.expect("authenticated and encrypted")
+    served = time.monotonic() - started
+    client.send("no descriptor to spare\n")
+    server.expect("Received: no descriptor to spare  ☒")
+    for sock in idle:
+        sock.close()
+    assert "Traceback" not in "".join(line for _, line in server.seen)
+    score("Door: out of descriptors", f"a server limited to 48 descriptors, {len(idle)} idle connections opened at "
+          f"it: it dropped the oldest and served a real client in {served:.1f} s")
+
+
+def test_guesses_at_start_up_are_checked_one_at_a_time(spawn, score):
+    """Once, ~60 guesses sent together were all checked at start-up (and after every successful login)."""
+    server, port = spawn("server")
+    guessers = [Attacker(port, f"guess {i}") for i in range(12)]
+    pool = ThreadPoolExecutor(max_workers=len(guessers))
+
+    def guess(attacker):
+        with contextlib.suppress(common.AeschatError, OSError):
+            attacker.open(deadline=30)
+
+    for attacker in guessers:
+        pool.submit(guess, attacker)
+    seen_at = []
+    for _ in range(3):
+        server.expect(r"failed passphrase attempt from 127\.0\.0\.1:\d+")
+        seen_at.append(time.monotonic())
+    first_second = sum(1 for t in seen_at if t - seen_at[0] < 0.9)
+    for attacker in guessers:
+        attacker.close()
+    pool.shutdown(wait=False)
+    assert first_second == 1 and seen_at[2] - seen_at[1] >= 1.8 - 0.2
+    score("Door: guesses at start-up", f"{len(guessers)} wrong guesses sent together at a fresh server: "
+          f"{first_second} checked in the first second, then one after 1 s, one after 2 s more, and so on")
+
+
+ODD_RECORDS = {  # each inside a record whose MAC is valid: from a peer that knows the passphrase
+    "conv a lone surrogate": ("resume", '{"type":"resume","conv":"' + "\\ud800" * 32 + '","next":0,"base":0,'
+                                        '"resumed":false}'),
+    "hash not hex": ("msg", '{"type":"msg","id":0,"timestamp":"2026-11-27T12:34:56+00:00","message":"x",'
+                            '"hash":"' + "é" * 64 + '"}'),
+    "timestamp whose offset overflows": ("msg", '{"type":"msg","id":0,"timestamp":"9999-12-31T23:59:59-23:59",'
+                                                '"message":"x","hash":"' + common.text_hash("x") + '"}'),
+    "JSON nested 100,000 deep": ("msg", '{"type":"msg","id":' + "[" * 100_000 + "]" * 100_000 + "}"),
+    "a 4,300-digit base": ("resume", '{"type":"resume","conv":"' + "ab" * 16 + '","next":0,"base":' + "9" * 4300 +
+                                     ',"resumed":false}'),
+    "an id past 2^63": ("ack", '{"type":"ack","id":' + str(2**64) + "}"),
+    "a type that is not text": ("msg", '{"type":["msg"]}'),
+}
+
+
+def test_odd_fields_from_a_peer_that_knows_the_passphrase_never_wedge_the_server(spawn, score):
+    """Once, each of these left the server stuck on "busy" until restart, with a traceback."""
+    server, port = spawn("server", "--no-reconnect")
+    for number, (name, (where, text)) in enumerate(ODD_RECORDS.items()):
+        attacker = Attacker(port, PASSPHRASE)
+        if where == "resume":  # in place of the first record
+            common.handshake(attacker.sock, attacker.conn, 10)
+        else:
+            attacker.open()
+        payload = text.encode("utf-8", "surrogatepass")
+        attacker.send_raw(common.frame(attacker.conn._send.seal(payload + b"~" * (-len(payload) % 16))))
+        server.expect("security failure: (unknown )?payload")
+        assert attacker.next_event() == common.Alert("protocol"), name  # told why, in an authenticated alert
+        attacker.close()
+        sanity(spawn, port, f"after odd record {number}", server)
+    assert "Traceback" not in "".join(line for _, line in server.seen)
+    score("Odd fields from an authenticated peer", f"{len(ODD_RECORDS)} cases ({', '.join(ODD_RECORDS)}): each "
+          "ended that chat as a security failure with an alert, and the server served a new client after each")
+
+
+def test_an_honest_message_of_44000_control_characters_goes_through(spawn):
+    """Once it made a record over the frame limit: the receiver ended the chat, the sender sent it again on
+    every reconnection (36 "security failure" endings in 20 s)."""
+    server, client, _ = connected(spawn, "--once")
+    client.send("\x01" * 44_000 + "\n")
+    server.expect(r"Received: (\\x01){44000}  ☒")
+    client.close_stdin()
+    assert client.wait() == 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reconnection gives a man in the middle nothing to guess against
+
+
+def test_a_guessing_man_in_the_middle_gets_no_passphrase_guess_from_reconnections(spawn, score):
+    server, port = spawn("server")
+    mitm = GuessingServer(port)
+    try:
+        client = spawn("client", mitm.port, "--reconnect-for", "60")
+        client.expect("authenticated and encrypted")
+        client.send("before the cut\n")
+        server.expect("Received: before the cut  ☒")
+        started = time.monotonic()
+        mitm.relay(0).close(reset=True)  # he cuts the live chat, and answers every reconnection himself
+        client.expect("a reconnection failed to authenticate: .* someone may be interfering")
+        client.expect("stopped reconnecting: 2 reconnections in a row failed to authenticate")
+        assert client.wait() == 3
+        took = time.monotonic() - started
+    finally:
+        mitm.close()
+    assert mitm.checked == [] and mitm.resumptions == 2
+    score("Reconnection: a guessing man in the middle", f"he cut the chat and answered every reconnection as a "
+          f"server for up to 60 s: 0 passphrase guesses he could check ({mitm.resumptions} confirmations of a "
+          f"256-bit resumption secret); the client warned, then stopped and exited 3 after {took:.1f} s")
+
+
+def test_a_forged_unknown_conversation_stops_a_pipe_client_without_offering_the_passphrase(spawn):
+    server, port = spawn("server")
+    mitm = GuessingServer(port, answer=common.UNKNOWN)
+    try:
+        client = spawn("client", mitm.port, "--reconnect-for", "60")
+        client.expect("authenticated and encrypted")
+        client.send("pending\n")
+        server.expect("Received: pending  ☒")
+        mitm.relay(0).close(reset=True)
+        client.expect("no longer knows this conversation .* not offering the passphrase again without you")
+        assert client.wait() == 1
+    finally:
+        mitm.close()
+    assert mitm.checked == []
+
+
+def test_a_restarted_server_stops_a_pipe_client_with_a_clear_line(spawn):
+    server, port = spawn("server")
+    client = spawn("client", port, "--reconnect-for", "30", "--keepalive", "0.3")
+    client.expect("authenticated and encrypted")
+    server.proc.kill()
+    client.expect("connection lost")
+    again = procs.Proc(["server.py", str(port), "--host", "127.0.0.1"])
+    try:
+        again.expect("listening on")
+        client.expect("the server no longer knows this conversation")
+        assert client.wait() == 1
+        again.expect(r"asked to resume a conversation this server does not hold")
+    finally:
+        again.kill()

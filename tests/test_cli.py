@@ -24,7 +24,7 @@ def test_help_and_version(program):
     code, out, _ = run([program, "--help"])
     assert code == 0 and "--key-file" in out and "--legacy" in out
     code, out, _ = run([program, "--version"])
-    assert code == 0 and "1.0.0" in out
+    assert code == 0 and "2.0.0" in out
 
 
 @pytest.mark.parametrize("args, message", [
@@ -64,8 +64,8 @@ def test_key_file_loses_one_trailing_newline_only(tmp_path):
     key.write_text("two words\n\n")  # the passphrase is "two words\n"
     server, port = start_server("--once", passphrase="two words\n")
     try:
-        code, out, _ = run(["client.py", "127.0.0.1", port, "--key-file", key], passphrase=None, stdin_text="hi\n")
-        assert code == 0 and "authenticated" in out
+        code, _, err = run(["client.py", "127.0.0.1", port, "--key-file", key], passphrase=None, stdin_text="hi\n")
+        assert code == 0 and "authenticated" in err
     finally:
         server.kill()
 
@@ -104,7 +104,7 @@ def junk_server(reply):
 def test_client_to_something_else_is_not_an_aeschat_peer():
     port = junk_server(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
     code, _, err = run(["client.py", "127.0.0.1", port])
-    assert code == 3 and "not an aeschat v1 peer" in err
+    assert code == 3 and "not an aeschat peer" in err
 
 
 @pytest.mark.parametrize("stdin_text", ["quit()\n", ""])

@@ -46,7 +46,7 @@ def test_fault_while_both_type_then_every_message_once_in_order(spawn, proxy, fa
     server.send("".join(line + "\n" for line in sent_by_server[20:]))
     client.expect(r"connection lost: .*reconnecting")
     client.expect("reconnected to")
-    server.expect("reconnected to")
+    server.expect("the client reconnected from")
     server.expect(rf"Received: {sent_by_client[-1]}  ☒")
     client.expect(rf"Received: {sent_by_server[-1]}  ☒")
     client.send("quit()\n")
@@ -75,7 +75,7 @@ def test_a_record_from_the_old_connection_is_rejected_in_the_resumed_one(spawn, 
     captured = old.frames[C2S][3]  # hello, confirmation, resume, then the message
     old.close(reset=True)
     client.expect("reconnected to")
-    server.expect("reconnected to")
+    server.expect("the client reconnected from")
     proxies[0].relay(1).send(C2S, captured)
     server.expect("security failure: a record failed its integrity check")
     assert server.wait() == 3
@@ -94,10 +94,11 @@ def test_pipe_mode_still_delivers_after_a_blip(spawn, proxy):
 
 def test_an_old_connection_the_server_still_trusts_is_replaced_not_busy(spawn, proxy):
     make_proxy, proxies = proxy
-    server, client, _ = connected(spawn, "--once", client_args=FAST, port=make_proxy)  # the server is slow to notice
+    server, client, _ = connected(spawn, "--once", "--keepalive", "30", client_args=FAST, port=make_proxy)
+    # The server is slow to notice (it waits 90 s); its pings are rare, so the client's silence limit is the same.
     proxies[0].relay(0).stall()
     client.expect("reconnected to")
-    server.expect("reconnected to")
+    server.expect("the client reconnected from")
     client.send("through the new one\n")
     server.expect("Received: through the new one  ☒")
 

@@ -71,7 +71,7 @@ def test_typed_text_survives_an_arriving_message_and_is_sent_whole(pair):
 
 def test_status_line_shows_peer_protocol_and_undelivered(pair):
     server, _ = pair
-    server.expect(r"127\.0\.0\.1:\d+ \| aeschat v1, encrypted \| 0 undelivered")
+    server.expect(r"127\.0\.0\.1:\d+ \| aeschat v2, encrypted \| 0 undelivered")
 
 
 def test_history_recalls_the_last_line(pair):
@@ -103,7 +103,7 @@ def test_ctrl_c_on_the_terminal_restores_it_without_a_traceback(pair):
     server.child.send("unfinished")
     server.expect("unfinished")
     server.child.sendcontrol("c")
-    assert server.exit_code() == 0
+    assert server.exit_code() == 130
     assert "Traceback" not in server.output()
     assert "\x1b[?2004l" in server.output()  # bracketed paste switched off again: the terminal is restored
     client.expect("peer left the chat")
