@@ -1611,12 +1611,11 @@ class Session:
             return self._refused(error)
         if isinstance(error, (AuthenticationError, NotAeschatPeer)):
             self._auth_failures += 1
+            why = str(error) if "interfer" in str(error) else f"{error}; someone may be interfering"
             if self._auth_failures >= AUTH_FAILURES:
                 return self._end(EXIT_SECURITY, f"stopped reconnecting: {self._auth_failures} reconnections in a row "
-                                 f"failed to authenticate ({error}); someone may be interfering with the connection",
-                                 self._undelivered())
-            self._show([f"a reconnection failed to authenticate: {error}; someone may be interfering with "
-                        "the connection"], "warning")
+                                 f"failed to authenticate (the last: {why})", self._undelivered())
+            self._show([f"a reconnection failed to authenticate: {why}"], "warning")
         elif not isinstance(error, (NetworkError, OSError, TruncatedFrame, RemoteProtocolError)):
             return self._end(EXIT_INTERNAL, describe(error))
         if kind == PASSPHRASE and self.interactive:  # one passphrase handshake per deliberate request

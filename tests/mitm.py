@@ -98,8 +98,9 @@ class Relay:
         self.closed.set()
         for sock in (self.sockets[C2S][0], self.sockets[S2C][0]):
             with contextlib.suppress(OSError):
-                if reset:  # RST instead of FIN
+                if reset:  # RST instead of FIN; SHUT_RD wakes a pump blocked reading it, so the close happens now
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    sock.shutdown(socket.SHUT_RD)
                 else:  # a FIN now, though a pump may be blocked reading this socket
                     sock.shutdown(socket.SHUT_RDWR)
                 sock.close()
