@@ -1553,7 +1553,6 @@ class Session:
             if self._link.goodbye:
                 self._peer_left()
             elif not self.fmt.resumes:
-                self._link = None
                 self._end(EXIT_OK, "the peer closed the connection")
             else:
                 self._lost("the connection was closed without a goodbye")
@@ -1700,7 +1699,6 @@ class Session:
         self._end(EXIT_SECURITY, f"security failure: {error}; the chat is closed")
 
     def _peer_left(self):
-        self._link = None  # it closed
         undelivered = self._undelivered()
         self._end(EXIT_NETWORK if undelivered else EXIT_OK, "the peer left the chat", undelivered)
 
@@ -2033,6 +2031,7 @@ class Link:
         self._outbox = queue.Queue()
         self._closed = threading.Lock()
         self._is_closed = False
+        self.closing = False  # a close was asked for
         self.written = threading.Event()  # the writer is done: everything queued before a close is out
 
     def __repr__(self):
@@ -2047,6 +2046,7 @@ class Link:
 
     def close(self, flush):
         """Close now, or (flush) once the writer has written what was queued before."""
+        self.closing = True
         if flush:
             self._outbox.put(_CLOSE)
         else:
@@ -2125,7 +2125,8 @@ class Chat:
         """Give the writers of closing links time to write what was queued (a goodbye, an alert)."""
         end = time.monotonic() + timeout
         for link in self._links:
-            link.written.wait(max(0.0, end - time.monotonic()))
+            if link.closing:
+                link.written.wait(max(0.0, end - time.monotonic()))
 
     def step(self, event):
         """Step the session (under the lock), then carry out its actions (without it), in order."""
@@ -2770,7 +2771,8 @@ def read_key_file(path):
     except OSError as e:
         raise UsageError(f"cannot read the key file {path}: {describe(e)}") from None
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        print(f"warning: the key file {path} can be read by other users (chmod 600 {path})", file=sys.stderr)
+        print(f"{program}: warning: the key file {path} can be read by other users (chmod 600 {path})",
+              file=sys.stderr)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:  # say where, never which bytes: they are the secret
@@ -2841,8 +2843,13 @@ def _terminate(signum, frame):
     raise Terminated()
 
 
+program = "aeschat"  # the name every error and warning begins with: the program's, whatever it was started as
+
+
 def run(main, prog):
     """Run a program's main, mapping every error to one line and its exit code."""
+    global program
+    program = prog
     with contextlib.suppress(ImportError, ValueError, OSError):
         import resource
 

@@ -2,6 +2,7 @@
 
 import signal
 import socket
+import subprocess
 
 import pytest
 from procs import PASSPHRASE, connected
@@ -110,8 +111,11 @@ def test_busy_while_idle_unauthenticated_sockets_are_open(spawn):
         chatting = spawn("client", port)
         chatting.expect("authenticated and encrypted")  # not blocked by the idle sockets
         intruder = spawn("client", port)
+        intruder.send("x\n")
         assert intruder.wait() == 1
-        assert "busy" in intruder.output()[1]
+        out, err = intruder.output()
+        assert err == "aeschat-client: error: the server is busy with another chat\n"
+        assert out == ""  # nothing announced, nothing shown as sent
         chatting.send("still here\n")
         server.expect("Received: still here  ☒")
         server.send("me too\n")
@@ -184,3 +188,51 @@ def test_escape_sequences_from_the_peer_never_reach_stdout(spawn):
     assert server.wait() == 0
     raw = bytes(server.raw["out"])
     assert b"\x1b" not in raw and b"\x07" not in raw and b"\r" not in raw and "\u202e".encode() not in raw
+
+
+def test_in_a_pipe_stdout_carries_only_the_transcript(spawn):
+    server, client, _ = connected(spawn, "--once")
+    client.send("one\n")
+    server.expect("Received: one  ☒")
+    server.send("two\n")
+    client.expect("Received: two  ☒")
+    client.close_stdin()
+    assert client.wait() == 0
+    out, err = client.output()
+    assert [line.split(":")[0] for line in out.splitlines()] == ["Sent", "Received"]
+    assert "Connected to" in err and "quit()" not in out + err and "you left the chat" in err
+
+
+def test_lines_typed_on_the_server_before_anyone_connects_are_sent_when_the_chat_begins(spawn):
+    server, port = spawn("server", "--once")
+    server.send("typed early\n")
+    server.expect(r"^Queued: typed early  \d\d:\d\d:\d\d$")
+    client = spawn("client", port)
+    client.expect("Received: typed early  ☒")
+    server.expect("sent 1 message typed before the chat began")
+    client.close_stdin()
+    assert client.wait() == 0
+
+
+def test_receive_only_serves_one_client_after_another_until_a_signal(spawn, tmp_path):
+    key = tmp_path / "k"
+    key.write_text(PASSPHRASE)
+    key.chmod(0o600)
+    server = spawn("proc", ["server.py", "0", "--host", "127.0.0.1", "--receive-only", "--key-file", key],
+                   passphrase=None, stdin=subprocess.DEVNULL)
+    port = server.expect(r"listening on 127\.0\.0\.1:(\d+)").group(1)
+    for text in ("build 1 done", "build 2 done"):
+        shot = spawn("proc", ["client.py", "127.0.0.1", port, "--key-file", key], passphrase=None)
+        shot.send(text + "\n")
+        shot.close_stdin()
+        assert shot.wait() == 0
+        server.expect(f"Received: {text}  ☒")
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.wait() == 143
+    assert "Traceback" not in server.output()[1]
+
+
+def test_without_receive_only_end_of_input_stops_a_waiting_server_and_says_so(spawn):
+    server = spawn("proc", ["server.py", "0", "--host", "127.0.0.1"], stdin=subprocess.DEVNULL)
+    assert server.wait() == 0
+    assert "end of input: the server stops" in server.output()[1]

@@ -126,3 +126,45 @@ def test_ipv6_loopback():
         server.expect("Received: over six  ☒")
     finally:
         server.kill()
+
+
+@pytest.mark.parametrize("blank", ["   ", "\t \n"])
+def test_a_passphrase_of_white_space_is_empty(blank):
+    code, _, err = run(["client.py", "127.0.0.1", "1"], passphrase=blank)
+    assert code == 2 and "aeschat-client: error: the passphrase is empty" in err
+
+
+def test_a_key_file_with_a_byte_order_mark_works_and_one_readable_by_others_is_warned_of(tmp_path):
+    key = tmp_path / "k"
+    key.write_bytes("\ufeff".encode() + PASSPHRASE.encode() + b"\r\n")
+    key.chmod(0o644)
+    server, port = start_server("--once")
+    try:
+        code, _, err = run(["client.py", "127.0.0.1", port, "--key-file", key], passphrase=None, stdin_text="hi\n")
+        assert code == 0 and "authenticated" in err
+        assert f"aeschat-client: warning: the key file {key} can be read by other users (chmod 600 {key})" in err
+        server.expect("Received: hi  ☒")
+    finally:
+        server.kill()
+    key.chmod(0o600)
+    code, _, err = run(["client.py", "127.0.0.1", closed_port(), "--key-file", key], passphrase=None)
+    assert "warning" not in err
+
+
+def test_a_key_file_that_is_not_text_is_refused_without_showing_its_bytes(tmp_path):
+    key = tmp_path / "k"
+    key.write_bytes(b"secret\xff\xfe\x80bytes")
+    key.chmod(0o600)
+    code, _, err = run(["client.py", "127.0.0.1", "1", "--key-file", key], passphrase=None)
+    assert code == 2 and "is not UTF-8 text" in err
+    assert "0xff" not in err and "\\xff" not in err and "secret" not in err
+
+
+def test_core_dumps_are_off(tmp_path):
+    server, _ = start_server()
+    try:
+        with open(f"/proc/{server.proc.pid}/limits") as f:
+            core = next(line for line in f if line.startswith("Max core file size"))
+        assert core.split()[4:6] == ["0", "0"]
+    finally:
+        server.kill()

@@ -246,11 +246,12 @@ def test_commands_are_not_sent_and_a_double_slash_sends_a_slash():
 # Losing the connection
 
 
-def test_a_close_after_a_goodbye_is_the_peer_leaving():
+def test_a_close_after_a_goodbye_is_the_peer_leaving_and_its_link_is_closed():
     run = Run()
     link = run.live()
     run(Got(link, Goodbye()))
-    assert ended(run(Got(link, ConnectionClosed()))) == (EXIT_OK, "the peer left the chat")
+    actions = run(Got(link, ConnectionClosed()))
+    assert ended(actions) == (EXIT_OK, "the peer left the chat") and Close(link, True) in actions
 
 
 def test_a_close_without_a_goodbye_is_a_lost_connection_worded_as_the_network():

@@ -1,12 +1,16 @@
 """On a real terminal, through pexpect: the prompt_toolkit path."""
 
+import itertools
 import os
 import re
+import shlex
+import subprocess
 import sys
+import time
 
 import pexpect
 import pytest
-from procs import PASSPHRASE, ROOT, TIMEOUT, start_client, start_server
+from procs import PASSPHRASE, ROOT, TIMEOUT, Proc, connected, start_client, start_server
 
 pytestmark = pytest.mark.slow
 
@@ -152,3 +156,185 @@ def test_host_and_port_are_asked_for_on_a_terminal():
     finally:
         client.kill()
         server.kill()
+
+
+# ---------------------------------------------------------------------------------------------------
+# What a person sees: a real terminal (tmux), read back as its rows
+
+
+class Tmux:
+    """A program in a tmux pane of a given size; screen() is what a person sees, row by row."""
+
+    def __init__(self, args, width=80, height=24, env=None):
+        self.name = f"aeschat-test-{os.getpid()}-{next(_sessions)}"
+        environment = {"AESCHAT_KEY": PASSPHRASE, **(env or {})}
+        command = " ".join(shlex.quote(part) for part in
+                           ["env", *(f"{k}={v}" for k, v in environment.items()), sys.executable, *map(str, args)])
+        subprocess.run(["tmux", "new-session", "-d", "-s", self.name, "-x", str(width), "-y", str(height),
+                        "-c", str(ROOT), f"{command}; echo EXITED=$?; sleep 60"], check=True)
+
+    def screen(self):
+        return subprocess.run(["tmux", "capture-pane", "-p", "-t", self.name], capture_output=True,
+                              text=True).stdout.split("\n")
+
+    def wait_for(self, pattern, timeout=TIMEOUT):
+        """The screen once a row matches pattern (polling the pane: the screen has no events to wait on)."""
+        end = time.monotonic() + timeout
+        while True:
+            rows = self.screen()
+            if any(re.search(pattern, row) for row in rows):
+                return rows
+            if time.monotonic() > end:
+                raise AssertionError(f"no row matching {pattern!r} on the screen:\n" + "\n".join(rows))
+            time.sleep(0.05)
+
+    def keys(self, *keys):
+        subprocess.run(["tmux", "send-keys", "-t", self.name, *keys], check=True)
+
+    def paste(self, text):
+        """Paste as a terminal does: bracketed, so the program knows it is a paste."""
+        subprocess.run(["tmux", "set-buffer", "-b", self.name, text], check=True)
+        subprocess.run(["tmux", "paste-buffer", "-p", "-d", "-b", self.name, "-t", self.name], check=True)
+
+    def kill(self):
+        subprocess.run(["tmux", "kill-session", "-t", self.name], capture_output=True)
+
+
+_sessions = itertools.count()
+
+
+@pytest.fixture
+def tmux_server():
+    """A server in an 80x24 tmux pane and its port; killed at the end."""
+    made = []
+
+    def _start(*args, width=80, height=24):
+        pane = Tmux(["server.py", "0", "--host", "127.0.0.1", "--once", *args], width, height)
+        made.append(pane)
+        port = re.search(r"listening on 127\.0\.0\.1:(\d+)", "\n".join(pane.wait_for("listening on"))).group(1)
+        return pane, port
+
+    yield _start
+    for pane in made:
+        pane.kill()
+
+
+def test_a_peer_cannot_forge_a_row_by_wrapping(tmux_server, spawn):
+    pane, port = tmux_server()
+    client = spawn("client", port)
+    client.expect("authenticated and encrypted")
+    forged = "A" * 70 + "Sent: forged line  12:00:00"
+    client.send(forged + "\n" + "B" * 60 + "peer left the chat\n")
+    rows = pane.wait_for("BBBB")
+    rows = pane.wait_for(r"the chat  ☒")
+    assert rows[4].startswith("Received: AAAA") and rows[5].startswith("  │ ASent: forged line")
+    assert rows[6].startswith("Received: BBBB") and rows[7].startswith("  │ ")
+    assert not any(row.startswith(("Sent:", "peer left", "the chat")) for row in rows)
+    assert all(len(row) <= 79 for row in rows)
+
+
+def test_a_pasted_block_is_one_message_shown_as_its_lines(tmux_server, spawn):
+    pane, port = tmux_server()
+    client = spawn("client", port)
+    client.expect("authenticated and encrypted")
+    pane.wait_for("undelivered")  # the prompt is up
+    pane.paste("paste line one\npaste line two\npaste line three")
+    pane.keys("Enter")
+    client.expect(r"^Received: paste line one  ☒  \d\d:\d\d:\d\d$")
+    client.expect(r"^  │ paste line two$")
+    client.expect(r"^  │ paste line three$")
+    rows = pane.wait_for(r"^  │ paste line three")
+    assert any(row.startswith("Sent: paste line one") for row in rows)
+
+
+def test_a_message_from_the_peer_with_lines_shows_as_marked_rows(tmux_server, spawn):
+    pane, port = tmux_server()
+    client = spawn("client", port)
+    client.expect("authenticated and encrypted")
+    pane.wait_for("undelivered")
+    pane.keys("first", "Escape", "Enter", "second", "Enter")  # Esc then Enter (as Alt-Enter): a new line
+    client.expect(r"^Received: first  ☒")
+    client.expect(r"^  │ second$")
+
+
+def test_the_status_line_shortens_to_fit_a_narrow_terminal(tmux_server, spawn):
+    pane, port = tmux_server(width=50)
+    client = spawn("client", port)
+    client.expect("authenticated and encrypted")
+    rows = pane.wait_for("undelivered")
+    status = [row for row in rows if "undelivered" in row][-1]
+    assert len(status.rstrip()) <= 49 and "0 undelivered" in status and "encrypted" in status
+    assert all(len(row) <= 49 for row in rows)
+
+
+def test_text_people_write_shows_as_written_and_blank_letters_do_not(tmux_server, spawn):
+    pane, port = tmux_server()
+    client = spawn("client", port)
+    client.expect("authenticated and encrypted")
+    client.send("family 👨\u200d👩\u200d👧 and hidden\u3164text\n")
+    rows = pane.wait_for("family")
+    row = next(row for row in rows if "family" in row)
+    assert "\\u200d" not in row and "\\u3164" in row
+
+
+def test_escape_typed_quickly_before_text_is_kept_and_raises_nothing(spawn):
+    server, port = spawn("server", "--once")
+    client = Terminal(["client.py", "127.0.0.1", port])
+    try:
+        client.expect("authenticated and encrypted")
+        client.child.send("\x1b[31m")  # as if Esc then [31m were typed fast: prompt_toolkit takes it for a mouse report
+        client.child.send("red?\r")
+        server.expect(r"Received: \[31mred\?  ☒")
+        client.child.send("\x1b[<0;5;5M" + "after a real mouse report\r")
+        server.expect("Received: after a real mouse report  ☒")
+        assert "Unhandled exception" not in client.output() and "Traceback" not in client.output()
+    finally:
+        client.kill()
+
+
+def test_the_banner_comes_first_even_with_a_message_that_arrives_with_the_connection(tmux_server):
+    pane, port = tmux_server()
+    shot = Proc(["client.py", "127.0.0.1", port])
+    shot.send("first thing\n")
+    shot.close_stdin()
+    assert shot.wait() == 0
+    rows = pane.wait_for("Received: first thing")
+    banner = next(i for i, row in enumerate(rows) if row.startswith("Connected to"))
+    message = next(i for i, row in enumerate(rows) if row.startswith("Received: first thing"))
+    assert banner < message
+
+
+def test_the_side_that_leaves_is_told_too(tmux_server, spawn):
+    pane, port = tmux_server()
+    client = spawn("client", port)
+    client.expect("authenticated and encrypted")
+    pane.wait_for("undelivered")
+    pane.keys("quit()", "Enter")
+    pane.wait_for("you left the chat")
+    client.expect("the peer left the chat")
+
+
+def test_the_server_says_where_it_listens_before_asking_for_the_passphrase():
+    env = {k: v for k, v in os.environ.items() if k != "AESCHAT_KEY"}
+    child = pexpect.spawn(sys.executable, ["server.py", "0", "--host", "127.0.0.1", "--once"], cwd=ROOT, env=env,
+                          encoding="utf-8", timeout=TIMEOUT)
+    try:
+        child.expect(r"listening on 127\.0\.0\.1:\d+")
+        child.expect("Passphrase: ")
+    finally:
+        child.terminate(force=True)
+
+
+def test_a_busy_server_is_reported_before_anyone_types_a_passphrase(spawn):
+    server, client, port = connected(spawn, "--once")
+    env = {k: v for k, v in os.environ.items() if k != "AESCHAT_KEY"}
+    child = pexpect.spawn(sys.executable, ["client.py", "127.0.0.1", str(port)], cwd=ROOT, env=env,
+                          encoding="utf-8", timeout=TIMEOUT)
+    try:
+        index = child.expect(["aeschat-client: error: the server is busy with another chat", "Passphrase: "])
+        assert index == 0
+        child.expect(pexpect.EOF)
+        child.close()
+        assert child.exitstatus == 1
+    finally:
+        child.terminate(force=True)
