@@ -1,6 +1,6 @@
 """aeschat client: connect to an aeschat server and chat.
 
-    python client.py [HOST] [PORT] [--key-file PATH] [--reconnect-for SECONDS | --no-reconnect] [--legacy]
+    python client.py [HOST] [PORT] [--key-file PATH] [--send PATH] [--receive-dir DIR] [--legacy] ...
 """
 
 import sys
@@ -31,6 +31,7 @@ def parse_args(argv=None):
         parser.error("HOST is empty")
     if args.port is None:
         args.port = common.DEFAULT_PORT
+    common.check_file_options(parser, args)
     return args
 
 
@@ -48,8 +49,9 @@ def _main():
     with common.make_ui(PROG) as ui:
         session = common.Session(common.CLIENT, common.LEGACY if args.legacy else common.V2,
                                  common.Conversation.new(), time.monotonic(), args.keepalive, args.reconnect_for,
-                                 ui.interactive)
-        chat = common.Chat(ui, session, dial)
+                                 ui.interactive, receive_files=args.receive_dir is not None,
+                                 max_file_size=args.max_file_size, send=args.send)
+        chat = common.Chat(ui, session, dial, common.Files(args.receive_dir or "."))
         chat.attach(sock, conn, peer, common.PASSPHRASE)
         return common.run_chat(chat)
 

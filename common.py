@@ -343,6 +343,58 @@ class ConnectionClosed(_Event):
     """The peer closed the connection (after a Goodbye, a normal end; without one, a loss)."""
 
 
+# Files. A file is numbered per direction, like messages; the sender's number names it both ways.
+
+
+class Offer(_Event):
+    """(sender) A file: its name (the sender's base name), size in bytes and SHA-256 (hex)."""
+
+    __slots__ = ("file", "name", "size", "sha256")
+
+
+class Accept(_Event):
+    """(receiver) Send file `file` from byte `offset` on: 0 at first, what it already has after a reconnection."""
+
+    __slots__ = ("file", "offset")
+
+
+class FileAck(_Event):
+    """(receiver) Every byte of `file` below `offset` is written (cumulative)."""
+
+    __slots__ = ("file", "offset")
+
+
+class Done(_Event):
+    """(receiver) The file arrived whole: its SHA-256 matched and it is saved."""
+
+    __slots__ = ("file",)
+
+
+class Refuse(_Event):
+    """(receiver) The file will not be (or was not) saved; reason is one of REFUSALS_OF_FILES."""
+
+    __slots__ = ("file", "reason")
+
+
+class Cancel(_Event):
+    """(sender) The sender stops sending the file; reason is one of CANCELS_OF_FILES."""
+
+    __slots__ = ("file", "reason")
+
+
+class Chunk(_Event):
+    """(sender) Bytes of a file from offset on: a binary record, not JSON (the cipher is the cost)."""
+
+    __slots__ = ("file", "offset", "data")
+
+
+REFUSALS_OF_FILES = {"declined": "declined it", "too large": "refused it as too large",
+                     "no space": "has no room for it", "unwritable": "could not write it",
+                     "failed verification": "found it damaged (its SHA-256 did not match) and discarded it",
+                     "cancelled": "cancelled it"}
+CANCELS_OF_FILES = {"left": "left", "cancelled": "cancelled it", "unreadable": "could not read it any more"}
+
+
 class HandshakeComplete(_Event):
     """Both sides proved they hold the same secret; records may flow."""
 
@@ -416,9 +468,24 @@ def _text(value):
     return value
 
 
-def _alert_reason(value):
-    if value not in ALERTS:
-        raise ValueError("not a known reason")
+def _one_of(names):
+    def check(value):
+        if type(value) is not str or value not in names:
+            raise ValueError("not a known reason")
+        return value
+
+    return check
+
+
+def _file_name(value):
+    if type(value) is not str or not value:
+        raise ValueError("not a file name")
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ValueError("not valid Unicode") from None
+    if size > 255:
+        raise ValueError("longer than 255 bytes")
     return value
 
 
@@ -427,7 +494,13 @@ PAYLOADS = {
     "msg": (Message, (("id", _number), ("timestamp", _timestamp), ("message", _text), ("hash", _matching(_HEX64)))),
     "ack": (Ack, (("id", _number),)),
     "resume": (Resume, (("conv", _matching(_HEX32)), ("next", _number), ("base", _number), ("resumed", _flag))),
-    "alert": (Alert, (("reason", _alert_reason),)),
+    "alert": (Alert, (("reason", _one_of(ALERTS)),)),
+    "offer": (Offer, (("file", _number), ("name", _file_name), ("size", _number), ("sha256", _matching(_HEX64)))),
+    "accept": (Accept, (("file", _number), ("offset", _number))),
+    "fack": (FileAck, (("file", _number), ("offset", _number))),
+    "done": (Done, (("file", _number),)),
+    "refuse": (Refuse, (("file", _number), ("reason", _one_of(REFUSALS_OF_FILES)))),
+    "cancel": (Cancel, (("file", _number), ("reason", _one_of(CANCELS_OF_FILES)))),
     "ping": (Ping, ()),
     "pong": (Pong, ()),
     "bye": (Goodbye, ()),
@@ -437,8 +510,16 @@ _WIRE_NAMES = {cls: (name, fields) for name, (cls, fields) in PAYLOADS.items()}
 _ATTRIBUTES = {"message": "text"}  # a wire field whose attribute has another name
 
 
+CHUNK = b"\x01"  # the first byte of a chunk's plaintext (a JSON payload begins with "{")
+CHUNK_HEADER = struct.Struct("!QQ")  # file, offset
+MAX_CHUNK = 64 * 1024
+
+
 def encode_payload(event):
-    """The plaintext of a record: the seed's JSON object (with its type), `~`-padded to 16-byte blocks."""
+    """The plaintext of a record: the seed's JSON object (with its type), `~`-padded to 16-byte blocks; a chunk
+    of a file is binary: CHUNK, the file's number and the offset (8 bytes each), then the bytes."""
+    if type(event) is Chunk:
+        return CHUNK + CHUNK_HEADER.pack(event.file, event.offset) + event.data
     try:
         name, fields = _WIRE_NAMES[type(event)]
     except KeyError:
@@ -451,6 +532,13 @@ def encode_payload(event):
 
 def decode_payload(data):
     """The event a record's plaintext carries; anything malformed, of another type or out of range is refused."""
+    if data[:1] == CHUNK:
+        if len(data) <= 1 + CHUNK_HEADER.size or len(data) > 1 + CHUNK_HEADER.size + MAX_CHUNK:
+            raise RemoteProtocolError("a file chunk of the wrong size")
+        file, offset = CHUNK_HEADER.unpack_from(data, 1)
+        if file > MAX_ID or offset > MAX_ID:
+            raise RemoteProtocolError("a file chunk's number or offset is out of range")
+        return Chunk(file, offset, data[1 + CHUNK_HEADER.size :])
     try:
         obj = json.loads(strip_padding(data).decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
@@ -1011,6 +1099,21 @@ def sent_lines(text, timestamp, label="Sent"):
     return _block(label, text, local_time(timestamp))
 
 
+def safe_name(name):
+    """A peer's file name made safe to save in a folder: its last part only, no separators, no control or format
+    characters, not `.` or `..`, at most 255 bytes (the extension kept)."""
+    name = unicodedata.normalize("NFC", name).replace("\\", "/").rsplit("/", 1)[-1]
+    name = "".join("_" if unicodedata.category(ch)[0] in "CZ" and ch != " " else ch for ch in name).strip()
+    if name in ("", ".", ".."):
+        name = "file"
+    stem, dot, extension = name.rpartition(".")
+    if not stem or len(extension.encode("utf-8")) > 32:
+        stem, dot, extension = name, "", ""
+    while len((stem + dot + extension).encode("utf-8")) > 255:
+        stem = stem[:-1]
+    return stem + dot + extension
+
+
 def first_words(text, limit=24):
     """A message named by its beginning, for lists of what was not delivered."""
     words = " ".join(text.split())
@@ -1092,6 +1195,10 @@ FIRST_RETRY, LAST_RETRY = 0.2, 2.0  # the client's reconnection backoff: when th
 MAX_QUEUED = 10_000  # messages waiting for acknowledgement; past it, new ones are refused with a message
 LEGACY_PACE = 0.15  # seconds between legacy messages, so that an original receiver reads each alone
 AUTH_FAILURES = 2  # reconnections in a row that fail to authenticate before a client stops trying
+CHUNK_SIZE = 16 * 1024  # about 30 ms of pyaes: small enough that a message typed meanwhile waits little
+WINDOW = 3 * CHUNK_SIZE  # bytes of a file in flight: enough to keep both sides' ciphers busy at once
+MAX_FILE_SIZE = 2**30  # the largest file accepted unless --max-file-size says otherwise (1 GiB: an hour of pyaes)
+FILE_STALL = 30.0  # leaving with a file on its way: how long without progress before giving it up
 
 
 class Conversation:
@@ -1181,16 +1288,18 @@ SERVER = Role("server", opens_resume=False, reconnects=False, away="waiting for 
 class Format:
     """What differs between the two wire formats, as far as the session is concerned."""
 
-    def __init__(self, name, security, resumes, acknowledges, keepalive, signals, pace):
+    def __init__(self, name, security, resumes, acknowledges, keepalive, signals, pace, files):
         self.name, self.security, self.resumes, self.acknowledges, self.keepalive, self.signals, self.pace = (
             name, security, resumes, acknowledges, keepalive, signals, pace)
+        self.files = files
 
 
-V2 = Format("aeschat v2", "encrypted", resumes=True, acknowledges=True, keepalive=True, signals=True, pace=0.0)
+V2 = Format("aeschat v2", "encrypted", resumes=True, acknowledges=True, keepalive=True, signals=True, pace=0.0,
+            files=True)
 # The legacy format has no message numbers (no resume), no receipts, no pings (silence is not death there:
 # an original user may say nothing for an hour) and no way to say anything but a message.
 LEGACY = Format("legacy", "NOT SECURE", resumes=False, acknowledges=False, keepalive=False, signals=False,
-                pace=LEGACY_PACE)
+                pace=LEGACY_PACE, files=False)
 
 
 class Input(_Event):
@@ -1250,6 +1359,30 @@ class DialFailed(Input):
     __slots__ = ("error",)
 
 
+class FileReady(Input):
+    """(sender) The file to offer is open: its name to give, size and SHA-256."""
+
+    __slots__ = ("file", "name", "size", "sha256")
+
+
+class FileOpened(Input):
+    """(receiver) The temporary file is ready for the bytes."""
+
+    __slots__ = ("file",)
+
+
+class FileSaved(Input):
+    """(receiver) The file's SHA-256 matched and it is in place at path."""
+
+    __slots__ = ("file", "path")
+
+
+class FileFailed(Input):
+    """A file could not be read (outgoing) or written, checked or saved (incoming); reason is a wire reason."""
+
+    __slots__ = ("file", "outgoing", "reason", "detail")
+
+
 class Action(_Event):
     """What a Session asks the shell to do."""
 
@@ -1283,6 +1416,46 @@ class Live(Action):
     """The chat has begun: the input loop may take lines."""
 
 
+class ChunkOf(Action):
+    """What a Send carries for a file's bytes: the writer reads them (so no file is ever whole in memory)."""
+
+    __slots__ = ("file", "offset", "length")
+
+
+class PrepareFile(Action):
+    """(sender) Open the file at path and hash it; then FileReady or FileFailed."""
+
+    __slots__ = ("file", "path")
+
+
+class OpenFile(Action):
+    """(receiver) Check the room for size bytes and open a temporary file; then FileOpened or FileFailed."""
+
+    __slots__ = ("file", "name", "size")
+
+
+class WriteFile(Action):
+    __slots__ = ("file", "data")
+
+
+class SaveFile(Action):
+    """(receiver) Check the SHA-256 and put the file in place under name; then FileSaved or FileFailed."""
+
+    __slots__ = ("file", "sha256", "name")
+
+
+class DiscardFile(Action):
+    """(receiver) Remove the temporary file."""
+
+    __slots__ = ("file",)
+
+
+class ReleaseFile(Action):
+    """(sender) Close the file."""
+
+    __slots__ = ("file",)
+
+
 class End(Action):
     """The chat is over: exit with code, after telling the user text."""
 
@@ -1303,6 +1476,37 @@ class _LinkState:
 
     def next_ping(self, keepalive):
         return max(self.heard, self.pinged) + keepalive
+
+
+class _Transfer:
+    """One file on its way, either way. done is the bytes the receiver has (acknowledged, for a sender); next, for
+    a sender, the offset of the next chunk to send."""
+
+    def __init__(self, file, outgoing, name="", size=0, sha256="", state="preparing"):
+        self.file, self.outgoing, self.name, self.size, self.sha256, self.state = (
+            file, outgoing, name, size, sha256, state)
+        self.done = self.next = 0
+        self.started = self.start_done = None  # when bytes began to flow, and how many there were then
+        self.offered = False  # told the user (once; an offer goes again after every reconnection)
+        self.reason = None
+
+    @property
+    def active(self):
+        return self.state not in ("done", "refused", "cancelled")
+
+    def progress(self, now):
+        """Percent, and bytes a second since bytes began to flow (None until they have for a moment)."""
+        percent = 100 * self.done // self.size if self.size else 100
+        if self.started is None or now - self.started < 0.5:
+            return percent, None
+        return percent, (self.done - self.start_done) / (now - self.started)
+
+
+def size_text(size):
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} bytes"
 
 
 def undelivered_text(messages):
@@ -1329,6 +1533,8 @@ def banner(peer, fmt, interactive):
 
 
 HELP = ["/help          this list",
+        "/send PATH     offer a file; the peer accepts or declines it",
+        "/accept        save the file the peer offers (/decline: do not)",
         "/reconnect     connect again with the passphrase, when the server no longer knows this conversation",
         "//text         send a message that begins with /text",
         "Alt-Enter (or Esc then Enter) starts a new line; quit() or Ctrl-D leaves."]
@@ -1366,7 +1572,7 @@ class Session:
     """
 
     def __init__(self, role, fmt, conversation, now, keepalive=KEEPALIVE, grace=RECONNECT_FOR,
-                 interactive=False, queued=()):
+                 interactive=False, queued=(), receive_files=False, max_file_size=MAX_FILE_SIZE, send=()):
         self.role, self.fmt, self.conversation = role, fmt, conversation
         self.keepalive, self.dead_after = keepalive, keepalive * DEAD_AFTER
         self.grace = grace if fmt.resumes else 0.0
@@ -1385,6 +1591,11 @@ class Session:
         self._paced = collections.deque()  # legacy messages waiting for their turn on the wire
         self._next_paced = now
         self.sent = 0  # messages handed to the connection (legacy's only count)
+        self.receive_files, self.max_file_size = receive_files, max_file_size  # accept offers into a folder
+        self._outgoing, self._incoming = {}, {}  # file number -> _Transfer (ours, and the peer's numbering)
+        self._next_file = 0
+        self._progress = now  # when a file last moved (leaving waits for files while they move)
+        self._to_send = list(send)  # offered as soon as the chat begins
         self._actions = []
         for text, timestamp in queued:  # typed before the chat existed: they go first
             if fmt.acknowledges:
@@ -1432,7 +1643,7 @@ class Session:
             if self.role.reconnects and not (self._dialing or self._asking):
                 times.append(self._next_dial)
         if self._leave_by is not None:
-            times.append(self._leave_by)
+            times.append(self._leave_deadline())
         if self._paced and self._link is not None and self.phase is Phase.LIVE:
             times.append(self._next_paced)
         return min(times) if times else None
@@ -1452,8 +1663,25 @@ class Session:
             count = [f"{n} undelivered", f"{n} undeliv."]
         else:
             count = [f"{self.sent} sent, delivery unknown", f"{self.sent} sent, unconfirmed", f"{self.sent} sent"]
-        fields = [[self._last_peer, ""], state, count, ["quit() to leave", ""]]
-        return fields, (3, 0, 2, 1)
+        fields = [[self._last_peer, ""], state, count, self._transfer_status(), ["quit() to leave", ""]]
+        return fields, (4, 0, 1, 2, 3)
+
+    def _transfer_status(self):
+        moving = [t for t in (*self._outgoing.values(), *self._incoming.values())
+                  if t.state in ("sending", "receiving")]
+        if not moving:
+            return [""]
+        t = moving[0]
+        percent, rate = t.progress(self.now)
+        verb = "sending" if t.outgoing else "receiving"
+        name = visible(t.name)
+        more = f" (+{len(moving) - 1})" if len(moving) > 1 else ""
+        if rate:
+            left = (t.size - t.done) / rate if rate else 0
+            long = f"{verb} {name} {percent}%, {size_text(int(rate))}/s, {left:.0f} s left{more}"
+        else:
+            long = f"{verb} {name} {percent}%{more}"
+        return [long, f"{verb} {percent}%{more}", f"{percent}%"]
 
     _last_peer = ""
 
@@ -1491,6 +1719,15 @@ class Session:
 
     def _command(self, text):
         name, _, argument = text.partition(" ")
+        argument = argument.strip()
+        if name in ("send", "accept", "decline") and not self.fmt.files:
+            return self._show([f"/{name}: --legacy has no files (the original scripts cannot receive them)"], "error")
+        if name == "send":
+            if not argument:
+                return self._show(["/send PATH: say which file"], "error")
+            return self._send_file(argument)
+        if name in ("accept", "decline"):
+            return self._answer_offer(name == "accept")
         if name == "help":
             self._show(HELP, "notice")
         elif name == "reconnect":
@@ -1534,6 +1771,10 @@ class Session:
             if self.phase is not Phase.STARTING:
                 raise RemoteProtocolError("an unexpected Resume")
             self._resumed(event)
+        elif type(event) in self._FILE_EVENTS:
+            if self.phase is not Phase.LIVE or not self.fmt.files:
+                raise RemoteProtocolError(f"an unexpected {type(event).__name__}")
+            self._FILE_EVENTS[type(event)](self, event)
         elif isinstance(event, Ping):
             self._send(Pong())
         elif isinstance(event, Goodbye):
@@ -1560,9 +1801,12 @@ class Session:
             raise RemoteProtocolError(f"an unexpected {type(event).__name__}")
 
     def _drained(self, event):
-        if self._link is not None and event.link is self._link.link and self._ack_due is not None:
+        if self._link is None or event.link is not self._link.link:
+            return
+        if self._ack_due is not None:
             self._send(Ack(self._ack_due))
             self._ack_due = None
+
 
     def _failed(self, event):
         if self._link is None or event.link is not self._link.link:
@@ -1588,15 +1832,24 @@ class Session:
                 self._end(EXIT_NETWORK, self.role.gave_up.format(grace=self.grace), self._undelivered())
             elif self.role.reconnects and not (self._dialing or self._asking) and now >= self._next_dial:
                 self._dial(self._dial_kind)
-        if self._leave_by is not None and now >= self._leave_by and not self.ended:
+        if self._leave_by is not None and now >= self._leave_deadline() and not self.ended:
             self._finish_leaving()
         self._release()
 
     def _leave(self, event):
         self._leave_by = self.now + event.wait
+        for t in self._incoming.values():  # what the peer is sending us is of no use once we go
+            if t.active:
+                self._stop_incoming(t, "cancelled")
         self._maybe_left()
 
     def _interrupt(self, event):
+        for t in self._outgoing.values():
+            if t.active:
+                self._stop_outgoing(t, "left")
+        for t in self._incoming.values():
+            if t.active:
+                self._stop_incoming(t, "cancelled")
         if self._link is not None and self.fmt.signals:
             self._send(Goodbye())
         self._end(event.code, "you left the chat (interrupted)", self._undelivered())
@@ -1623,8 +1876,220 @@ class Session:
         self._next_dial = self.now + self._retry
         self._retry = min(self._retry * 2, LAST_RETRY)
 
+    # -- files: offered with /send (or --send), accepted into a folder (--receive-dir) or with /accept
+
+    def _send_file(self, path):
+        file, self._next_file = self._next_file, self._next_file + 1
+        self._outgoing[file] = _Transfer(file, True, name=path)
+        self._do(PrepareFile(file, path))
+
+    def _file_ready(self, event):
+        t = self._outgoing.get(event.file)
+        if t is None or t.state != "preparing":
+            return
+        t.name, t.size, t.sha256, t.state = event.name, event.size, event.sha256, "offered"
+        self._progress = self.now
+        if self.phase is Phase.LIVE:
+            self._offer(t)
+
+    def _offer(self, t):
+        self._send(Offer(t.file, t.name, t.size, t.sha256))
+        if not t.offered:
+            t.offered = True
+            self._show([f"offering file {visible(t.name)} ({size_text(t.size)})"], "notice")
+
+    def _got_offer(self, offer):
+        t = self._incoming.get(offer.file)
+        if t is not None:  # offered again after a reconnection: say where we stand
+            return self._restate(t)
+        t = self._incoming[offer.file] = _Transfer(offer.file, False, safe_name(offer.name), offer.size, offer.sha256,
+                                                   state="asked")
+        shown = f"file {visible(t.name)} ({size_text(t.size)})"
+        if offer.size > self.max_file_size:
+            self._refuse(t, "too large")
+            self._show([f"refused {shown}: it is over --max-file-size ({size_text(self.max_file_size)})"], "notice")
+        elif self.receive_files:
+            self._open(t)
+        elif self.interactive:
+            self._show([f"the peer offers {shown}: /accept to save it, /decline not to"], "notice")
+        else:
+            self._refuse(t, "declined")
+            self._show([f"declined {shown}: there is no --receive-dir to save it in"], "notice")
+
+    def _answer_offer(self, accept):
+        asked = [t for t in self._incoming.values() if t.state == "asked"]
+        if not asked:
+            return self._show([f"/{'accept' if accept else 'decline'}: no file is offered"], "error")
+        t = asked[0]
+        if accept:
+            return self._open(t)
+        self._refuse(t, "declined")
+        self._show([f"declined file {visible(t.name)}"], "notice")
+
+    def _open(self, t):
+        t.state = "opening"
+        self._do(OpenFile(t.file, t.name, t.size))
+
+    def _file_opened(self, event):
+        t = self._incoming.get(event.file)
+        if t is None or t.state != "opening":
+            return self._do(DiscardFile(event.file))
+        t.state, t.started, t.start_done = "receiving", self.now, 0
+        self._show([f"receiving file {visible(t.name)} ({size_text(t.size)})"], "notice")
+        if self._link is not None and self.phase is Phase.LIVE:
+            self._send(Accept(t.file, 0))
+        if t.size == 0:
+            self._verify(t)
+
+    def _restate(self, t):
+        if t.state == "receiving":
+            self._send(Accept(t.file, t.done))
+        elif t.state == "done":
+            self._send(Done(t.file))
+        elif t.state in ("refused", "cancelled"):
+            self._send(Refuse(t.file, t.reason or "cancelled"))
+
+    def _got_chunk(self, chunk):
+        t = self._incoming.get(chunk.file)
+        if t is not None and t.state in ("refused", "cancelled"):
+            return  # sent before the sender heard that we stopped
+        if t is None or t.state != "receiving" or chunk.offset != t.done or t.done + len(chunk.data) > t.size:
+            raise RemoteProtocolError("a file chunk out of place")
+        self._do(WriteFile(t.file, chunk.data))
+        t.done += len(chunk.data)
+        self._send(FileAck(t.file, t.done))  # at once, not when drained: the sender's next chunk overlaps ours
+        if t.done == t.size:
+            self._verify(t)
+
+    def _verify(self, t):
+        t.state = "verifying"
+        self._do(SaveFile(t.file, t.sha256, t.name))
+
+    def _file_saved(self, event):
+        t = self._incoming.get(event.file)
+        if t is None or t.state != "verifying":
+            return
+        t.state = "done"
+        if self._link is not None:
+            self._send(Done(t.file))
+        self._show([f"received file {visible(t.name)} ({t.size:,} bytes, sha256 {t.sha256[:12]}…) → "
+                     f"{visible(event.path)}"])
+
+    def _file_failed(self, event):
+        if event.outgoing:
+            t = self._outgoing.get(event.file)
+            if t is None or not t.active:
+                return
+            if t.state == "preparing":
+                t.state = "cancelled"
+                return self._show([f"cannot send {visible(t.name)}: {event.detail}"], "error")
+            self._stop_outgoing(t, "unreadable")
+            return self._show([f"stopped sending file {visible(t.name)}: {event.detail}"], "error")
+        t = self._incoming.get(event.file)
+        if t is None or not t.active:
+            return
+        self._refuse(t, event.reason)
+        self._show([f"file {visible(t.name)} not saved: {event.detail}"], "error")
+
+    def _got_accept(self, accept):
+        t = self._outgoing.get(accept.file)
+        if t is None or accept.offset > t.size:
+            raise RemoteProtocolError("an acceptance of a file never offered, or past its end")
+        if t.state not in ("offered", "sending"):
+            return
+        if t.started is None:
+            t.started, t.start_done = self.now, accept.offset
+        t.state, t.done, t.next = "sending", accept.offset, accept.offset
+        self._progress = self.now
+        self._pump()
+
+    def _got_fack(self, ack):
+        t = self._outgoing.get(ack.file)
+        if t is None or ack.offset > t.next:
+            raise RemoteProtocolError("an acknowledgement of file bytes never sent")
+        if t.state == "sending" and ack.offset > t.done:
+            t.done = ack.offset
+            self._progress = self.now
+            self._pump()
+
+    def _got_done(self, done):
+        t = self._outgoing.get(done.file)
+        if t is None or t.next < t.size:
+            raise RemoteProtocolError("a file reported whole before it was sent")
+        if t.state == "sending":
+            t.state, t.done = "done", t.size
+            self._do(ReleaseFile(t.file))
+            self._show([f"delivered file {visible(t.name)}"])
+            self._maybe_left()
+
+    def _got_refuse(self, refuse):
+        t = self._outgoing.get(refuse.file)
+        if t is None:
+            raise RemoteProtocolError("a refusal of a file never offered")
+        if t.active and t.state != "preparing":
+            t.state, t.reason = "refused", refuse.reason
+            self._do(ReleaseFile(t.file))
+            self._show([f"file {visible(t.name)} not delivered: the peer {REFUSALS_OF_FILES[refuse.reason]}"],
+                       "error" if refuse.reason == "failed verification" else "notice")
+            self._maybe_left()
+
+    def _got_cancel(self, cancel):
+        t = self._incoming.get(cancel.file)
+        if t is None:
+            raise RemoteProtocolError("a cancellation of a file never offered")
+        if t.active:
+            self._discard(t, "cancelled")
+            self._show([f"transfer of file {visible(t.name)} abandoned: the peer {CANCELS_OF_FILES[cancel.reason]}"],
+                       "notice")
+
+    _FILE_EVENTS = {Offer: _got_offer, Chunk: _got_chunk, Accept: _got_accept, FileAck: _got_fack, Done: _got_done,
+                    Refuse: _got_refuse, Cancel: _got_cancel}
+
+    def _pump(self):
+        """Send chunks of the files being sent, round the files, while each has less than WINDOW in flight."""
+        if self._link is None or self.phase is not Phase.LIVE:
+            return
+        for t in self._outgoing.values():
+            while t.state == "sending" and t.next < t.size and t.next - t.done < WINDOW:
+                length = min(CHUNK_SIZE, t.size - t.next)
+                self._send(ChunkOf(t.file, t.next, length))
+                t.next += length
+
+    def _refuse(self, t, reason):
+        if t.state in ("receiving", "verifying", "opening"):
+            self._do(DiscardFile(t.file))
+        t.state, t.reason = "refused", reason
+        if self._link is not None:
+            self._send(Refuse(t.file, reason))
+
+    _stop_incoming = _refuse
+
+    def _discard(self, t, state):
+        if t.state in ("receiving", "verifying", "opening"):
+            self._do(DiscardFile(t.file))
+        t.state = state
+
+    def _stop_outgoing(self, t, reason):
+        if t.state not in ("preparing", "done"):
+            self._do(ReleaseFile(t.file))
+            if self._link is not None and t.state != "refused":
+                self._send(Cancel(t.file, reason))
+        t.state, t.reason = "cancelled", reason
+
+    def _abandon_files(self, why):
+        """A new peer, or the end: no transfer goes on; the user is told of each that was on its way."""
+        for t in (*self._outgoing.values(), *self._incoming.values()):
+            if t.active and t.state != "preparing":
+                if t.outgoing:
+                    self._do(ReleaseFile(t.file))
+                    t.state = "cancelled"
+                else:
+                    self._discard(t, "cancelled")
+                self._show([f"transfer of file {visible(t.name)} abandoned: {why}"], "notice")
+
     _HANDLERS = {Typed: _typed, Attached: _attached, Got: _got, Drained: _drained, Failed: _failed, Tick: _tick,
-                 Leave: _leave, Interrupt: _interrupt, DialFailed: _dial_failed}
+                 Leave: _leave, Interrupt: _interrupt, DialFailed: _dial_failed, FileReady: _file_ready,
+                 FileOpened: _file_opened, FileSaved: _file_saved, FileFailed: _file_failed}
 
     # -- rules shared by several inputs
 
@@ -1657,6 +2122,8 @@ class Session:
             self._do(Live())
             for line in banner(self._link.peer, self.fmt, self.interactive):
                 self._show([line], "notice")
+            for path in self._to_send:
+                self._send_file(path)
 
     def _resumed(self, peer):
         first = not self._begun
@@ -1668,6 +2135,14 @@ class Session:
         self._live()
         self._auth_failures, self._retry = 0, FIRST_RETRY
         address = self._link.peer
+        if took_over or (self.role.opens_resume and not peer.resumed):  # numbering afresh: files too
+            self._abandon_files("a new client took the conversation over" if took_over else
+                                "the server no longer knew the conversation")
+            self._incoming.clear()
+        for t in self._outgoing.values():  # offered again: the receiver answers with where it stands
+            if t.state in ("offered", "sending"):
+                t.state, t.next = "offered", t.done
+                self._offer(t)
         if first:
             if again:
                 self._show([f"sent {len(again)} message{'s' if len(again) > 1 else ''} typed before the chat began"],
@@ -1704,11 +2179,22 @@ class Session:
 
     def _maybe_left(self):
         """When leaving, leave as soon as nothing is pending."""
-        pending = self._paced or (self.fmt.acknowledges and self.conversation.unacked)
+        pending = (self._paced or (self.fmt.acknowledges and self.conversation.unacked)
+                   or any(t.active for t in self._outgoing.values()))
         if self._leave_by is not None and not pending and not self.ended:
             self._finish_leaving()
 
+    def _leave_deadline(self):
+        """Messages get FLUSH_TIMEOUT; a file on its way, as long as it keeps moving."""
+        if any(t.active for t in self._outgoing.values()):
+            return max(self._leave_by, self._progress + FILE_STALL)
+        return self._leave_by
+
     def _finish_leaving(self):
+        for t in self._outgoing.values():
+            if t.active:
+                self._stop_outgoing(t, "left")
+                t.state = "undelivered"
         if self._link is not None and self.fmt.signals:
             self._send(Goodbye())
         undelivered = self._undelivered()
@@ -1728,6 +2214,13 @@ class Session:
         if undelivered:
             text = f"{text}; {undelivered_text(list(undelivered))}"
             code = code or EXIT_NETWORK
+        files = [t for t in self._outgoing.values() if t.active or t.state in ("undelivered", "refused")]
+        if files:
+            names = ", ".join(visible(t.name) for t in files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5
+                                                                     else "")
+            text = f"{text}; {len(files)} file{'s' if len(files) > 1 else ''} not delivered: {names}"
+            code = code or EXIT_NETWORK
+        self._abandon_files("the chat ended")
         if self._link is not None:
             self._do(Close(self._link.link, True))  # after what is queued: a goodbye, an alert
             self._link = None
@@ -2082,26 +2575,128 @@ class Link:
             if isinstance(event, ConnectionClosed):
                 return
 
+    FLUSH_AT = 16 * 1024  # small records queued together go out in one write; a file's chunk goes at once
+
     def _write(self):
-        seal, outbox = self.conn.seal, self._outbox
+        seal, outbox, pending = self.conn.seal, self._outbox, bytearray()
         while True:
-            batch = [outbox.get()]
-            while self.coalesce and batch[-1] is not _CLOSE and not outbox.empty():
-                batch.append(outbox.get_nowait())  # records queued meanwhile go out in one write
-            data = b"".join(seal(event) for event in batch if event is not _CLOSE)
-            if data and not self._is_closed:
-                self.sock.sendall(data)
-            if batch[-1] is _CLOSE:
+            event = outbox.get()
+            if event is _CLOSE:
+                if pending and not self._is_closed:
+                    self.sock.sendall(pending)
                 self._shutdown()
                 self.written.set()
                 return
+            if type(event) is ChunkOf:
+                event = self.chat.read_chunk(event)
+            if event is not None:
+                pending += seal(event)
+            if pending and (not self.coalesce or len(pending) >= self.FLUSH_AT or outbox.empty()):
+                if not self._is_closed:
+                    self.sock.sendall(pending)
+                pending.clear()
+
+
+class Files:
+    """The files of a chat on disk: those we send (opened, hashed, read a chunk at a time) and those we receive
+    (a hidden temporary file in the folder, hashed as it is written, put in place under a name that takes
+    nothing's place only once its SHA-256 matched)."""
+
+    SPARE = 16 * 2**20  # room left free on the disk beyond a file we accept
+
+    def __init__(self, folder="."):
+        self.folder = folder
+        self._sending = {}  # file -> open file
+        self._receiving = {}  # file -> [descriptor, temporary path, hash, name]
+
+    def prepare(self, path):
+        """(name to give, size, SHA-256) of a file to send; it stays open, so a rename does not change what goes."""
+        try:
+            handle = open(path, "rb")  # noqa: SIM115 -- kept open for the transfer, closed by release()
+        except OSError as e:
+            raise UsageError(describe(e)) from None
+        try:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                raise UsageError("not a regular file")
+            digest = hashlib.sha256()
+            while block := handle.read(1 << 20):
+                digest.update(block)
+            size = handle.tell()
+        except (OSError, UsageError) as e:
+            handle.close()
+            raise UsageError(describe(e)) from None
+        name = os.path.basename(os.path.normpath(path)) or "file"
+        return handle, name, size, digest.hexdigest()
+
+    def keep(self, file, handle):
+        self._sending[file] = handle
+
+    def read(self, file, offset, length):
+        data = os.pread(self._sending[file].fileno(), length, offset)
+        if len(data) != length:
+            raise OSError(errno.EIO, "the file became shorter while it was being sent")
+        return data
+
+    def release(self, file):
+        handle = self._sending.pop(file, None)
+        if handle is not None:
+            handle.close()
+
+    def open(self, file, size):
+        """A hidden temporary file in the folder, once there is room for size bytes and more."""
+        if shutil.disk_usage(self.folder).free < size + self.SPARE:
+            raise OSError(errno.ENOSPC, "not enough free space")
+        temporary = os.path.join(self.folder, f".aeschat-{os.urandom(8).hex()}.part")
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        self._receiving[file] = [descriptor, temporary, hashlib.sha256()]
+
+    def write(self, file, data):
+        descriptor, _, digest = self._receiving[file]
+        digest.update(data)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(descriptor, view) :]
+
+    def save(self, file, sha256, name):
+        """Check the SHA-256, then put the file in place as name, or name (1).ext, ... never over another."""
+        descriptor, temporary, digest = self._receiving.pop(file)
+        os.close(descriptor)
+        if not hmac.compare_digest(digest.hexdigest(), sha256):
+            os.unlink(temporary)
+            raise ValueError("its SHA-256 did not match what the sender announced")
+        stem, dot, extension = name.rpartition(".") if "." in name.lstrip(".") else (name, "", "")
+        for number in range(10_000):
+            candidate = name if number == 0 else f"{stem} ({number}){dot}{extension}"
+            target = os.path.join(self.folder, candidate)
+            try:  # claim the name (O_EXCL: never an existing file, nor a link), then move the file onto the claim
+                os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            except FileExistsError:
+                continue
+            os.replace(temporary, target)
+            return target
+        os.unlink(temporary)
+        raise OSError(errno.EEXIST, "too many files of that name")
+
+    def discard(self, file):
+        entry = self._receiving.pop(file, None)
+        if entry is not None:
+            os.close(entry[0])
+            with contextlib.suppress(OSError):
+                os.unlink(entry[1])
+
+    def close(self):
+        for file in list(self._receiving):
+            self.discard(file)
+        for file in list(self._sending):
+            self.release(file)
 
 
 class Chat:
     """One chat: its Session (the rules) under a lock, and the carrying out of what it asks, in order."""
 
-    def __init__(self, ui, session, dial=None):
+    def __init__(self, ui, session, dial=None, files=None):
         self.ui, self.session, self._dial = ui, session, dial
+        self.files = files or Files()
         self.lock = threading.Lock()
         self._clock = threading.Condition(self.lock)
         self._wake_at = None  # when the clock thread means to tick next
@@ -2174,11 +2769,69 @@ class Chat:
             guarded(lambda: self._redial(action.kind), lambda e: self.step(DialFailed(e)), "dial")
         elif kind is Live:
             self.begun.set()
+        elif kind in self._FILE_ACTIONS:
+            self._FILE_ACTIONS[kind](self, action)
         elif kind is End:
             self.outcome = (action.code, action.text)
             self.begun.set()
             self.done.set()
             self.ui.wake()
+
+    # -- files: what may take a while (hashing, checking, renaming) runs in a thread that steps the session after
+
+    def _prepare(self, action):
+        def run():
+            try:
+                handle, name, size, sha256 = self.files.prepare(action.path)
+            except UsageError as e:
+                return self.step(FileFailed(action.file, True, "unreadable", f"{e}"))
+            self.files.keep(action.file, handle)
+            self.step(FileReady(action.file, name, size, sha256))
+
+        guarded(run, self._crashed, "file")
+
+    def _post(self, event):
+        """Step the session with event from a thread of its own: an action never steps the session it came from."""
+        guarded(lambda: self.step(event), self._crashed, "step")
+
+    def _open(self, action):
+        try:
+            self.files.open(action.file, action.size)
+        except OSError as e:
+            return self._post(FileFailed(action.file, False, "no space" if e.errno == errno.ENOSPC else "unwritable",
+                                         describe(e)))
+        self._post(FileOpened(action.file))
+
+    def _write_file(self, action):
+        try:
+            self.files.write(action.file, action.data)
+        except (OSError, KeyError) as e:
+            self.files.discard(action.file)
+            self._post(FileFailed(action.file, False, "unwritable", describe(e)))
+
+    def _save(self, action):
+        def run():
+            try:
+                path = self.files.save(action.file, action.sha256, action.name)
+            except ValueError as e:
+                return self.step(FileFailed(action.file, False, "failed verification", f"{e}"))
+            except (OSError, KeyError) as e:
+                return self.step(FileFailed(action.file, False, "unwritable", describe(e)))
+            self.step(FileSaved(action.file, path))
+
+        guarded(run, self._crashed, "file")
+
+    _FILE_ACTIONS = {PrepareFile: _prepare, OpenFile: _open, WriteFile: _write_file, SaveFile: _save,
+                     DiscardFile: lambda self, action: self.files.discard(action.file),
+                     ReleaseFile: lambda self, action: self.files.release(action.file)}
+
+    def read_chunk(self, event):
+        """The writer's way to a chunk's bytes: read from the file as it is sealed, never all at once."""
+        try:
+            return Chunk(event.file, event.offset, self.files.read(event.file, event.offset, event.length))
+        except (OSError, KeyError) as e:
+            self._post(FileFailed(event.file, True, "unreadable", describe(e)))
+            return None
 
     def _redial(self, kind):
         try:
@@ -2476,9 +3129,12 @@ class Server:
                 self._turn_away(sock, conn, peer)  # lost the race to another client
                 return
             if chat is None:
-                session = Session(SERVER, self.fmt, Conversation.new(), time.monotonic(), self.args.keepalive,
-                                  self.args.reconnect_for, self.ui.interactive, self.queued)
-                chat = self.chat = Chat(self.ui, session)
+                args = self.args
+                session = Session(SERVER, self.fmt, Conversation.new(), time.monotonic(), args.keepalive,
+                                  args.reconnect_for, self.ui.interactive, self.queued,
+                                  receive_files=args.receive_dir is not None, max_file_size=args.max_file_size,
+                                  send=args.send)
+                chat = self.chat = Chat(self.ui, session, files=Files(args.receive_dir or "."))
                 self.queued, new = [], True
             if kind == PASSPHRASE:
                 self._resumption = conn.resumption
@@ -2567,6 +3223,7 @@ class Server:
 def report(chat):
     """Tell the user how a chat ended (here, by the input loop's thread, so the line is never lost at exit)."""
     chat.settle(2.0)
+    chat.files.close()  # no temporary file outlives its chat
     code, text = chat.outcome
     if text:
         chat.ui.show([text], "notice" if code in (EXIT_OK, EXIT_INTERRUPTED, EXIT_TERMINATED) else "error")
@@ -2807,6 +3464,26 @@ def checked_passphrase(passphrase):
     return passphrase
 
 
+def size_argument(text):
+    """A size in bytes: a whole number, with K, M, G or T for binary thousands (10M is 10 MiB)."""
+    match = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)(i?b)?\s*", text, re.I)
+    if not match:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r} (bytes, or a number with K, M, G or T)")
+    return int(match.group(1)) * 1024 ** " kmgt".index(match.group(2).lower() or " ")
+
+
+def check_file_options(parser, args):
+    """Files named on the command line are checked at once, so a script learns of a typo before it connects."""
+    if args.legacy and (args.send or args.receive_dir):
+        parser.error("--legacy has no files (the original scripts cannot receive them)")
+    for path in args.send:
+        if not os.path.isfile(path) or not os.access(path, os.R_OK):
+            parser.error(f"--send {path}: not a readable file")
+    if args.receive_dir is not None and not (os.path.isdir(args.receive_dir) and
+                                             os.access(args.receive_dir, os.W_OK | os.X_OK)):
+        parser.error(f"--receive-dir {args.receive_dir}: not a folder we can write in")
+
+
 def port_number(text, lowest=1):
     try:
         port = int(text)
@@ -2834,6 +3511,15 @@ def argument_parser(prog, description):
                              f"keeps the conversation for it (default {RECONNECT_FOR:.0f})")
     parser.add_argument("--no-reconnect", dest="reconnect_for", action="store_const", const=0.0,
                         help="end the chat when the connection drops")
+    parser.add_argument("--send", action="append", default=[], metavar="PATH",
+                        help="offer this file as soon as the chat begins (may be given again); a client in a pipe "
+                             "exits once the peer has saved every one")
+    parser.add_argument("--receive-dir", metavar="DIR",
+                        help="accept every file offered, into DIR (without it: /accept on a terminal, declined in a "
+                             "pipe)")
+    parser.add_argument("--max-file-size", type=size_argument, default=MAX_FILE_SIZE, metavar="SIZE",
+                        help=f"refuse offered files larger than SIZE bytes (K, M, G allowed; default "
+                             f"{size_text(MAX_FILE_SIZE)})")
     parser.add_argument("--keepalive", type=float, default=KEEPALIVE, metavar="SECONDS", help=argparse.SUPPRESS)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser

@@ -23,7 +23,9 @@ def parse_args(argv=None):
     parser.add_argument("--receive-only", action="store_true",
                         help="never read input: serve one client after another and print what arrives, until a "
                              "signal stops the server (for scripts that send one message)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    common.check_file_options(parser, args)
+    return args
 
 
 def listen(host, port):

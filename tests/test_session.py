@@ -872,3 +872,168 @@ def test_spake2_work_is_budgeted_while_a_client_is_connected_and_resumptions_go_
     assert answered == ["h0", "h1"]  # the burst; the rest wait for the budget
     door.tick(after=0.1)  # one more token
     assert [k for k, p in door.gate.pending.items() if p.stage == "confirm"] == ["h0", "h1", "h2"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Files
+
+
+SHA = "ab" * 32
+
+
+def sender():
+    run = Run()
+    link = run.live()
+    actions = run(Typed("/send /tmp/report.pdf", TS))
+    assert actions == [common.PrepareFile(0, "/tmp/report.pdf")]
+    actions = run(common.FileReady(0, "report.pdf", 100_000, SHA))
+    assert sends(actions) == [common.Offer(0, "report.pdf", 100_000, SHA)]
+    assert shown(actions, "notice") == ["offering file report.pdf (97.7 KiB)"]
+    return run, link
+
+
+def receiver(**kwargs):
+    run = Run(SERVER, **kwargs)
+    return run, run.live()
+
+
+def test_a_sender_keeps_a_window_of_chunks_in_flight_and_goes_on_as_they_are_acknowledged():
+    run, link = sender()
+    chunks = sends(run(Got(link, common.Accept(0, 0))))
+    assert chunks == [common.ChunkOf(0, 0, 16384), common.ChunkOf(0, 16384, 16384), common.ChunkOf(0, 32768, 16384)]
+    assert sends(run(Got(link, common.FileAck(0, 16384)))) == [common.ChunkOf(0, 49152, 16384)]
+    rest = sends(run(Got(link, common.FileAck(0, 65536))))
+    assert rest == [common.ChunkOf(0, 65536, 16384), common.ChunkOf(0, 81920, 16384),
+                    common.ChunkOf(0, 98304, 100_000 - 98304)]  # the last one, short
+    assert ended(run(Got(link, common.FileAck(0, 100_001)))) is not None  # past what was sent: a violation
+    run, link = sender()
+    run(Got(link, common.Accept(0, 0)))
+    for offset in (16384, 32768, 49152, 65536, 81920, 98304, 100_000):
+        run(Got(link, common.FileAck(0, offset)))
+    actions = run(Got(link, common.Done(0)))
+    assert shown(actions) == ["delivered file report.pdf"] and common.ReleaseFile(0) in actions
+
+
+def test_a_receiver_with_a_folder_accepts_writes_acknowledges_and_saves():
+    run, link = receiver(receive_files=True)
+    actions = run(Got(link, common.Offer(0, "../x.bin", 20_000, SHA)))
+    assert actions == [common.OpenFile(0, "x.bin", 20_000)]  # the name made safe before anything
+    actions = run(common.FileOpened(0))
+    assert sends(actions) == [common.Accept(0, 0)] and "receiving file x.bin" in shown(actions, "notice")[0]
+    actions = run(Got(link, common.Chunk(0, 0, bytes(16384))))
+    assert common.WriteFile(0, bytes(16384)) in actions and sends(actions) == [common.FileAck(0, 16384)]
+    actions = run(Got(link, common.Chunk(0, 16384, bytes(3616))))
+    assert common.SaveFile(0, SHA, "x.bin") in actions
+    actions = run(common.FileSaved(0, "/in/x.bin"))
+    assert sends(actions) == [common.Done(0)]
+    assert shown(actions) == [f"received file x.bin (20,000 bytes, sha256 {SHA[:12]}…) → /in/x.bin"]
+
+
+@pytest.mark.parametrize("chunk", [common.Chunk(0, 5, b"x"), common.Chunk(0, 0, bytes(20_001)),
+                                   common.Chunk(7, 0, b"x")])
+def test_a_chunk_out_of_place_is_a_security_failure(chunk):
+    run, link = receiver(receive_files=True)
+    run(Got(link, common.Offer(0, "x.bin", 20_000, SHA)))
+    run(common.FileOpened(0))
+    actions = run(Got(link, chunk))
+    assert ended(actions)[0] == EXIT_SECURITY and common.DiscardFile(0) in actions
+
+
+def test_a_pipe_without_a_folder_declines_and_a_terminal_asks():
+    run, link = receiver()
+    actions = run(Got(link, common.Offer(0, "x.bin", 10, SHA)))
+    assert sends(actions) == [common.Refuse(0, "declined")]
+    run, link = receiver(interactive=True)
+    actions = run(Got(link, common.Offer(0, "x.bin", 10, SHA)))
+    assert sends(actions) == [] and "/accept" in shown(actions, "notice")[0]
+    assert run(Typed("/accept", TS)) == [common.OpenFile(0, "x.bin", 10)]
+    run(Got(link, common.Offer(1, "y.bin", 10, SHA)))
+    assert sends(run(Typed("/decline", TS))) == [common.Refuse(1, "declined")]
+    assert "no file is offered" in shown(run(Typed("/decline", TS)), "error")[0]
+
+
+def test_a_file_over_the_limit_is_refused_before_anything_is_written():
+    run, link = receiver(receive_files=True, max_file_size=1000)
+    actions = run(Got(link, common.Offer(0, "big.bin", 1001, SHA)))
+    assert sends(actions) == [common.Refuse(0, "too large")] and not any(isinstance(a, common.OpenFile)
+                                                                          for a in actions)
+
+
+def test_after_a_reconnection_the_sender_offers_again_and_goes_on_from_what_the_receiver_has():
+    run, link = sender()
+    run(Got(link, common.Accept(0, 0)))
+    run(Got(link, common.FileAck(0, 16384)))
+    run(Got(link, ConnectionClosed()))
+    new = run.link()
+    run(Attached(new, "192.0.2.7:5555", RESUME))
+    actions = run(Got(new, Resume(CONV, 0, 0, True)))
+    assert common.Offer(0, "report.pdf", 100_000, SHA) in sends(actions)
+    assert "offering" not in " ".join(shown(actions))  # told once
+    chunks = sends(run(Got(new, common.Accept(0, 32768))))  # the receiver had more than it had acknowledged
+    assert chunks[0] == common.ChunkOf(0, 32768, 16384)
+
+
+def test_a_receiver_offered_a_file_again_says_where_it_stands():
+    run, link = receiver(receive_files=True)
+    run(Got(link, common.Offer(0, "x.bin", 40_000, SHA)))
+    run(common.FileOpened(0))
+    run(Got(link, common.Chunk(0, 0, bytes(16384))))
+    assert sends(run(Got(link, common.Offer(0, "x.bin", 40_000, SHA)))) == [common.Accept(0, 16384)]
+
+
+def test_the_sender_leaving_cancels_and_the_receiver_discards():
+    run, link = receiver(receive_files=True)
+    run(Got(link, common.Offer(0, "x.bin", 40_000, SHA)))
+    run(common.FileOpened(0))
+    actions = run(Got(link, common.Cancel(0, "left")))
+    assert common.DiscardFile(0) in actions
+    assert shown(actions, "notice") == ["transfer of file x.bin abandoned: the peer left"]
+
+
+def test_a_chat_that_ends_mid_transfer_discards_the_temporary_file():
+    run, link = receiver(receive_files=True)
+    run(Got(link, common.Offer(0, "x.bin", 40_000, SHA)))
+    run(common.FileOpened(0))
+    actions = run(Failed(link, common.IntegrityError("bad")))
+    assert common.DiscardFile(0) in actions and ended(actions)[0] == EXIT_SECURITY
+
+
+def test_leaving_waits_for_a_file_while_it_moves_then_gives_it_up():
+    run, link = sender()
+    run(Got(link, common.Accept(0, 0)))
+    assert ended(run(Leave(10))) is None
+    assert ended(run(Tick(), after=20)) is None  # past the messages' 10 s: the file still counts
+    run(Got(link, common.FileAck(0, 16384)), after=1)
+    actions = run(Tick(), after=common.FILE_STALL)
+    code, text = ended(actions)
+    assert code == EXIT_NETWORK and text.endswith("1 file not delivered: report.pdf")
+    assert common.Cancel(0, "left") in sends(actions)
+
+
+def test_a_new_client_taking_over_abandons_the_files_of_the_last():
+    run, link = receiver(receive_files=True)
+    run(Got(link, common.Offer(0, "x.bin", 40_000, SHA)))
+    run(common.FileOpened(0))
+    run(Got(link, ConnectionClosed()))
+    newcomer = run.link()
+    run(Attached(newcomer, "192.0.2.50:7000", PASSPHRASE))
+    actions = run(Got(newcomer, Resume("cd" * 16, 0, 0, False)))
+    assert common.DiscardFile(0) in actions
+    assert "transfer of file x.bin abandoned: a new client took the conversation over" in shown(actions, "notice")
+
+
+def test_a_file_record_from_a_legacy_peer_or_before_the_resume_is_refused():
+    run = Run(SERVER)
+    link = run.link()
+    run(Attached(link, "192.0.2.9:4000", PASSPHRASE))
+    assert ended(run(Got(link, common.Offer(0, "x", 1, SHA))))[0] == EXIT_SECURITY
+
+
+def test_the_status_line_shows_a_transfer_with_its_rate_and_time_left():
+    run, link = sender()
+    run(Got(link, common.Accept(0, 0)))
+    run(Got(link, common.FileAck(0, 32768)), after=1.0)
+    fields, order = run.session.status()
+    line = common.fit_status(fields, order, 120)
+    assert "sending report.pdf 32%, 32.0 KiB/s, 2 s left" in line
+    assert "sending 32%" in common.fit_status(fields, order, 50)

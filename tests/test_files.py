@@ -1,0 +1,201 @@
+"""Files inside the chat, on real processes: delivered byte for byte, safely named, resumable, never blocking."""
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+from mitm import C2S, Attacker, Proxy
+from procs import PASSPHRASE, ROOT, connected
+
+import common
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def folders(tmp_path):
+    inbox, outbox = tmp_path / "in", tmp_path / "out"
+    inbox.mkdir()
+    outbox.mkdir()
+    return inbox, outbox
+
+
+def make_file(folder, name, size, seed=1):
+    path = folder / name
+    path.write_bytes(hashlib.shake_256(seed.to_bytes(4, "big")).digest(size) if size else b"")
+    return path
+
+
+def leftovers(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def test_a_file_is_delivered_byte_for_byte(spawn, folders):
+    inbox, outbox = folders
+    source = make_file(outbox, "report.bin", 300_000)
+    server, port = spawn("server", "--once", "--receive-dir", inbox)
+    client = spawn("client", port, "--send", source)
+    client.close_stdin()
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    server.expect(rf"^received file report\.bin \(300,000 bytes, sha256 {digest[:12]}…\) → {inbox}/report\.bin$")
+    client.expect(r"^delivered file report\.bin$")
+    assert client.wait() == 0
+    assert (inbox / "report.bin").read_bytes() == source.read_bytes()
+    assert leftovers(inbox) == []
+
+
+def test_the_same_name_twice_makes_two_files_and_overwrites_nothing(spawn, folders):
+    inbox, outbox = folders
+    (inbox / "same.txt").write_text("already here")
+    first, second = make_file(outbox, "same.txt", 1000, 1), make_file(outbox / "..", "same.txt", 2000, 2)
+    server, port = spawn("server", "--once", "--receive-dir", inbox)
+    client = spawn("client", port, "--send", first, "--send", second)
+    client.close_stdin()
+    assert client.wait() == 0
+    server.expect(r"→ .*/same \(1\)\.txt$")
+    server.expect(r"→ .*/same \(2\)\.txt$")
+    assert (inbox / "same.txt").read_text() == "already here"
+    assert {(inbox / "same (1).txt").read_bytes(), (inbox / "same (2).txt").read_bytes()} == {
+        first.read_bytes(), second.read_bytes()}
+
+
+@pytest.mark.parametrize("name, saved", [
+    ("../../escape.txt", "escape.txt"),
+    ("a/b/c.txt", "c.txt"),
+    ("..", "file"),
+    ("\x1b[31mred\x07.txt", "_[31mred_.txt"),
+    ("ok\u202etxt.exe", "ok_txt.exe"),
+    ("n" * 300, "n" * 255),
+])
+def test_a_hostile_name_is_saved_inside_the_folder_safely_named(spawn, folders, name, saved):
+    inbox, _ = folders
+    server, port = spawn("server", "--no-reconnect", "--receive-dir", inbox)
+    attacker = Attacker(port, PASSPHRASE).open()
+    data = b"harmless"
+    offered = name if len(name.encode()) <= 255 else name[:255]
+    attacker.send_raw(attacker.record(common.Offer(0, offered, len(data), hashlib.sha256(data).hexdigest())))
+    assert attacker.next_event() == common.Accept(0, 0)
+    attacker.send_raw(attacker.record(common.Chunk(0, 0, data)))
+    assert attacker.next_event() == common.FileAck(0, len(data))
+    assert attacker.next_event() == common.Done(0)
+    attacker.close()
+    server.expect("received file")
+    assert [p.name for p in inbox.iterdir()] == [saved]
+    assert (inbox / saved).read_bytes() == data
+    assert "\x1b" not in server.output()[0] if server.proc.poll() is not None else True
+    assert not any("\x1b" in line or "\u202e" in line for _, line in server.seen)
+
+
+def test_a_pipe_receiver_without_a_folder_declines_and_the_sender_is_told(spawn, folders):
+    _, outbox = folders
+    source = make_file(outbox, "unwanted.bin", 5000)
+    server, port = spawn("server", "--once")
+    client = spawn("client", port, "--send", source)
+    client.close_stdin()
+    server.expect("declined file unwanted.bin .*: there is no --receive-dir to save it in")
+    client.expect("file unwanted.bin not delivered: the peer declined it")
+    assert client.wait() == 1
+    assert "1 file not delivered: unwanted.bin" in client.output()[1]
+
+
+def test_a_file_over_the_limit_is_refused_on_both_sides(spawn, folders):
+    inbox, outbox = folders
+    source = make_file(outbox, "big.bin", 5000)
+    server, port = spawn("server", "--once", "--receive-dir", inbox, "--max-file-size", "4K")
+    client = spawn("client", port, "--send", source)
+    client.close_stdin()
+    server.expect(r"refused file big\.bin \(4\.9 KiB\): it is over --max-file-size \(4\.0 KiB\)")
+    client.expect("file big.bin not delivered: the peer refused it as too large")
+    assert client.wait() == 1
+    assert list(inbox.iterdir()) == []
+
+
+def test_a_connection_cut_mid_transfer_resumes_and_the_file_arrives_once(spawn, folders):
+    inbox, outbox = folders
+    source = make_file(outbox, "resumed.bin", 400_000)
+    server, port = spawn("server", "--once", "--receive-dir", inbox)
+    proxy = Proxy(port)
+    proxy.cut_after = {C2S: 200_000}  # the first connection is cut half way through the file
+    try:
+        client = spawn("client", proxy.port, "--send", source)
+        client.close_stdin()
+        client.expect("connection lost")
+        proxy.cut_after = {}
+        client.expect("reconnected to")
+        server.expect(r"received file resumed\.bin")
+        assert client.wait() == 0
+    finally:
+        proxy.close()
+    assert [p.name for p in inbox.iterdir()] == ["resumed.bin"]
+    assert (inbox / "resumed.bin").read_bytes() == source.read_bytes()
+    sent = sum(relay.forwarded[C2S] for relay in proxy.relays)
+    assert sent < 1.3 * 400_000  # it went on from what was acknowledged, not from zero
+
+
+def test_the_sender_leaving_mid_transfer_leaves_no_temporary_file(spawn, folders):
+    inbox, outbox = folders
+    source = make_file(outbox, "abandoned.bin", 2_000_000)
+    server, port = spawn("server", "--once", "--receive-dir", inbox)
+    client = spawn("client", port, "--send", source)
+    server.expect("receiving file abandoned.bin")
+    assert leftovers(inbox) != []  # its temporary file
+    client.proc.send_signal(signal.SIGINT)
+    server.expect("transfer of file abandoned.bin abandoned: the peer left")
+    assert client.wait() == 130
+    server.expect("the peer left the chat")
+    assert list(inbox.iterdir()) == []
+
+
+def test_a_message_typed_during_a_transfer_does_not_wait_for_the_file(spawn, folders):
+    inbox, outbox = folders
+    source = make_file(outbox, "long.bin", 4 * 2**20)
+    server, client, _ = connected(spawn, "--once", "--receive-dir", inbox)
+    client.send(f"/send {source}\n")
+    client.expect("offering file long.bin")
+    client.send("meanwhile, a message\n")
+    server.expect("Received: meanwhile, a message  ☒")
+    assert not (inbox / "long.bin").exists()  # it came while the file was still on its way
+    client.send("quit()\n")
+
+
+def test_a_tampered_chunk_is_a_security_failure_and_nothing_is_put_in_place(spawn, folders):
+    inbox, outbox = folders
+    source = make_file(outbox, "target.bin", 100_000)
+
+    def flip(relay, direction, index, frame):
+        if direction == C2S and len(frame) > 16_000 and not getattr(relay, "flipped", False):
+            relay.flipped = True
+            return [frame[:100] + bytes([frame[100] ^ 1]) + frame[101:]]
+        return [frame]
+
+    server, port = spawn("server", "--once", "--receive-dir", inbox)
+    proxy = Proxy(port, flip)
+    try:
+        client = spawn("client", proxy.port, "--send", source)
+        client.close_stdin()
+        server.expect("security failure: a record failed its integrity check")
+        client.expect("security failure: the peer says one of our records failed its integrity check")
+        assert client.wait() == 3
+    finally:
+        proxy.close()
+    assert list(inbox.iterdir()) == []
+
+
+def test_legacy_has_no_files(spawn):
+    server, port = spawn("server", "--once", "--legacy")
+    client = spawn("client", port, "--legacy")
+    client.expect("legacy format")
+    client.send("/send /etc/hostname\n")
+    client.expect("/send: --legacy has no files")
+    client.close_stdin()
+    assert client.wait() == 0
+
+
+def test_send_of_a_missing_file_is_a_usage_error():
+    result = subprocess.run([sys.executable, "client.py", "127.0.0.1", "1", "--send", "/nonexistent/x"], cwd=ROOT,
+                            capture_output=True, text=True, env={**os.environ, "AESCHAT_KEY": PASSPHRASE})
+    assert result.returncode == 2
+    assert result.stderr == "aeschat-client: error: --send /nonexistent/x: not a readable file (see --help)\n"
