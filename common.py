@@ -26,15 +26,12 @@ import collections
 import contextlib
 import datetime
 import errno
-import getpass
 import hashlib
 import hmac
 import json
 import os
 import queue
 import re
-import selectors
-import shutil
 import socket
 import stat
 import struct
@@ -1565,9 +1562,19 @@ class Session:
     | AWAY     | DialFailed               | network: back off and dial again; unknown/busy: ask the user (/reconnect)|
     |          |                          | or end 1 in a pipe; authentication: warn; twice in a row: end 3          |
     | AWAY     | Tick past the grace      | end 1                                                                    |
-    | any      | Leave                    | wait (bounded) for acknowledgements and paced sends; goodbye; end 0, or  |
-    |          |                          | 1 listing what was not delivered                                         |
-    | any      | Interrupt                | goodbye now; end with its code                                           |
+    | any      | Tick                     | v2: ping a peer silent for `keepalive`; lost after three of them         |
+    | any      | Got Ping                 | answer Pong at once                                                      |
+    | LIVE     | /send, then FileReady    | offer the file; on Accept, chunks with at most WINDOW in flight, more as |
+    |          |                          | FileAcks come; on Done: "delivered"; on Refuse: "not delivered"          |
+    | LIVE     | Got Offer                | over --max-file-size: refuse; with a folder: open it, Accept; on a       |
+    |          |                          | terminal: ask (/accept, /decline); in a pipe: decline                    |
+    | LIVE     | Got Chunk                | in place: write it, FileAck it; the last: check, save, Done (or refuse); |
+    |          |                          | out of place: security failure                                           |
+    | STARTING | Got Resume (again)       | offer again what was on its way: the receiver answers where it stands;   |
+    |          |                          | a new client (or a restarted server): the files on their way abandoned   |
+    | any      | Leave                    | wait (bounded) for acknowledgements, paced sends and files that still    |
+    |          |                          | move; goodbye; end 0, or 1 listing what was not delivered                |
+    | any      | Interrupt                | cancel files, goodbye now; end with its code                             |
     | ENDED    | anything                 | a link that arrives late is closed; nothing else                         |
     """
 
@@ -2216,9 +2223,9 @@ class Session:
             code = code or EXIT_NETWORK
         files = [t for t in self._outgoing.values() if t.active or t.state in ("undelivered", "refused")]
         if files:
-            names = ", ".join(visible(t.name) for t in files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5
-                                                                     else "")
-            text = f"{text}; {len(files)} file{'s' if len(files) > 1 else ''} not delivered: {names}"
+            names = ", ".join(visible(t.name) for t in files[:5])
+            more = f" and {len(files) - 5} more" if len(files) > 5 else ""
+            text = f"{text}; {len(files)} file{'s' if len(files) > 1 else ''} not delivered: {names}{more}"
             code = code or EXIT_NETWORK
         self._abandon_files("the chat ended")
         if self._link is not None:
@@ -2644,6 +2651,8 @@ class Files:
 
     def open(self, file, size):
         """A hidden temporary file in the folder, once there is room for size bytes and more."""
+        import shutil
+
         if shutil.disk_usage(self.folder).free < size + self.SPARE:
             raise OSError(errno.ENOSPC, "not enough free space")
         temporary = os.path.join(self.folder, f".aeschat-{os.urandom(8).hex()}.part")
@@ -2981,14 +2990,17 @@ class Door:
     PAUSE = 0.5  # seconds without accepting, when descriptors ran out and there was nothing to drop
 
     def __init__(self, listener, gate, admit, log):
+        import selectors  # the server's alone: kept off a client's start-up
+
         self.listener, self.gate, self.admit, self.log = listener, gate, admit, log
         self._selector = selectors.DefaultSelector()
+        self._read_events, self._write_events = selectors.EVENT_READ, selectors.EVENT_WRITE
         self._conns = {}  # socket -> [peer, bytes not yet written]
         self._paused_until = None
 
     def run(self):
         self.listener.setblocking(False)
-        self._selector.register(self.listener, selectors.EVENT_READ)
+        self._selector.register(self.listener, self._read_events)
         while True:
             wake = self.gate.next_wakeup()
             if self._paused_until is not None:
@@ -3000,16 +3012,16 @@ class Door:
                     if sock is self.listener:
                         self._accept()
                     else:
-                        if mask & selectors.EVENT_WRITE:
+                        if mask & self._write_events:
                             self._flush(sock)
-                        if mask & selectors.EVENT_READ and sock in self._conns:
+                        if mask & self._read_events and sock in self._conns:
                             self._read(sock)
                 except Exception as error:  # one connection's trouble, never the door's
                     self.log(f"{self._conns.get(sock, ['?'])[0]} dropped: {describe(error)}")
                     self._close(sock)
             if self._paused_until is not None and time.monotonic() >= self._paused_until:
                 self._paused_until = None
-                self._selector.register(self.listener, selectors.EVENT_READ)
+                self._selector.register(self.listener, self._read_events)
             self._apply(self.gate.tick(time.monotonic()))
 
     def _accept(self):
@@ -3032,7 +3044,7 @@ class Door:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             peer = address(addr)
             self._conns[sock] = [peer, bytearray()]
-            self._selector.register(sock, selectors.EVENT_READ)
+            self._selector.register(sock, self._read_events)
             self._apply(self.gate.accepted(sock, peer, time.monotonic()))
 
     def _read(self, sock):
@@ -3048,7 +3060,7 @@ class Door:
         out = self._conns[sock][1]
         with contextlib.suppress(BlockingIOError):
             del out[: sock.send(out)]
-        self._selector.modify(sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if out else 0))
+        self._selector.modify(sock, self._read_events | (self._write_events if out else 0))
 
     def _close(self, sock):
         if self._conns.pop(sock, None) is None:
@@ -3275,7 +3287,7 @@ class PlainUI:
         self.prog = prog
         for stream in (sys.stdin, sys.stdout, sys.stderr):
             stream.reconfigure(errors="replace" if stream is sys.stdin else "backslashreplace")
-        self._width = shutil.get_terminal_size().columns if sys.stdout.isatty() else None
+        self._width = os.get_terminal_size(sys.stdout.fileno()).columns if sys.stdout.isatty() else None
         self._inbox = queue.Queue()
         self._printing = queue.Queue()
         self._printer = guarded(self._print, lambda error: None, "printer")  # a closed stdout: nothing to tell
@@ -3455,6 +3467,8 @@ def passphrase_given(args):
 def prompt_passphrase():
     if not sys.stdin.isatty():
         raise UsageError("no passphrase: give one with --key-file PATH or the AESCHAT_KEY environment variable")
+    import getpass
+
     return checked_passphrase(getpass.getpass("Passphrase: "))
 
 

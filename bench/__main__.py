@@ -5,8 +5,8 @@
 Latencies are measured with a client built from the protocol core (tests/mitm.py's Attacker) against a
 real server process, so that the clock sits next to the socket; throughput, one-shot, memory and
 reconnection use real client processes. Floors, measured in the same run: a plain Python TCP echo over
-loopback (the network), pyaes's own AES-256-CTR in one process (the cipher), and
-`python -c "import pyaes, spake2"` (the start-up).
+loopback (the network), the faster of pyaes's own AES-256-CTR and aeschat's counter cipher in one process (the
+cipher), and `python -c "import pyaes, spake2"` (the start-up).
 """
 
 import argparse
@@ -17,6 +17,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import pyaes  # noqa: E402
-from mitm import Attacker, Proxy  # noqa: E402
+from mitm import C2S, Attacker, Proxy  # noqa: E402
 from procs import PASSPHRASE, start_client, start_server  # noqa: E402
 
 import common  # noqa: E402
@@ -80,19 +81,29 @@ def network_floor(size, rounds):
 
 
 def cipher_floor(size):
-    """Seconds for pyaes's own AES-256-CTR to encrypt `size` bytes, key set-up included."""
+    """Seconds to encrypt `size` bytes one way, key set-up included: the faster of pyaes's own AES-256-CTR and
+    aeschat's counter cipher (pyaes's block function, whole records at once), best of three, so that no ratio
+    is flattered by a slow floor."""
     data, best = os.urandom(size), float("inf")
     for _ in range(3):
         started = time.perf_counter()
         pyaes.AESModeOfOperationCTR(os.urandom(32)).encrypt(data)
         best = min(best, time.perf_counter() - started)
+        started = time.perf_counter()
+        common.CounterCipher(os.urandom(32)).apply(1 << 64, data)
+        best = min(best, time.perf_counter() - started)
     return best
+
+
+# Start-up is measured as a user runs the programs: with their bytecode cached (this machine sets
+# PYTHONDONTWRITEBYTECODE, which would make every run compile common.py afresh), after one warm-up run.
+CACHED = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
 
 
 def process_time(args, stdin=b""):
     started = time.perf_counter()
     subprocess.run(args, input=stdin, cwd=ROOT, check=True, capture_output=True,
-                   env={**os.environ, "AESCHAT_KEY": PASSPHRASE})
+                   env={**CACHED, "AESCHAT_KEY": PASSPHRASE})
     return time.perf_counter() - started
 
 
@@ -142,7 +153,7 @@ def pipelined(port, size, count):
             if event is None:
                 attacker.conn.receive_data(attacker.sock.recv(1 << 20))
             elif isinstance(event, common.Ack):
-                acked += 1
+                acked = event.id + 1  # acknowledgements are cumulative
 
     reader = threading.Thread(target=read_acks)
     reader.start()
@@ -164,11 +175,10 @@ def watch_rss(pids, stop):
     return peaks
 
 
-def throughput(legacy, count):
-    """1 KiB messages from a real client process, as fast as it goes; every one checked delivered."""
-    flags = ("--legacy",) if legacy else ()
-    server, port = start_server("--once", *flags)
-    client = start_client(port, *flags)
+def throughput(count):
+    """1 KiB messages from a real client process, as fast as it goes; every one acknowledged before it exits."""
+    server, port = start_server("--once")
+    client = start_client(port)
     client.expect("Connected to")
     server.expect("Connected to")
     idle = {"server": peak_rss_mib(server.proc.pid)[1], "client": peak_rss_mib(client.proc.pid)[1]}
@@ -179,10 +189,7 @@ def throughput(legacy, count):
     started = time.perf_counter()
     client.send((line + "\n") * count)
     client.close_stdin()
-    code = client.wait(timeout=300)  # a v1 client exits 0 only once every message is acknowledged
-    if legacy:
-        for _ in range(count):  # no acknowledgements in the legacy format: count what the server shows
-            server.expect(r"^Received: z+  ☒", timeout=120)
+    code = client.wait(timeout=300)  # a client exits 0 only once every message is acknowledged
     elapsed = time.perf_counter() - started
     stop.set()
     watcher.join()
@@ -191,6 +198,110 @@ def throughput(legacy, count):
     assert server.output()[0].count("Received: " + line) == count
     return {"messages/s": count / elapsed, "KB/s": count * 1024 / elapsed / 1000,
             "rss idle MiB": idle, "rss load MiB": {"server": peaks[server.proc.pid], "client": peaks[client.proc.pid]}}
+
+
+def legacy_burst(count):
+    """A burst piped into a legacy client: until the server shows the last one (paced for the originals)."""
+    server, port = start_server("--once", "--legacy")
+    client = start_client(port, "--legacy")
+    client.expect("legacy format")
+    started = time.perf_counter()
+    client.send("".join(f"burst {i}\n" for i in range(count)))
+    server.expect(rf"Received: burst {count - 1}  ☒", timeout=120)
+    elapsed = time.perf_counter() - started
+    client.kill()
+    server.kill()
+    return elapsed
+
+
+def file_transfer(size, folder, cut=False):
+    """A file of `size` bytes from a client in a pipe (--send) to a server (--receive-dir): seconds from the
+    sender's offer to its "delivered", and the bytes the sender wrote (through a connection cut half way when
+    `cut`), and peak RSS of both."""
+    source = os.path.join(folder, "payload.bin")
+    with open(source, "wb") as f:
+        f.write(os.urandom(size))
+    inbox = tempfile.mkdtemp(dir=folder)
+    server, port = start_server("--once", "--receive-dir", inbox)
+    proxy = Proxy(port)
+    if cut:
+        proxy.cut_after = {C2S: size // 2}
+    client = start_client(proxy.port, "--send", source)
+    client.close_stdin()
+    try:
+        client.expect("offering file")
+        started = time.perf_counter()
+        if cut:
+            client.expect("connection lost", timeout=300)
+            proxy.cut_after = {}
+        client.expect("delivered file", timeout=300)
+        elapsed = time.perf_counter() - started
+        rss = max(peak_rss_mib(server.proc.pid)[0], peak_rss_mib(client.proc.pid)[0])
+        assert client.wait(timeout=60) == 0
+        sent = sum(relay.forwarded[C2S] for relay in proxy.relays)
+    finally:
+        client.kill()
+        server.kill()
+        proxy.close()
+    with open(source, "rb") as a, open(os.path.join(inbox, "payload.bin"), "rb") as b:
+        assert a.read() == b.read()
+    return elapsed, sent, rss
+
+
+def message_during_transfer(folder, rounds):
+    """Seconds from a line typed during a 4 MiB transfer to its being shown on the other side."""
+    source = os.path.join(folder, "long.bin")
+    with open(source, "wb") as f:
+        f.write(os.urandom(4 * 2**20))
+    server, port = start_server("--once", "--receive-dir", tempfile.mkdtemp(dir=folder))
+    client = start_client(port, "--send", source)
+    samples = []
+    try:
+        server.expect("receiving file")
+        for i in range(rounds):
+            started = time.perf_counter()
+            client.send(f"meanwhile {i}\n")
+            server.expect(f"Received: meanwhile {i}  ☒")
+            samples.append(time.perf_counter() - started)
+            time.sleep(0.5)  # spread the samples over the transfer
+    finally:
+        client.kill()
+        server.kill()
+    return percentiles(samples)
+
+
+def round_trips_under_hellos(port, rate, seconds):
+    """The 100 B round trip of a live chat while strangers open connections and send hellos at `rate` a second
+    (each refused as busy: what a flood costs the server now, beside the quiet figure from the same run)."""
+    stop = threading.Event()
+    hello = common.ClientConnection(PASSPHRASE).data_to_send()
+    opened = 0
+
+    def flood():
+        nonlocal opened
+        while not stop.is_set():
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port)) as sock:
+                sock.sendall(hello)
+                opened += 1
+            stop.wait(1 / rate)
+
+    attacker = Attacker(port, PASSPHRASE).open()
+    attacker.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    thread = threading.Thread(target=flood)
+    thread.start()
+    started, samples = time.perf_counter(), []
+    try:
+        while time.perf_counter() - started < seconds:
+            begun = time.perf_counter()
+            attacker.send_raw(attacker.message("x" * 100))
+            while not isinstance(attacker.next_event(), common.Ack):
+                pass
+            samples.append(time.perf_counter() - begun)
+    finally:
+        stop.set()
+        thread.join()
+        attacker.close()
+    return (*percentiles(samples), opened / (time.perf_counter() - started))
 
 
 def reconnect_time(rounds):
@@ -234,8 +345,8 @@ def run(quick):
             rounds = (5 if quick else 20) if size > 8192 else (20 if quick else 100)
             first, median, p99 = round_trips(port, size, rounds)
             net = network_floor(size, 50)
-            # The cipher's own time: pyaes over what the round trip must encrypt and decrypt once each,
-            # the message's record (text, timestamp, hash, padding) and the acknowledgement's.
+            # The cipher's own time: what the round trip must encrypt and decrypt once each, the message's
+            # record (text, timestamp, hash, padding) and the acknowledgement's.
             record_bytes = [len(common.encode_payload(common.Message(0, "x" * size, common.now_iso()))),
                             len(common.encode_payload(common.Ack(0)))]
             cipher = 2 * sum(cipher_floor(n) for n in record_bytes)
@@ -245,6 +356,13 @@ def run(quick):
                          f"{median * 1e3:.2f} ms median, {p99 * 1e3:.2f} p99, first {first * 1e3:.2f}",
                          f"network {net * 1e3:.3f} ms + cipher {cipher * 1e3:.2f} ms (records both ways)",
                          f"+{(median - net - cipher) * 1e3:.2f} ms over floors"))
+        quiet = results["round trip 100 B"]["median ms"]
+        flood = round_trips_under_hellos(port, 70, 3 if quick else 10)
+        results["round trip 100 B under hellos"] = {"median ms": flood[0] * 1e3, "p99 ms": flood[1] * 1e3,
+                                                    "hellos/s": flood[2]}
+        rows.append(("round trip 100 B, strangers' hellos arriving", f"{flood[0] * 1e3:.2f} ms median, "
+                     f"{flood[1] * 1e3:.2f} p99, {flood[2]:.0f} hellos/s", f"quiet {quiet:.2f} ms (same run)",
+                     f"{flood[0] * 1e3 / quiet:.2f}× quiet"))
         per_byte = {}
         for label in ("1 KiB", "8 KiB", "64 KiB"):
             size = SIZES[label]
@@ -259,24 +377,47 @@ def run(quick):
         server.kill()
 
     count = 200 if quick else 1000
-    for legacy in (False, True):
-        name = "legacy" if legacy else "v1"
-        tp = throughput(legacy, count)
-        results[f"throughput {name}"] = tp
-        cipher_kbs = 1024 / cipher_floor(1024 * 64) * 64 / 1000
-        rows.append((f"throughput {name}, 1 KiB messages", f"{tp['messages/s']:.0f} msg/s, {tp['KB/s']:.0f} KB/s",
-                     f"cipher {cipher_kbs:.0f} KB/s", f"{cipher_kbs / tp['KB/s']:.2f}× the cipher floor"))
-        rows.append((f"peak RSS {name} (idle → load)",
-                     f"server {tp['rss idle MiB']['server']:.1f} → {tp['rss load MiB']['server']:.1f} MiB, "
-                     f"client {tp['rss idle MiB']['client']:.1f} → {tp['rss load MiB']['client']:.1f} MiB",
-                     "under 40 MB a process", ""))
+    tp = throughput(count)
+    results["throughput v2"] = tp
+    floor_s = cipher_floor(1024 * count) if quick else cipher_floor(1024 * 256) * count / 256
+    floor_kbs = 1024 * count / floor_s / 1000
+    rows.append(("throughput, 1 KiB messages", f"{tp['messages/s']:.0f} msg/s, {tp['KB/s']:.0f} KB/s",
+                 f"cipher {floor_kbs:.0f} KB/s one way", f"{floor_kbs / tp['KB/s']:.2f}× the cipher floor"))
+    rows.append(("peak RSS (idle → load)",
+                 f"server {tp['rss idle MiB']['server']:.1f} → {tp['rss load MiB']['server']:.1f} MiB, "
+                 f"client {tp['rss idle MiB']['client']:.1f} → {tp['rss load MiB']['client']:.1f} MiB",
+                 "under 40 MB a process", ""))
+    burst = legacy_burst(20)
+    results["legacy burst"] = {"20 messages s": burst}
+    rows.append(("legacy: 20 lines piped, until the last is shown", f"{burst:.2f} s",
+                 f"pace {19 * common.LEGACY_PACE:.2f} s (one message a {common.LEGACY_PACE} s, for the originals)",
+                 f"+{burst - 19 * common.LEGACY_PACE:.2f} s"))
+
+    with tempfile.TemporaryDirectory() as folder:
+        size = 2**20 if quick else 4 * 2**20
+        label = "1 MiB" if quick else "4 MiB"
+        took, sent, rss = file_transfer(size, folder)
+        floor = cipher_floor(size)
+        results["file"] = {"size": size, "s": took, "cipher floor s": floor, "peak rss MiB": rss}
+        rows.append((f"file of {label}, offer to delivered",
+                     f"{took:.2f} s, {size / took / 1000:.0f} KB/s, peak RSS {rss:.1f} MiB",
+                     f"cipher {floor:.2f} s one way", f"{took / floor:.2f}× the cipher floor"))
+        took, sent, _ = file_transfer(size, folder, cut=True)
+        results["file cut half way"] = {"size": size, "s": took, "bytes sent": sent}
+        rows.append((f"file of {label}, connection cut half way", f"{sent / 2**20:.2f} MiB sent, {took:.2f} s",
+                     f"the file: {size / 2**20:.2f} MiB", f"{sent / size:.2f}× its size"))
+        latency = message_during_transfer(folder, 4 if quick else 10)
+        results["message during a transfer"] = {"median s": latency[0], "p99 s": latency[1]}
+        rows.append(("a message typed during a 4 MiB transfer", f"{latency[0] * 1e3:.0f} ms median, "
+                     f"{latency[1] * 1e3:.0f} ms worst", "goal 500 ms", ""))
 
     startup = statistics.median(process_time([sys.executable, "-c", "import pyaes, spake2"]) for _ in range(5))
     for legacy in (False, True):
-        name = "legacy" if legacy else "v1"
+        name = "legacy" if legacy else "v2"
         server, port = start_server(*(["--legacy"] if legacy else []))
         try:
             args = [sys.executable, "client.py", "127.0.0.1", str(port), *(["--legacy"] if legacy else [])]
+            process_time(args, b"x\n")  # warm-up: the bytecode is written once, as on a user's machine
             shot = statistics.median(process_time(args, b"x\n") for _ in range(3 if quick else 7))
         finally:
             server.kill()
