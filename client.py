@@ -42,7 +42,7 @@ def _main():
         print(f"{PROG}: warning: {common.LEGACY_WARNING}", file=sys.stderr)
     if passphrase is None:
         if sys.stdin.isatty() and not args.legacy and common.greeting(args.host, args.port) == common.BUSY:
-            raise common.Refused("busy", common.REFUSALS[common.BUSY])  # before anyone types a passphrase
+            raise common.Refused("busy", common.REFUSALS[common.BUSY_REFUSAL])  # before anyone types a passphrase
         passphrase = common.prompt_passphrase()
     dial = common.Dialer(args.host, args.port, passphrase, args.legacy)
     sock, conn, peer = dial()

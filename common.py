@@ -147,10 +147,14 @@ def process_bytes(data):
     return [data[i : i + BLOCK] for i in range(0, len(data), BLOCK)]
 
 
+def pad(data):
+    """Right-pad bytes with `~` to whole 16-byte blocks."""
+    return data + PAD * (-len(data) % BLOCK)
+
+
 def process_text(text):
     """Encode text as UTF-8 and right-pad it with `~` to whole 16-byte blocks; returns the blocks."""
-    data = text.encode("utf-8")
-    return process_bytes(data + PAD * (-len(data) % BLOCK))
+    return process_bytes(pad(text.encode("utf-8")))
 
 
 def strip_padding(data):
@@ -521,14 +525,19 @@ def encode_payload(event):
         name, fields = _WIRE_NAMES[type(event)]
     except KeyError:
         raise LocalProtocolError(f"cannot send {event!r}") from None
-    if isinstance(event, Message):
-        check_message_text(event.text)
-    obj = {"type": name, **{field: getattr(event, _ATTRIBUTES.get(field, field)) for field, _ in fields}}
-    return b"".join(process_text(json.dumps(obj, ensure_ascii=False, separators=(",", ":"))))
+    obj = {"type": name}
+    for field, check in fields:  # what we send passes the checks the peer makes: it is never refused
+        try:
+            obj[field] = check(getattr(event, _ATTRIBUTES.get(field, field)))
+        except ValueError as e:
+            raise LocalProtocolError(f"cannot send {name}: its {field} is {e}") from None
+    return pad(json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
 
 
 def decode_payload(data):
-    """The event a record's plaintext carries; anything malformed, of another type or out of range is refused."""
+    """The event a record's plaintext carries; anything malformed, of another type or out of range is refused, and
+    so is JSON written other than as aeschat writes it (white space, escapes): a record costs its receiver the
+    decryption of every byte, so none may be bigger than what it says needs."""
     if data[:1] == CHUNK:
         if len(data) <= 1 + CHUNK_HEADER.size or len(data) > 1 + CHUNK_HEADER.size + MAX_CHUNK:
             raise RemoteProtocolError("a file chunk of the wrong size")
@@ -537,11 +546,14 @@ def decode_payload(data):
             raise RemoteProtocolError("a file chunk's number or offset is out of range")
         return Chunk(file, offset, data[1 + CHUNK_HEADER.size :])
     try:
-        obj = json.loads(strip_padding(data).decode("utf-8"))
+        text = strip_padding(data).decode("utf-8")
+        obj = json.loads(text)
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise RemoteProtocolError("payload is not valid JSON") from None
     if type(obj) is not dict:
         raise RemoteProtocolError("payload is not a JSON object")
+    if json.dumps(obj, ensure_ascii=False, separators=(",", ":")) != text:
+        raise RemoteProtocolError("payload is not written as aeschat writes JSON")
     kind = obj.get("type")
     if type(kind) is not str or kind not in PAYLOADS:
         raise RemoteProtocolError(f"unknown payload type {str(kind)[:40]!r}")
@@ -616,9 +628,9 @@ PREFIX = MAGIC + bytes([VERSION])
 GREETING = b"g"  # server, first thing: then OPEN or BUSY (advice, so a client learns "busy" before a prompt)
 PASSPHRASE = b"p"  # a hello whose SPAKE2 password is the passphrase
 RESUME = b"r"  # a hello whose password is a conversation's resumption secret; the client's names it by its id
-REFUSAL = b"!"  # server, instead of its hello or its confirmation: then DENIED, BUSY or UNKNOWN
-OPEN, BUSY = b"o", b"b"
-DENIED, UNKNOWN = b"denied", b"unknown"
+REFUSAL = b"!"  # server, instead of its hello (BUSY_REFUSAL, UNKNOWN) or its confirmation (DENIED)
+OPEN, BUSY = b"o", b"b"  # a greeting's status
+DENIED, BUSY_REFUSAL, UNKNOWN = b"denied", b"busy", b"unknown"
 SPAKE2_MESSAGE_SIZE = 33  # a side byte, then an Ed25519 point
 RESUME_ID_SIZE = 16
 HANDSHAKE_MAX_FRAME = 64  # the largest handshake frame is the client's resumption hello, 59 bytes
@@ -627,7 +639,7 @@ LABEL = b"aeschat v2 "  # HKDF info prefix, followed by what the key is for
 
 REFUSALS = {
     DENIED: "the server says the passphrases differ (or someone interfered with the connection)",
-    BUSY: "the server is busy with another chat",
+    BUSY_REFUSAL: "the server is busy with another chat",
     UNKNOWN: "the server no longer knows this conversation (it restarted, or stopped waiting for us)",
 }
 
@@ -777,6 +789,19 @@ class ClientConnection(Connection):
         return self.state is State.CONFIRM
 
     def _step(self):
+        if self.state is not State.CONFIRM:
+            return self._handshake_step()
+        # After our key confirmation, anything but the server's proving its own (or saying `denied`) means a peer
+        # that had a guess at the secret and went away without proving it: an unfinished authentication.
+        try:
+            return self._handshake_step()
+        except (AuthenticationError, LocalProtocolError):
+            raise
+        except RemoteProtocolError as e:
+            raise UnfinishedAuthentication(f"after our key confirmation the server sent what an aeschat server "
+                                           f"never sends ({e}): someone may be interfering") from None
+
+    def _handshake_step(self):
         try:
             body = self._next_frame()
         except TruncatedFrame:
@@ -828,8 +853,15 @@ class ClientConnection(Connection):
                            "(is the peer an aeschat v2 program, and not in --legacy mode?)")
 
     def _refusal(self, reason):
-        if reason not in REFUSALS:
-            return RemoteProtocolError("the server refused the connection for an unknown reason")
+        """A refusal means what it says only where a server sends it: busy for a passphrase hello, unknown for a
+        resumption hello, denied for a confirmation. Anywhere else it is someone else's doing."""
+        expected = {State.CONFIRM: DENIED}.get(self.state, BUSY_REFUSAL if self.kind == PASSPHRASE else UNKNOWN)
+        if reason != expected:
+            shown = reason.decode("ascii", "replace")[:20]
+            if self.state is State.CONFIRM:
+                return UnfinishedAuthentication(f"the server refused ({shown}) after our key confirmation, which an "
+                                                "aeschat server never does: someone may be interfering")
+            return RemoteProtocolError(f"the server refused ({shown}) where an aeschat server never does")
         if reason == DENIED:
             return AuthenticationError(REFUSALS[DENIED] if self.kind == PASSPHRASE else
                                        "the server refused our resumption secret: someone may be interfering")
@@ -1033,8 +1065,13 @@ MARK = "  │ "
 MAX_MARKS = 4  # combining marks shown on one character; more are escaped, so text cannot stack or hide
 _SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 _JOINERS = {"\u200c", "\u200d"}  # ZWNJ and ZWJ: emoji sequences, Indic scripts and Persian need them
-# Letters and symbols that show as nothing: text could hide behind them or pose as a space.
-_BLANKS = {"\u115f", "\u1160", "\u3164", "\uffa0", "\u2800"}
+# Letters and symbols that show as nothing: text could hide behind them or pose as a space; and the conjoining
+# Hangul vowels and finals, which terminals draw with no width at all (Korean text uses precomposed syllables).
+_BLANKS = {"\u115f", "\u3164", "\uffa0", "\u2800"}
+
+
+def _blank(ch):
+    return ch in _BLANKS or "\u1160" <= ch <= "\u11ff" or "\ud7b0" <= ch <= "\ud7ff"
 
 
 def _escape(ch):
@@ -1058,7 +1095,7 @@ def visible(text):
             out.append(ch if marks <= MAX_MARKS else _escape(ch))
             continue
         marks = 0
-        if ch in _JOINERS or (category[0] not in "CZ" and ch not in _BLANKS) or ch == " ":
+        if ch in _JOINERS or (category[0] not in "CZ" and not _blank(ch)) or ch == " ":
             out.append(ch)
         else:
             out.append(_escape(ch))
@@ -1133,13 +1170,17 @@ def cells(ch, wide_ambiguous=False):
     width = unicodedata.east_asian_width(ch)
     if width in ("W", "F") or category == "So" or "\U0001f1e6" <= ch <= "\U0001f1ff":
         return 2  # wide, or a symbol a terminal may draw as an emoji
-    return 2 if width == "A" and wide_ambiguous else 1
+    # Ambiguous width: narrow in Latin, Greek and Cyrillic text; elsewhere some terminals draw it wide (glibc does,
+    # for circled numbers on black squares, say), so it counts as two.
+    return 2 if width == "A" and (wide_ambiguous or ch >= "\u0530") else 1
 
 
 def layout(lines, width=None):
     """The rows that show a block: its first row as it is, every other row (its next lines, and the rest of any
-    line wider than the terminal) after MARK. width None (a pipe) wraps nothing."""
-    rows = [lines[0]] + [MARK + line for line in lines[1:]]
+    line wider than the terminal, broken at a space where one is near) after MARK. Every row goes through
+    visible(), so nothing reaches the terminal unescaped, whoever composed the line. width None (a pipe) wraps
+    nothing."""
+    rows = [visible(lines[0])] + [MARK + visible(line) for line in lines[1:]]
     if width is None:
         return rows
     wide = _cjk_locale()
@@ -1151,11 +1192,25 @@ def layout(lines, width=None):
         for i, ch in enumerate(row):
             need = cells(ch, wide)
             if used + need > limit and i > start:
-                out.append(row[start:i] if start == 0 else MARK + row[start:i])
-                start, used = i, mark
+                cut = _break(row, start, i)
+                out.append(row[start:cut] if start == 0 else MARK + row[start:cut])
+                start, used = cut, mark + sum(cells(c, wide) for c in row[cut:i])
             used += need
         out.append(row[start:] if start == 0 else MARK + row[start:])
     return out
+
+
+def _break(row, start, end):
+    """Where to end a row that must end by `end`: after a space in its last third, else not between a character
+    and its marks or joiners, else at `end`."""
+    space = row.rfind(" ", start + (end - start) * 2 // 3, end)
+    if space > start:
+        return space + 1
+    cut = end
+    while end - cut < 4 and cut > start + 1 and (unicodedata.category(row[cut])[0] == "M" or row[cut] in _JOINERS
+                                                  or row[cut - 1] in _JOINERS):
+        cut -= 1
+    return cut if cut > start else end
 
 
 def fit_status(fields, order, width):
@@ -1192,6 +1247,8 @@ FIRST_RETRY, LAST_RETRY = 0.2, 2.0  # the client's reconnection backoff: when th
 MAX_QUEUED = 10_000  # messages waiting for acknowledgement; past it, new ones are refused with a message
 LEGACY_PACE = 0.15  # seconds between legacy messages, so that an original receiver reads each alone
 AUTH_FAILURES = 2  # reconnections in a row that fail to authenticate before a client stops trying
+RESUME_DEADLINE = 10.0  # seconds a peer has, once authenticated, to resume the conversation
+MAX_PINGS = 20  # pings a second a peer may send: one every keepalive is the rule, a storm is an attack
 CHUNK_SIZE = 16 * 1024  # about 30 ms of pyaes: small enough that a message typed meanwhile waits little
 WINDOW = 3 * CHUNK_SIZE  # bytes of a file in flight: enough to keep both sides' ciphers busy at once
 MAX_FILE_SIZE = 2**30  # the largest file accepted unless --max-file-size says otherwise (1 GiB: an hour of pyaes)
@@ -1209,6 +1266,7 @@ class Conversation:
     def __init__(self, conv_id):
         self.id = conv_id
         self.next_id = 0  # the id of our next message
+        self.sent = 0  # every id below it has been put on a connection (the rest are queued)
         self.expected_id = 0  # the id of the peer's next message
         self.unacked = collections.OrderedDict()  # id -> Message, oldest first
 
@@ -1233,14 +1291,17 @@ class Conversation:
         """True if message is the next one to show; False for one shown before (sent again after a resume)."""
         if message.id < self.expected_id:
             return False
-        if message.id > self.expected_id:
+        if message.id > self.expected_id or message.id >= MAX_ID:
             raise RemoteProtocolError(f"message {self.expected_id} never arrived (got {message.id})")
         self.expected_id += 1
         return True
 
+    def put_on_wire(self, message_id):
+        self.sent = max(self.sent, message_id + 1)
+
     def acknowledged(self, message_id):
         """The peer has shown every message up to message_id."""
-        if message_id >= self.next_id:
+        if message_id >= self.sent:
             raise RemoteProtocolError(f"the peer acknowledged message {message_id}, which was never sent")
         while self.unacked and next(iter(self.unacked)) <= message_id:
             self.unacked.popitem(last=False)
@@ -1249,7 +1310,7 @@ class Conversation:
         """Take the peer's Resume; returns (our reply or None, the messages to send again in order, whether a
         different client took the conversation over)."""
         took_over = server and peer.conv != self.id
-        if peer.next > self.next_id and not took_over:
+        if peer.next > self.sent and not took_over:
             raise RemoteProtocolError("the peer says it has shown messages we never sent")
         if server:
             if took_over:  # a client new to us takes the conversation over: its numbering starts anew
@@ -1467,8 +1528,11 @@ class Phase:
 
 
 class _LinkState:
-    def __init__(self, link, peer, now):
-        self.link, self.peer, self.goodbye = link, peer, False
+    def __init__(self, link, peer, how, now):
+        self.link, self.peer, self.how, self.goodbye = link, peer, how, False
+        self.resumed = False  # the Resume exchange finished on it: the conversation ran over it
+        self.attached = now
+        self.pings, self.ping_second = 0, now
         self.heard = self.pinged = now  # when the peer was last heard from, and we last pinged it
 
     def next_ping(self, keepalive):
@@ -1593,6 +1657,7 @@ class Session:
         self._dialing = self._asking = False
         self._dial_kind = RESUME
         self._auth_failures = 0
+        self._last_failure = None  # why the last reconnection attempt failed
         self._ack_due = None  # the highest message id shown and not yet acknowledged
         self._leave_by = None  # when leaving: the deadline
         self._paced = collections.deque()  # legacy messages waiting for their turn on the wire
@@ -1645,6 +1710,8 @@ class Session:
         times = []
         if self._link is not None and self.fmt.keepalive:
             times += [self._link.next_ping(self.keepalive), self._link.heard + self.dead_after]
+        if self._link is not None and self.phase is Phase.STARTING:
+            times.append(self._link.attached + RESUME_DEADLINE)
         if self.phase is Phase.AWAY:
             times.append(self._away_since + self.grace)
             if self.role.reconnects and not (self._dialing or self._asking):
@@ -1748,7 +1815,7 @@ class Session:
     def _attached(self, event):
         if self._link is not None:
             self._do(Close(self._link.link, False))  # replaced by the new, authenticated one
-        self._link = _LinkState(event.link, event.peer, self.now)
+        self._link = _LinkState(event.link, event.peer, event.how, self.now)
         self._last_peer = event.peer
         self._dialing = False
         if not self.fmt.resumes:
@@ -1772,6 +1839,8 @@ class Session:
                 self._show(verify_and_display(event))
             self._ack_due = self.conversation.expected_id - 1  # cumulative: everything shown so far
         elif isinstance(event, Ack):
+            if self.phase is not Phase.LIVE:
+                raise RemoteProtocolError("an acknowledgement before the conversation resumed")
             self.conversation.acknowledged(event.id)
             self._maybe_left()
         elif isinstance(event, Resume):
@@ -1783,6 +1852,11 @@ class Session:
                 raise RemoteProtocolError(f"an unexpected {type(event).__name__}")
             self._FILE_EVENTS[type(event)](self, event)
         elif isinstance(event, Ping):
+            if self.now - self._link.ping_second >= 1:
+                self._link.pings, self._link.ping_second = 0, self.now
+            self._link.pings += 1
+            if self._link.pings > MAX_PINGS:
+                raise RemoteProtocolError(f"more than {MAX_PINGS} pings in a second")
             self._send(Pong())
         elif isinstance(event, Goodbye):
             self._link.goodbye = True
@@ -1791,9 +1865,9 @@ class Session:
                 raise RemoteProtocolError("an unexpected busy record")
             self._drop_link()
             if not self._begun:
-                return self._end(EXIT_NETWORK, REFUSALS[BUSY])
+                return self._end(EXIT_NETWORK, REFUSALS[BUSY_REFUSAL])
             self.phase = Phase.AWAY  # lost the race for a held conversation to another client
-            self._refused(Refused("busy", REFUSALS[BUSY]))
+            self._refused(Refused("busy", REFUSALS[BUSY_REFUSAL]))
         elif isinstance(event, Alert):
             self._drop_link()
             self._end(EXIT_SECURITY, f"security failure: the peer says {ALERTS[event.reason]}; the chat is closed")
@@ -1828,6 +1902,8 @@ class Session:
 
     def _tick(self, event):
         now = self.now
+        if self._link is not None and self.phase is Phase.STARTING and now >= self._link.attached + RESUME_DEADLINE:
+            self._lost(f"the conversation did not resume within {RESUME_DEADLINE:.0f} s")
         if self._link is not None and self.fmt.keepalive:
             if now - self._link.heard >= self.dead_after:
                 self._lost(f"no sign of the peer for {self.dead_after:.0f} s")
@@ -1836,7 +1912,8 @@ class Session:
                 self._send(Ping())
         if self.phase is Phase.AWAY:
             if now >= self._away_since + self.grace:
-                self._end(EXIT_NETWORK, self.role.gave_up.format(grace=self.grace), self._undelivered())
+                last = f" (the last attempt: {self._last_failure})" if self._last_failure else ""
+                self._end(EXIT_NETWORK, self.role.gave_up.format(grace=self.grace) + last, self._undelivered())
             elif self.role.reconnects and not (self._dialing or self._asking) and now >= self._next_dial:
                 self._dial(self._dial_kind)
         if self._leave_by is not None and now >= self._leave_deadline() and not self.ended:
@@ -1866,16 +1943,17 @@ class Session:
         if self.phase is not Phase.AWAY:
             return
         error, kind, self._dial_kind = event.error, self._dial_kind, RESUME
+        self._last_failure = describe(error)
         if isinstance(error, Refused):
             return self._refused(error)
-        if isinstance(error, (AuthenticationError, NotAeschatPeer)):
+        if isinstance(error, RemoteProtocolError) and not isinstance(error, TruncatedFrame):
             self._auth_failures += 1
             why = str(error) if "interfer" in str(error) else f"{error}; someone may be interfering"
             if self._auth_failures >= AUTH_FAILURES:
                 return self._end(EXIT_SECURITY, f"stopped reconnecting: {self._auth_failures} reconnections in a row "
                                  f"failed to authenticate (the last: {why})", self._undelivered())
             self._show([f"a reconnection failed to authenticate: {why}"], "warning")
-        elif not isinstance(error, (NetworkError, OSError, TruncatedFrame, RemoteProtocolError)):
+        elif not isinstance(error, (NetworkError, OSError, TruncatedFrame)):
             return self._end(EXIT_INTERNAL, describe(error))
         if kind == PASSPHRASE and self.interactive:  # one passphrase handshake per deliberate request
             self._asking = True
@@ -2107,6 +2185,8 @@ class Session:
         self._do(Show(lines, kind))
 
     def _send(self, event):
+        if type(event) is Message:
+            self.conversation.put_on_wire(event.id)
         self._do(Send(self._link.link, event))
 
     def _refused(self, error):
@@ -2125,6 +2205,7 @@ class Session:
     def _live(self):
         first = not self._begun
         self.phase, self._begun = Phase.LIVE, True
+        self._link.resumed, self._away_since = True, None
         if first:
             self._do(Live())
             for line in banner(self._link.peer, self.fmt, self.interactive):
@@ -2134,6 +2215,8 @@ class Session:
 
     def _resumed(self, peer):
         first = not self._begun
+        if self.role.opens_resume and self._link.how == RESUME and not peer.resumed:
+            raise RemoteProtocolError("the server proved it holds the conversation, then said it did not")
         reply, again, took_over = self.conversation.on_resume(peer, server=not self.role.opens_resume)
         if reply is not None:
             self._send(reply)
@@ -2164,10 +2247,20 @@ class Session:
         self._maybe_left()
 
     def _lost(self, reason):
+        resumed = self._link.resumed
         self._drop_link()
         self._ack_due = None
         if self.grace <= 0:
             return self._end(EXIT_NETWORK, f"connection lost: {reason}", self._undelivered())
+        if not resumed and self._away_since is not None:
+            # A reconnection that authenticated but failed before the conversation resumed on it: still the same
+            # outage, with the same deadline and the backoff going on, not a new loss to announce (a man in the
+            # middle who cuts each one so could otherwise keep us reconnecting, and saying so, for ever).
+            self.phase, self._last_failure = Phase.AWAY, reason
+            self._next_dial, self._retry = self.now + self._retry, min(self._retry * 2, LAST_RETRY)
+            return
+        if not self._begun:  # the first connection never got as far as the chat: nothing to resume
+            return self._end(EXIT_NETWORK, f"connection lost before the chat began: {reason}", self._undelivered())
         self.phase, self._away_since = Phase.AWAY, self.now
         self._next_dial, self._retry = self.now, FIRST_RETRY
         n = len(self.conversation.unacked)
@@ -2402,7 +2495,7 @@ class Gate:
         conn = pending.conn
         if isinstance(event, HelloReceived):
             if event.kind == PASSPHRASE and self.host.status() == BUSY:
-                conn.refuse(BUSY)
+                conn.refuse(BUSY_REFUSAL)
                 return [Write(pending.key, conn.data_to_send())] + self._drop(
                     pending, f"{pending.peer} turned away: a chat with another client is on")
             if event.kind == RESUME and self.host.secret_for(event.resume_id) is None:
@@ -2526,9 +2619,15 @@ class Link:
     """One authenticated connection of a chat: a reader thread opens records and steps the chat; a writer
     thread seals what the chat sends and writes it, so that a peer that stops reading never freezes the rest."""
 
+    CLOSE_GRACE = 2.0  # seconds a closing link has to write what was queued: a peer that reads nothing gets no more
+    # Records of which only the latest counts (acknowledgements are cumulative; any pong answers every ping):
+    # at most one of each waits for the writer, so a peer that sends and never reads cannot make us pile them up.
+    LATEST_ONLY = (Pong, Ack, FileAck)
+
     def __init__(self, chat, sock, conn, peer, coalesce=True):
         self.chat, self.sock, self.conn, self.peer, self.coalesce = chat, sock, conn, peer, coalesce
         self._outbox = queue.Queue()
+        self._latest = {}  # (type, file) -> the latest such record, whose place in the outbox is that key
         self._closed = threading.Lock()
         self._is_closed = False
         self.closing = False  # a close was asked for
@@ -2542,16 +2641,25 @@ class Link:
         guarded(self._read, self._failed, "reader")
 
     def put(self, event):
+        if type(event) in self.LATEST_ONLY:
+            key = (type(event), getattr(event, "file", None))
+            with self._closed:
+                waiting = key in self._latest
+                self._latest[key] = event
+            if waiting:
+                return
+            event = key
         self._outbox.put(event)
 
     def close(self, flush):
-        """Close now, or (flush) once the writer has written what was queued before."""
+        """Close now, or (flush) once the writer has written what was queued before, within CLOSE_GRACE."""
         self.closing = True
-        if flush:
-            self._outbox.put(_CLOSE)
-        else:
-            self._shutdown()
-            self._outbox.put(_CLOSE)
+        self._outbox.put(_CLOSE)
+        if not flush:
+            return self._shutdown()
+        timer = threading.Timer(self.CLOSE_GRACE, self._shutdown)  # a blocked write is cut short, then
+        timer.daemon = True
+        timer.start()
 
     def _shutdown(self):
         with self._closed:
@@ -2594,7 +2702,10 @@ class Link:
                 self._shutdown()
                 self.written.set()
                 return
-            if type(event) is ChunkOf:
+            if type(event) is tuple:
+                with self._closed:
+                    event = self._latest.pop(event)
+            elif type(event) is ChunkOf:
                 event = self.chat.read_chunk(event)
             if event is not None:
                 pending += seal(event)

@@ -201,7 +201,7 @@ class Attacker:
 class GuessingServer(Proxy):
     """A man in the middle who relays a client's first connection to the real server, and answers every later
     one himself, as a server would: with a SPAKE2 hello for a guess (answer "guess"), or a forged refusal (answer
-    common.UNKNOWN or common.BUSY). For each key confirmation the client then sends him, he checks his guess
+    common.UNKNOWN or common.BUSY_REFUSAL). For each key confirmation the client then sends him, he checks his guess
     offline, exactly as he would with a dictionary; then he hangs up.
 
     checked: the passphrase guesses he could check; resumptions: confirmations that only prove a resumption

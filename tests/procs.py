@@ -124,11 +124,14 @@ def start_client(port, *extra, passphrase=PASSPHRASE, env=None, host="127.0.0.1"
 
 
 def connected(spawn, *server_args, client_args=(), port=None):
-    """A server and a client in a chat (through port, a proxy's, if given), both past their banners."""
+    """A server and a client in a chat (through port, a proxy's, if given), both past their banners; with
+    --legacy in the server's arguments, both speak the legacy format."""
+    legacy = "--legacy" in server_args
+    banner = "legacy format" if legacy else "authenticated and encrypted"
     server, server_port = spawn("server", *server_args)
-    client = spawn("client", port(server_port) if port else server_port, *client_args)
-    client.expect("authenticated and encrypted")
-    server.expect("authenticated and encrypted")
+    client = spawn("client", port(server_port) if port else server_port, *client_args, *(["--legacy"] * legacy))
+    client.expect(banner)
+    server.expect(banner)
     return server, client, server_port
 
 

@@ -234,14 +234,37 @@ def test_a_server_that_closes_before_its_hello_is_a_network_error():
         client.next_event()
 
 
-@pytest.mark.parametrize("reason, error", [(common.BUSY, common.Refused), (common.UNKNOWN, common.Refused),
-                                           (common.DENIED, AuthenticationError),
-                                           (b"why not", RemoteProtocolError)])
-def test_refusals(reason, error):
-    client = greeted(ClientConnection("pw"))
+@pytest.mark.parametrize("kind, reason, error", [
+    (common.PASSPHRASE, common.BUSY_REFUSAL, common.Refused),
+    (common.RESUME, common.UNKNOWN, common.Refused),
+    (common.PASSPHRASE, common.UNKNOWN, RemoteProtocolError),  # no server says unknown to a passphrase hello
+    (common.RESUME, common.BUSY_REFUSAL, RemoteProtocolError),  # nor busy to a resumption
+    (common.PASSPHRASE, common.DENIED, RemoteProtocolError),  # nor denied before it has a confirmation
+    (common.PASSPHRASE, b"why not", RemoteProtocolError),
+])
+def test_a_refusal_means_what_it_says_only_where_a_server_sends_it(kind, reason, error):
+    client = greeted(ClientConnection("pw" if kind == common.PASSPHRASE else bytes(32), kind, bytes(16)))
     client.receive_data(common.frame(common.PREFIX + common.REFUSAL + reason))
     with pytest.raises(error):
         client.next_event()
+
+
+@pytest.mark.parametrize("answer", [common.PREFIX + common.REFUSAL + common.BUSY_REFUSAL,
+                                    common.PREFIX + common.REFUSAL + common.UNKNOWN,
+                                    common.PREFIX + common.REFUSAL + b"odd",
+                                    b"\xff\xff\xff\xff", b"\x00\x00\x00\x20" + bytes(31)])
+def test_after_our_confirmation_anything_but_the_servers_is_an_unfinished_authentication(answer):
+    """A man in the middle who answered with his own guess has the client's confirmation: whatever he sends then
+    (a forged busy, an oversized frame, half a frame), the client must call it interference, not a network error."""
+    pair = Pair()
+    pair.pipe(pair.client, pair.server)
+    pair.pipe(pair.server, pair.client)
+    assert pair.client.confirmation_sent
+    data = answer if answer.startswith(b"\x00") or answer.startswith(b"\xff") else common.frame(answer)
+    pair.client.receive_data(data)
+    pair.client.receive_data(b"")
+    with pytest.raises(common.UnfinishedAuthentication):
+        pair.client.next_event()
 
 
 def test_a_client_sending_a_refusal_is_not_an_aeschat_peer():
@@ -254,6 +277,12 @@ def test_a_client_sending_a_refusal_is_not_an_aeschat_peer():
 def test_the_greeting_comes_first_and_says_busy():
     server = ServerConnection(common.BUSY)
     assert server.data_to_send() == common.frame(b"aeschat\x00\x02gb")
+    busy = common.ServerConnection()
+    busy.receive_data(ClientConnection("pw").data_to_send())
+    busy.next_event()
+    busy.data_to_send()
+    busy.refuse(common.BUSY_REFUSAL)
+    assert busy.data_to_send() == common.frame(b"aeschat\x00\x02!busy")  # the reason on the wire, as PROTOCOL.md says
     client = greeted(ClientConnection("pw"), common.BUSY)
     assert client.greeting == common.BUSY
 
@@ -590,8 +619,16 @@ ODD_FIELDS = {
 @pytest.mark.parametrize("case", list(ODD_FIELDS))
 def test_odd_fields_inside_valid_records_are_refused(case):
     kind, fields = ODD_FIELDS[case]
-    text = json.dumps({"type": kind, **fields}, separators=(",", ":"))
-    with pytest.raises(RemoteProtocolError, match="payload field"):
+    text = json.dumps({"type": kind, **fields}, separators=(",", ":"), ensure_ascii=False)
+    with pytest.raises(RemoteProtocolError, match="payload"):
+        common.decode_payload(padded(text))
+
+
+@pytest.mark.parametrize("text", ['{"type": "ping"}', '{"type":"ping"' + " " * 1000 + "}",
+                                  '{"type":"\\u0070ing"}', '{"type":"ping","type":"ping"}'])
+def test_json_not_written_as_aeschat_writes_it_is_refused(text):
+    """Padding a ping to 512 KiB with spaces cost its receiver a second of pyaes and its sender nothing."""
+    with pytest.raises(RemoteProtocolError, match="not written as aeschat writes JSON"):
         common.decode_payload(padded(text))
 
 
@@ -776,8 +813,32 @@ def test_every_row_after_the_first_begins_with_the_mark_and_fits(text, width):
 def test_a_long_message_cannot_start_a_row_of_its_own():
     forged = "A" * 70 + "Sent: forged line  12:00:00"
     rows = common.layout(common.verify_and_display(Message(0, forged, TS)), 80)
-    assert len(rows) == 2 and rows[1].startswith(common.MARK + "ed line") or rows[1].startswith(common.MARK)
-    assert not any(row.startswith("Sent:") for row in rows)
+    assert rows == ["Received: " + "A" * 69, common.MARK + "ASent: forged line  12:00:00  ☒  12:34:56"]
+
+
+def test_wide_ambiguous_symbols_cannot_push_peer_text_to_the_start_of_a_row():
+    """U+3248 is ambiguous in width and drawn two columns wide by glibc and tmux: counted as one, 38 of them let
+    a peer's text begin a terminal row."""
+    rows = common.layout(common.verify_and_display(Message(0, "ok?\n" + "\u3248" * 38 + "Sent: yes", TS)), 80)
+    assert all(sum(2 if ch == "\u3248" else 1 for ch in row) <= 79 for row in rows)
+    assert all(row.startswith(common.MARK) for row in rows[1:])
+
+
+def test_rows_break_at_a_space_when_one_is_near_and_never_inside_a_grapheme():
+    rows = common.layout(["the unknown-command hint breaks " + "right here (//text sends /text) " * 3], 40)
+    assert rows[0].endswith(" ") and all(not row.endswith("(/") for row in rows)
+    rows = common.layout(["x" * 38 + "e\u0301\u0301"], 40)
+    assert rows[1] == common.MARK + "e\u0301\u0301"
+
+
+def test_nothing_reaches_the_terminal_unescaped_whoever_composed_the_line():
+    assert common.layout(["our own line with \x1b[2J in it", "and \u202e"]) == [
+        "our own line with \\x1b[2J in it", common.MARK + "and \\u202e"]
+
+
+def test_hangul_vowels_and_finals_that_draw_nothing_are_escaped():
+    assert common.visible("pay Bob" + "\u1161" * 3 + "\ud7b0") == "pay Bob" + "\\u1161" * 3 + "\\ud7b0"
+    assert common.visible("한국어") == "한국어"
 
 
 def test_the_status_line_is_shortened_not_cut():
@@ -985,6 +1046,8 @@ def exchange(client, server):
 
 
 def deliver(sender, receiver, messages):
+    for m in messages:
+        sender.put_on_wire(m.id)
     shown = [m.text for m in messages if receiver.accept(m)]
     for m in messages:
         sender.acknowledged(m.id)
@@ -996,6 +1059,7 @@ def test_resume_sends_again_only_what_was_not_shown_and_shows_each_once():
     exchange(client, server)
     sent = [client.new_message(f"c{i}", TS) for i in range(5)]
     assert deliver(client, server, sent[:2]) == ["c0", "c1"]
+    client.put_on_wire(sent[2].id)
     server.accept(sent[2])  # shown, but its acknowledgement was lost with the connection
     client_again, server_again = exchange(client, server)
     assert [m.text for m in client_again] == ["c3", "c4"]  # the server said it had shown c0..c2
@@ -1008,6 +1072,7 @@ def test_a_new_client_takes_over_and_gets_what_was_undelivered():
     exchange(old_client, server)
     deliver(old_client, server, [old_client.new_message("hello", TS)])
     waiting = [server.new_message(f"s{i}", TS) for i in range(3)]
+    server.put_on_wire(waiting[-1].id)
     server.acknowledged(waiting[0].id)  # the old client saw s0 before it vanished
     newcomer = common.Conversation.new()
     client_again, server_again = exchange(newcomer, server)

@@ -185,9 +185,7 @@ def test_a_tampered_chunk_is_a_security_failure_and_nothing_is_put_in_place(spaw
 
 
 def test_legacy_has_no_files(spawn):
-    server, port = spawn("server", "--once", "--legacy")
-    client = spawn("client", port, "--legacy")
-    client.expect("legacy format")
+    _, client, _ = connected(spawn, "--once", "--legacy")
     client.send("/send /etc/hostname\n")
     client.expect("/send: --legacy has no files")
     client.close_stdin()

@@ -4,7 +4,7 @@ processes: what a person still running them sees."""
 import time
 
 import pytest
-from procs import PASSPHRASE
+from procs import PASSPHRASE, connected
 
 pytestmark = pytest.mark.slow
 
@@ -25,10 +25,7 @@ def original_server(spawn, *flags):
 
 
 def test_legacy_client_with_legacy_server(spawn):
-    server, port = spawn("server", "--once", "--legacy")
-    client = spawn("client", port, "--legacy")
-    client.expect("legacy format")
-    server.expect("legacy format")
+    server, client, _ = connected(spawn, "--once", "--legacy")
     client.send("old ~ style\n")
     server.expect(r"Received: old ~ style  ☒")
     client.expect("warning: an original receiver will mangle this message: it contains '~'")

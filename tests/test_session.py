@@ -787,7 +787,7 @@ def test_addresses_take_turns_so_a_guesser_cannot_queue_ahead_of_a_real_user():
 
 
 def test_a_passphrase_hello_during_a_live_chat_is_refused_busy_without_spake2():
-    host = Host(status=common.BUSY)
+    host = Host(status=common.BUSY)  # the greeting's status: a client is connected
     door = Door(host=host)
     door.knock("a")
     assert door.dropped == ["a"] and door.outcome("a") == "Refused"
@@ -1037,3 +1037,71 @@ def test_the_status_line_shows_a_transfer_with_its_rate_and_time_left():
     line = common.fit_status(fields, order, 120)
     assert "sending report.pdf 32%, 32.0 KiB/s, 2 s left" in line
     assert "sending 32%" in common.fit_status(fields, order, 50)
+
+
+def test_a_reconnection_cut_before_it_resumed_is_not_a_new_outage():
+    """A man in the middle let each resumption handshake through and cut it before the Resume: 824 reconnections
+    in 60 s, each announced, the 10 s limit reset every time. Now the outage keeps its deadline and backoff."""
+    run = away_client(grace=10)
+    lost_at, announced, attempts = run.now, [], 0
+    while not run.session.ended:
+        link = run.link()
+        run(Attached(link, "192.0.2.7:5555", RESUME))
+        announced += shown(run(Got(link, ConnectionClosed()), after=0.01))
+        attempts += 1
+        run(Tick(), after=run.session.next_wakeup() - run.now)  # the next attempt, or the deadline
+    assert announced == [] and attempts <= 10
+    assert run.now - lost_at <= 10.1
+
+
+def test_a_server_whose_client_never_resumed_ends_that_chat_quietly():
+    run = Run(SERVER)
+    link = run.link()
+    run(Attached(link, "192.0.2.9:4000", PASSPHRASE))
+    code, text = ended(run(Got(link, ConnectionClosed())))
+    assert code == EXIT_NETWORK and text.startswith("connection lost before the chat began")
+
+
+def test_a_peer_that_authenticates_and_never_resumes_is_given_up_on():
+    """An evil server that answered pings and never sent its Resume kept a client waiting, silent, for ever; an evil
+    client so kept the server busy for everyone else."""
+    for role in (CLIENT, SERVER):
+        run = Run(role)
+        link = run.link()
+        run(Attached(link, "192.0.2.7:5555", PASSPHRASE))
+        assert run.session.next_wakeup() <= run.now + common.RESUME_DEADLINE
+        run(Got(link, Ping()), after=5)
+        code, text = ended(run(Tick(), after=common.RESUME_DEADLINE - 5))
+        assert code == EXIT_NETWORK and "did not resume within 10 s" in text
+
+
+def test_acknowledgements_only_for_what_was_sent_and_only_once_resumed():
+    run = Run(SERVER, queued=[("secret plan", TS)])
+    link = run.link()
+    run(Attached(link, "192.0.2.9:4000", PASSPHRASE))
+    assert ended(run(Got(link, Ack(0))))[0] == EXIT_SECURITY  # before the Resume: the queued message is safe
+    run = Run()
+    run.live()
+    run(common.Typed("x", TS))
+    assert run.session.conversation.sent == 1
+    run = away_client()
+    run(Typed("queued while away", TS))
+    link = run.link()
+    run(Attached(link, "192.0.2.7:5555", RESUME))
+    assert ended(run(Got(link, Resume(CONV, 1, 0, True))))[0] == EXIT_SECURITY  # "shown" what was never sent
+
+
+def test_a_resumption_link_that_says_it_did_not_resume_is_refused():
+    """It would let the server show the client again what it had shown (numbering taken afresh)."""
+    run = away_client()
+    link = run.link()
+    run(Attached(link, "192.0.2.7:5555", RESUME))
+    assert ended(run(Got(link, Resume(CONV, 0, 0, False))))[0] == EXIT_SECURITY
+
+
+def test_a_ping_storm_is_a_security_failure():
+    run = Run()
+    link = run.live()
+    for _ in range(common.MAX_PINGS):
+        assert sends(run(Got(link, Ping()), after=0.001)) == [common.Pong()]
+    assert ended(run(Got(link, Ping())))[0] == EXIT_SECURITY
