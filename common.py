@@ -130,7 +130,9 @@ def describe(error):
     if isinstance(error, socket.timeout):
         return "timed out"
     if isinstance(error, OSError):
-        text = _NETWORK_WORDS.get(error.errno) or error.strerror or str(error) or type(error).__name__
+        known = error.errno is not None and error.errno in errno.errorcode
+        text = _NETWORK_WORDS.get(error.errno) or (os.strerror(error.errno) if known else str(error)) or type(
+            error).__name__
         return text[:1].lower() + text[1:]
     return f"internal error ({type(error).__name__}: {error}); please report it"
 
@@ -1570,10 +1572,20 @@ def size_text(size):
     return f"{size} bytes"
 
 
-def undelivered_text(messages):
-    shown = ", ".join(first_words(m.text) for m in messages[:5])
-    more = f" and {len(messages) - 5} more" if len(messages) > 5 else ""
-    return f"{len(messages)} message{'s' if len(messages) != 1 else ''} not delivered: {shown}{more}"
+def undelivered_text(messages, sent_below):
+    """What a chat that ends left behind: messages sent but not acknowledged (they may have arrived: no receipt
+    came back) and messages that never left (queued, or paced for legacy)."""
+    parts = []
+    for group, words in (([m for m in messages if m.id < sent_below], "sent but not acknowledged (they may not "
+                                                                        "have arrived)"),
+                         ([m for m in messages if m.id >= sent_below], "never sent")):
+        if group:
+            shown = ", ".join(first_words(m.text) for m in group[:5])
+            more = f" and {len(group) - 5} more" if len(group) > 5 else ""
+            n = len(group)
+            words = words.replace("they may", "it may") if n == 1 else words
+            parts.append(f"{n} message{'s' if n != 1 else ''} {words}: {shown}{more}")
+    return "; ".join(parts)
 
 
 def banner(peer, fmt, interactive):
@@ -1593,12 +1605,17 @@ def banner(peer, fmt, interactive):
     return lines
 
 
-HELP = ["/help          this list",
+HELP = ["/help          this list; /quit (or quit(), or Ctrl-D) leaves",
         "/send PATH     offer a file; the peer accepts or declines it",
         "/accept        save the file the peer offers (/decline: do not)",
-        "/reconnect     connect again with the passphrase, when the server no longer knows this conversation",
+        "/reconnect     connect again with the passphrase (when the server asks)",
         "//text         send a message that begins with /text",
-        "Alt-Enter (or Esc then Enter) starts a new line; quit() or Ctrl-D leaves."]
+        "Alt-Enter (or Esc, then Enter) starts a new line in a message."]
+
+
+def is_quit(line, interactive):
+    """quit(), as the original scripts had it; /quit too, for a person."""
+    return line.strip() == "quit()" or (interactive and line.strip() == "/quit")
 
 
 class Session:
@@ -1663,6 +1680,7 @@ class Session:
         self._paced = collections.deque()  # legacy messages waiting for their turn on the wire
         self._next_paced = now
         self.sent = 0  # messages handed to the connection (legacy's only count)
+        self._refused_lines = 0  # lines typed that could not be sent at all (too long, too many waiting)
         self.receive_files, self.max_file_size = receive_files, max_file_size  # accept offers into a folder
         self._outgoing, self._incoming = {}, {}  # file number -> _Transfer (ours, and the peer's numbering)
         self._next_file = 0
@@ -1734,7 +1752,7 @@ class Session:
             state = ["ended" if self.ended else "connecting"]
         if self.fmt.acknowledges:
             n = len(self.conversation.unacked)
-            count = [f"{n} undelivered", f"{n} undeliv."]
+            count = [f"{n} undelivered", f"{n} pending"]
         else:
             count = [f"{self.sent} sent, delivery unknown", f"{self.sent} sent, unconfirmed", f"{self.sent} sent"]
         fields = [[self._last_peer, ""], state, count, self._transfer_status(), ["quit() to leave", ""]]
@@ -1763,28 +1781,32 @@ class Session:
 
     def _typed(self, event):
         text = event.text
-        if text.startswith("/") and not text.startswith("//"):
-            return self._command(text[1:])
-        text = text[1:] if text.startswith("//") else text
+        if self.interactive and text.startswith("/") and not text.startswith("//"):
+            return self._command(text[1:])  # a person's commands; a script's lines are messages, as they are
+        text = text[1:] if self.interactive and text.startswith("//") else text
         if not self.fmt.acknowledges:
             return self._typed_legacy(text, event.timestamp)
         if len(self.conversation.unacked) >= MAX_QUEUED:
-            return self._show([f"not sent: {MAX_QUEUED} messages are waiting for the peer already"], "error")
+            return self._not_sent(f"{MAX_QUEUED} messages are waiting for the peer already")
         try:
             message = self.conversation.new_message(text, event.timestamp)
         except LocalProtocolError as e:
-            return self._show([f"not sent: {e}"], "error")
+            return self._not_sent(e)
         if self.phase is Phase.LIVE:
             self._send(message)
             self._show(sent_lines(text, event.timestamp))
         else:
-            self._show(sent_lines(text, event.timestamp, "Queued") + ["(sent once the connection is back)"])
+            self._show(sent_lines(text, event.timestamp, "Queued") + ["(to be sent when the connection is back)"])
+
+    def _not_sent(self, why):
+        self._refused_lines += 1
+        self._show([f"not sent: {why}"], "error")
 
     def _typed_legacy(self, text, timestamp):
         try:
             check_message_text(text)
         except LocalProtocolError as e:
-            return self._show([f"not sent: {e}"], "error")
+            return self._not_sent(e)
         warnings = legacy_warnings(text)
         if warnings:  # before it goes, as promised
             self._show(["an original receiver will mangle this message: " + "; ".join(warnings)], "warning")
@@ -1803,7 +1825,8 @@ class Session:
         if name in ("accept", "decline"):
             return self._answer_offer(name == "accept")
         if name == "help":
-            self._show(HELP, "notice")
+            for line in HELP:
+                self._show([line], "notice")
         elif name == "reconnect":
             if not self._asking:
                 return self._show(["/reconnect: the connection is not waiting for you"], "error")
@@ -2196,7 +2219,8 @@ class Session:
             return self._end(EXIT_NETWORK, f"{error}; not offering the passphrase again without you "
                              "(start the client again to begin afresh)", self._undelivered())
         self._asking = True
-        self._show([f"{error}.", "Type /reconnect to connect again with the passphrase, or quit() to leave."], "notice")
+        self._show([f"{error}."], "notice")
+        self._show(["Type /reconnect to connect again with the passphrase, or quit() to leave."], "notice")
 
     def _drop_link(self):
         self._do(Close(self._link.link, False))
@@ -2312,7 +2336,12 @@ class Session:
 
     def _end(self, code, text, undelivered=()):
         if undelivered:
-            text = f"{text}; {undelivered_text(list(undelivered))}"
+            sent_below = self.conversation.sent if self.fmt.acknowledges else -1  # legacy: only the paced are left
+            text = f"{text}; {undelivered_text(list(undelivered), sent_below)}"
+            code = code or EXIT_NETWORK
+        if self._refused_lines:
+            n = self._refused_lines
+            text = f"{text}; {n} line{'s' if n > 1 else ''} typed could not be sent"
             code = code or EXIT_NETWORK
         files = [t for t in self._outgoing.values() if t.active or t.state in ("undelivered", "refused")]
         if files:
@@ -2397,13 +2426,22 @@ class Log(Action):
 
 
 class _Pending:
-    __slots__ = ("key", "peer", "host", "conn", "since", "stage")
+    __slots__ = ("key", "peer", "host", "network", "conn", "since", "stage", "heard")
 
     STAGES = ("hello", "confirm", "queued", "check")  # in the order they are dropped to make room
 
     def __init__(self, key, peer, conn, now):
-        self.key, self.peer, self.conn, self.since, self.stage = key, peer, conn, now, "hello"
-        self.host = peer.rsplit(":", 1)[0]
+        self.key, self.peer, self.conn, self.since, self.stage, self.heard = key, peer, conn, now, "hello", False
+        self.host = peer.rsplit(":", 1)[0].strip("[]")
+        self.network = network_of(self.host)
+
+
+def network_of(host):
+    """The network an address belongs to, for taking turns: its /24 (IPv4) or /64 (IPv6), so that an attacker with
+    a range of addresses takes one turn, not one per address."""
+    if ":" in host:
+        return ":".join(host.split(":")[:4])
+    return host.rsplit(".", 1)[0]
 
 
 class Gate:
@@ -2432,7 +2470,8 @@ class Gate:
         self.pending = collections.OrderedDict()  # key -> _Pending, oldest first
         self.limiter = GuessLimiter()
         self._tokens, self._filled = float(self.burst), 0.0
-        self._last_turn = {}  # address -> when its last confirmation was checked
+        self._last_turn = collections.OrderedDict()  # network -> when its last confirmation was checked
+        self._known = collections.OrderedDict()  # addresses that gave the passphrase before: they go first
 
     def accepted(self, key, peer, now):
         if not self.handshakes:  # legacy: no handshake, nothing to wait for
@@ -2449,6 +2488,7 @@ class Gate:
         pending = self.pending.get(key)
         if pending is None:
             return []
+        pending.heard = pending.heard or bool(data)
         actions = []
         try:
             pending.conn.receive_data(data)
@@ -2513,7 +2553,9 @@ class Gate:
             if pending.stage == "confirm":
                 return self._drop(pending, f"{pending.peer} dropped: it closed the connection after our hello, "
                                            "without a key confirmation")
-            return self._drop(pending, f"{pending.peer} dropped: it closed the connection")
+            # One that sent nothing at all is a client reading the greeting before it asks for a passphrase, or
+            # a port scan: nothing to tell.
+            return self._drop(pending, f"{pending.peer} dropped: it closed the connection" if pending.heard else None)
         raise RemoteProtocolError(f"an unexpected {type(event).__name__} during the handshake")
 
     def _work(self, now):
@@ -2533,9 +2575,11 @@ class Gate:
             waiting = [p for p in self.pending.values() if p.stage == "check"]
             if not waiting:
                 break
-            # Addresses take turns: one guesser cannot keep a real user's confirmation waiting behind its own.
-            pending = min(waiting, key=lambda p: (self._last_turn.get(p.host, -1.0), p.since))
-            self._last_turn[pending.host] = now
+            # An address that gave the passphrase before goes first; then networks take turns, so that guessers,
+            # from however many addresses of a network, cannot keep a real user's confirmation behind theirs.
+            pending = min(waiting, key=lambda p: (p.host not in self._known, self._last_turn.get(p.network, -1.0),
+                                                  p.since))
+            self._remember(self._last_turn, pending.network, now)
             actions += self._check(pending, now)
         return actions
 
@@ -2559,6 +2603,8 @@ class Gate:
             self.limiter.checked(now, ok)
         if ok:
             del self.pending[pending.key]
+            if conn.kind == PASSPHRASE:
+                self._remember(self._known, pending.host, now)
             return [Write(pending.key, conn.data_to_send()), Admit(pending.key, conn, conn.kind)]
         conn.refuse(DENIED)
         if conn.kind == RESUME:
@@ -2572,6 +2618,14 @@ class Gate:
     def _drop(self, pending, line):
         self.pending.pop(pending.key, None)
         return [Drop(pending.key, line)]
+
+    @staticmethod
+    def _remember(table, key, value, most=4096):
+        """A bounded memory: the oldest entries go first."""
+        table.pop(key, None)
+        table[key] = value
+        while len(table) > most:
+            table.popitem(last=False)
 
     def _shed(self, count, reason, quiet=False):
         order = sorted(self.pending.values(), key=lambda p: (_Pending.STAGES.index(p.stage), p.since))
@@ -3005,10 +3059,14 @@ def connect(host, port):
     return sock
 
 
+GREETING_DEADLINE = 5.0  # an aeschat server greets at once: silence means something else is listening
+
+
 def handshake(sock, conn, deadline):
-    """The client's socket loop for a handshake: write what conn has, read until it is open, within deadline.
-    Records that arrive with the last handshake frame stay buffered in conn for the link's reader."""
-    end = time.monotonic() + deadline
+    """The client's socket loop for a handshake: write what conn has, read until it is open, within deadline (the
+    greeting, which an aeschat server sends at once, within GREETING_DEADLINE). Records that arrive with the last
+    handshake frame stay buffered in conn for the link's reader."""
+    started = time.monotonic()
     try:
         while True:
             event = conn.next_event()
@@ -3018,21 +3076,30 @@ def handshake(sock, conn, deadline):
             if isinstance(event, HandshakeComplete):
                 return
             if event is None:
-                sock.settimeout(max(0.01, end - time.monotonic()))
+                until = started + (GREETING_DEADLINE if conn.state is State.GREETING else deadline)
+                sock.settimeout(max(0.01, until - time.monotonic()))
                 conn.receive_data(sock.recv(RECV_SIZE))
-    except (socket.timeout, OSError) as e:
-        if getattr(conn, "confirmation_sent", False):  # the peer has our confirmation, and went quiet or away
-            raise UnfinishedAuthentication(
-                f"the server did not answer our key confirmation ({describe(e)}): someone may be interfering") from None
-        if isinstance(e, socket.timeout):
-            raise NetworkError(f"no aeschat handshake within {deadline:.0f} s (is the peer an aeschat v2 program? "
-                               "--legacy talks to the original scripts)") from None
-        raise NetworkError(f"the connection failed during the handshake: {describe(e)}") from None
+    except OSError as e:  # socket.timeout included
+        raise _handshake_failed(conn, e, deadline) from None
     finally:
         sock.settimeout(None)
 
 
-def greeting(host, port, deadline=CONNECT_TIMEOUT):
+def _handshake_failed(conn, error, deadline):
+    """What a failed handshake is: after our key confirmation, an unfinished authentication; before, the network's."""
+    if getattr(conn, "confirmation_sent", False):  # the peer has our confirmation, and went quiet or away
+        return UnfinishedAuthentication(
+            f"the server did not answer our key confirmation ({describe(error)}): someone may be interfering")
+    if isinstance(error, socket.timeout):
+        if conn.state is State.GREETING:
+            return NetworkError(f"no greeting from the server within {GREETING_DEADLINE:.0f} s: is it an aeschat v2 "
+                                "server? (--legacy talks to the original scripts)")
+        return NetworkError(f"no aeschat handshake within {deadline:.0f} s (is the peer an aeschat v2 program? "
+                            "--legacy talks to the original scripts)")
+    return NetworkError(f"the connection failed during the handshake: {describe(error)}")
+
+
+def greeting(host, port, deadline=GREETING_DEADLINE):
     """Connect only to read the server's greeting (OPEN or BUSY), before asking anyone for a passphrase."""
     sock = connect(host, port)
     decoder = FrameDecoder(max_size=HANDSHAKE_MAX_FRAME)
@@ -3100,10 +3167,13 @@ class Door:
 
     PAUSE = 0.5  # seconds without accepting, when descriptors ran out and there was nothing to drop
 
+    LOG_BURST, LOG_RATE = 20, 1.0  # lines the door may log at once, then a second: a flood is summed up, not listed
+
     def __init__(self, listener, gate, admit, log):
         import selectors  # the server's alone: kept off a client's start-up
 
-        self.listener, self.gate, self.admit, self.log = listener, gate, admit, log
+        self.listener, self.gate, self.admit, self._log = listener, gate, admit, log
+        self._log_tokens, self._log_at, self._unlogged = float(self.LOG_BURST), time.monotonic(), 0
         self._selector = selectors.DefaultSelector()
         self._read_events, self._write_events = selectors.EVENT_READ, selectors.EVENT_WRITE
         self._conns = {}  # socket -> [peer, bytes not yet written]
@@ -3114,8 +3184,9 @@ class Door:
         self._selector.register(self.listener, self._read_events)
         while True:
             wake = self.gate.next_wakeup()
-            if self._paused_until is not None:
-                wake = self._paused_until if wake is None else min(wake, self._paused_until)
+            for also in (self._paused_until, self._log_at + 1 / self.LOG_RATE if self._unlogged else None):
+                if also is not None:
+                    wake = also if wake is None else min(wake, also)
             timeout = None if wake is None else max(0.0, wake - time.monotonic())
             for key, mask in self._selector.select(timeout):
                 sock = key.fileobj
@@ -3134,6 +3205,25 @@ class Door:
                 self._paused_until = None
                 self._selector.register(self.listener, self._read_events)
             self._apply(self.gate.tick(time.monotonic()))
+            if self._unlogged:
+                self.log(None)
+
+    def log(self, line):
+        """Log a line, unless lines come faster than LOG_RATE a second: then count them, and say how many as soon
+        as a line may be logged again (line None: only that)."""
+        now = time.monotonic()
+        self._log_tokens = min(self.LOG_BURST, self._log_tokens + (now - self._log_at) * self.LOG_RATE)
+        self._log_at = now
+        if self._log_tokens < 1:
+            self._unlogged += line is not None
+            return
+        if self._unlogged:
+            self._log_tokens -= 1
+            self._log(f"({self._unlogged} more connections dropped: not each shown, too many at once)")
+            self._unlogged = 0
+        if line is not None:
+            self._log_tokens = max(0.0, self._log_tokens - 1)
+            self._log(line)
 
     def _accept(self):
         for _ in range(MAX_PENDING):  # a bounded batch, so that connections already here are served too
@@ -3157,11 +3247,13 @@ class Door:
             self._conns[sock] = [peer, bytearray()]
             self._selector.register(sock, self._read_events)
             self._apply(self.gate.accepted(sock, peer, time.monotonic()))
+            if sock in self._conns:  # a real client's hello is usually here already: take it before more accepts
+                self._read(sock)
 
     def _read(self, sock):
         try:
             data = sock.recv(RECV_SIZE)
-        except BlockingIOError:
+        except (BlockingIOError, InterruptedError):
             return
         except OSError:
             data = b""
@@ -3223,8 +3315,12 @@ class Server:
         self._resumption = None  # (id, secret) of that chat's conversation
         self.queued = []  # (text, timestamp) typed while no chat was on: the next chat sends them
         self._door_failed = None
-        ui.set_status([[f"listening on {address(listener.getsockname())}", "listening"],
-                       ["waiting for a client", ""]], (1, 0))
+        self._idle_status()
+
+    def _idle_status(self):
+        queued = [f"{len(self.queued)} queued", f"{len(self.queued)} queued"] if self.queued else [""]
+        self.ui.set_status([[f"listening on {address(self.listener.getsockname())}", "listening"],
+                            ["waiting for a client", ""], queued], (1, 0, 2))
 
     # -- what the Gate asks, from the door's thread
 
@@ -3291,21 +3387,35 @@ class Server:
                 continue
             with self.lock:  # the chat the line goes to is the one on when it arrived
                 chat = self.chat if self.chat is not None and self.chat.active else None
+            interactive = self.ui.interactive
             if chat is not None:
-                if line is None or line.strip() == "quit()":
+                if line is None or is_quit(line, interactive):
                     chat.leave()
                     chat.done.wait()
                 elif line.strip():
                     chat.typed(line)
-            elif line is None:
-                self.ui.show(["end of input: the server stops (--receive-only keeps it serving)"], "notice")
-                return EXIT_OK
-            elif line.strip() == "quit()":
-                return EXIT_OK
-            elif line.strip() and not line.startswith("/"):
-                self._queue(line)
+            elif line is None or is_quit(line, interactive):
+                if line is None:
+                    self.ui.show(["the server stops" if interactive else
+                                  "end of input: the server stops (--receive-only keeps it serving)"], "notice")
+                return self._leave_idle()
+            elif interactive and line.strip() == "/help":
+                for help_line in HELP:
+                    self.ui.show([help_line], "notice")
+            elif interactive and line.startswith("/") and not line.startswith("//"):
+                self.ui.show(["that command works once a client is connected; quit() stops the server"], "error")
             elif line.strip():
-                self.ui.show(["commands work once a client is connected; quit() stops the server"], "error")
+                self._queue(line[1:] if interactive and line.startswith("//") else line)
+
+    def _leave_idle(self):
+        """The server stops while no one is connected: what was typed for the next client is never sent."""
+        with self.lock:
+            queued, self.queued = self.queued, []
+        if not queued:
+            return EXIT_OK
+        never = [Message(i, text, timestamp) for i, (text, timestamp) in enumerate(queued)]
+        self.ui.show([undelivered_text(never, 0)], "error")
+        return EXIT_NETWORK
 
     def _queue(self, line):
         """A line typed while no one is connected: kept for the next chat, which sends it first."""
@@ -3319,7 +3429,8 @@ class Server:
         timestamp = now_iso()
         with self.lock:
             self.queued.append((line, timestamp))
-        self.ui.show(sent_lines(line, timestamp, "Queued") + ["(sent when a client connects)"])
+        self.ui.show(sent_lines(line, timestamp, "Queued") + ["(to be sent when a client connects)"])
+        self._idle_status()
 
     def interrupt(self, code):
         with self.lock:
@@ -3327,15 +3438,18 @@ class Server:
         if chat is not None and chat.active:
             chat.interrupt(code)
             chat.done.wait(2.0)
-            self._report(chat)
+            self._report(chat, last=True)
+        else:
+            self._leave_idle()
 
-    def _report(self, chat):
+    def _report(self, chat, last=False):
         with self.lock:
             if self.chat is chat:
                 self.chat = self._resumption = None
         code = report(chat)
-        if not self.args.once:
+        if not (self.args.once or last):
             self.ui.show(["waiting for the next client"], "notice")
+            self._idle_status()
         return code
 
     def _door_crashed(self, error):
@@ -3368,7 +3482,7 @@ def run_chat(chat):
             line = ui.read_line()
             if line is WAKE:
                 continue
-            if line is None or line.strip() == "quit()":
+            if line is None or is_quit(line, ui.interactive):
                 chat.leave()
                 chat.done.wait()
             elif line.strip():
@@ -3407,7 +3521,7 @@ class PlainUI:
 
     def _read_stdin(self):
         for line in sys.stdin:
-            self._inbox.put(line.rstrip("\n"))
+            self._inbox.put(line[:-1] if line.endswith("\n") else line)
         self._inbox.put(None)
 
     def read_line(self):
@@ -3480,17 +3594,27 @@ class TerminalUI:
             if not _MOUSE_REPORT.match(event.data):
                 event.current_buffer.insert_text(event.data[1:])
 
-        self._session = PromptSession(history=None, key_bindings=keys, erase_when_done=True)
+        self._session = PromptSession(history=None, key_bindings=keys, erase_when_done=True, enable_suspend=True)
         self._patch = patch_stdout(raw=True)
         self._woken = threading.Event()
         self._status = ([[""]], ())
 
     def __enter__(self):
         self._patch.__enter__()
+        _on_terminate.append(self._terminate)
         return self
 
     def __exit__(self, *exc):
+        _on_terminate.remove(self._terminate)
         return self._patch.__exit__(*exc)
+
+    def _terminate(self):
+        """SIGTERM while the prompt runs: end the prompt with Terminated, rather than raise inside its loop."""
+        app = self._session.app
+        if app.is_running and not app.future.done():
+            app.exit(exception=Terminated())
+            return True
+        return False
 
     def _width(self):
         return self._session.output.get_size().columns
@@ -3589,6 +3713,16 @@ def checked_passphrase(passphrase):
     return passphrase
 
 
+def seconds_argument(text):
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"invalid time {text!r} (seconds, 0 or more)")
+    return seconds
+
+
 def size_argument(text):
     """A size in bytes: a whole number, with K, M, G or T for binary thousands (10M is 10 MiB)."""
     match = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)(i?b)?\s*", text, re.I)
@@ -3631,7 +3765,7 @@ def argument_parser(prog, description):
                         help="speak the original scripts' format: NOT SECURE, only for a peer still running them")
     parser.add_argument("--key-file", metavar="PATH",
                         help="read the passphrase from PATH (else $AESCHAT_KEY, else a prompt)")
-    parser.add_argument("--reconnect-for", type=float, default=RECONNECT_FOR, metavar="SECONDS",
+    parser.add_argument("--reconnect-for", type=seconds_argument, default=RECONNECT_FOR, metavar="SECONDS",
                         help=f"when a connection drops, how long the client tries to reconnect and the server "
                              f"keeps the conversation for it (default {RECONNECT_FOR:.0f})")
     parser.add_argument("--no-reconnect", dest="reconnect_for", action="store_const", const=0.0,
@@ -3650,8 +3784,12 @@ def argument_parser(prog, description):
     return parser
 
 
+_on_terminate = []  # what a running user interface does with SIGTERM instead of an exception mid-event-loop
+
+
 def _terminate(signum, frame):
-    raise Terminated()
+    if not any(handler() for handler in _on_terminate):
+        raise Terminated()
 
 
 program = "aeschat"  # the name every error and warning begins with: the program's, whatever it was started as

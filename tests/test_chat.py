@@ -64,7 +64,8 @@ def test_a_64_kib_message(spawn):
     client.send(big + "x\n")
     client.expect("not sent: the message is 65537 bytes; the limit is 65536")
     client.close_stdin()
-    assert client.wait() == 0
+    assert client.wait() == 1  # a line that could not be sent: a script is told by the exit code
+    assert "1 line typed could not be sent" in client.output()[1]
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])

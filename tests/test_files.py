@@ -152,9 +152,8 @@ def test_the_sender_leaving_mid_transfer_leaves_no_temporary_file(spawn, folders
 def test_a_message_typed_during_a_transfer_does_not_wait_for_the_file(spawn, folders):
     inbox, outbox = folders
     source = make_file(outbox, "long.bin", 4 * 2**20)
-    server, client, _ = connected(spawn, "--once", "--receive-dir", inbox)
-    client.send(f"/send {source}\n")
-    client.expect("offering file long.bin")
+    server, client, _ = connected(spawn, "--once", "--receive-dir", inbox, client_args=("--send", source))
+    server.expect("receiving file long.bin")
     client.send("meanwhile, a message\n")
     server.expect("Received: meanwhile, a message  ☒")
     assert not (inbox / "long.bin").exists()  # it came while the file was still on its way
@@ -184,12 +183,10 @@ def test_a_tampered_chunk_is_a_security_failure_and_nothing_is_put_in_place(spaw
     assert list(inbox.iterdir()) == []
 
 
-def test_legacy_has_no_files(spawn):
-    _, client, _ = connected(spawn, "--once", "--legacy")
-    client.send("/send /etc/hostname\n")
-    client.expect("/send: --legacy has no files")
-    client.close_stdin()
-    assert client.wait() == 0
+def test_legacy_refuses_files_on_the_command_line():
+    result = subprocess.run([sys.executable, "client.py", "127.0.0.1", "1", "--legacy", "--send", "client.py"],
+                            cwd=ROOT, capture_output=True, text=True, env={**os.environ, "AESCHAT_KEY": PASSPHRASE})
+    assert result.returncode == 2 and "--legacy has no files" in result.stderr
 
 
 def test_send_of_a_missing_file_is_a_usage_error():

@@ -108,5 +108,5 @@ def test_quit_while_disconnected_reports_what_was_never_delivered(spawn):
     server.proc.kill()
     client.expect("reconnecting")
     client.send("into the void\nquit()\n")
-    client.expect("you left the chat; 1 message not delivered: “into the void”")
+    client.expect("you left the chat; 1 message never sent: “into the void”")
     assert client.wait() == 1

@@ -232,8 +232,23 @@ def test_the_worst_honest_message_fits_a_record():
 # Commands
 
 
-def test_commands_are_not_sent_and_a_double_slash_sends_a_slash():
+def test_in_a_pipe_every_line_is_a_message_as_it_is():
     run = Run()
+    run.live()
+    assert sends(run(Typed("/var/log is full", TS))) == [Message(0, "/var/log is full", TS)]
+    assert sends(run(Typed("//x", TS))) == [Message(1, "//x", TS)]
+
+
+def test_a_line_that_cannot_be_sent_makes_the_end_a_failure():
+    run = Run()
+    run.live()
+    run(Typed("x" * (common.MAX_MESSAGE + 1), TS))
+    code, text = ended(run(Leave(10)))
+    assert code == EXIT_NETWORK and text == "you left the chat; 1 line typed could not be sent"
+
+
+def test_commands_are_not_sent_and_a_double_slash_sends_a_slash():
+    run = Run(interactive=True)
     run.live()
     assert sends(run(Typed("/nonsense here", TS))) == []
     assert "unknown command /nonsense" in shown(run(Typed("/nonsense", TS)), "error")[0]
@@ -275,7 +290,8 @@ def test_without_a_grace_period_a_lost_connection_ends_the_chat_listing_what_was
     link = run.live()
     run(Typed("are you there", TS))
     code, text = ended(run(Failed(link, common.NetworkError("reset"))))
-    assert code == EXIT_NETWORK and text == "connection lost: reset; 1 message not delivered: “are you there”"
+    assert code == EXIT_NETWORK and text == ("connection lost: reset; 1 message sent but not acknowledged (it may "
+                                             "not have arrived): “are you there”")
 
 
 def test_a_bad_record_sends_an_alert_and_ends_with_a_security_failure():
@@ -508,8 +524,8 @@ def test_leaving_lists_what_was_not_delivered_by_its_first_words():
     run(Leave(10))
     code, text = ended(run(Tick(), after=10))
     assert code == EXIT_NETWORK
-    assert text == ("you left the chat; 3 messages not delivered: “the build is done”, "
-                    "“and the tests passed on…”, “bye”")
+    assert text == ("you left the chat; 3 messages sent but not acknowledged (they may not have arrived): "
+                    "“the build is done”, “and the tests passed on…”, “bye”")
 
 
 def test_ctrl_c_leaves_at_once_with_a_goodbye():
@@ -882,7 +898,7 @@ SHA = "ab" * 32
 
 
 def sender():
-    run = Run()
+    run = Run(interactive=True)
     link = run.live()
     actions = run(Typed("/send /tmp/report.pdf", TS))
     assert actions == [common.PrepareFile(0, "/tmp/report.pdf")]
@@ -1105,3 +1121,32 @@ def test_a_ping_storm_is_a_security_failure():
     for _ in range(common.MAX_PINGS):
         assert sends(run(Got(link, Ping()), after=0.001)) == [common.Pong()]
     assert ended(run(Got(link, Ping())))[0] == EXIT_SECURITY
+
+
+def test_an_address_that_gave_the_passphrase_before_goes_first_and_networks_take_turns():
+    door = Door(budget=(1000, 100))
+    door.knock("before", peer="198.51.100.5:1000")
+    door.confirm("before")  # a real user, once
+    door.knock("first", passphrase="wrong", peer="192.0.2.66:1")
+    door.confirm("first")  # fails: the next check waits 1 s
+    for i in range(10):  # guesses from ten addresses of one network, and from ten networks
+        door.knock(f"same{i}", passphrase="wrong", peer=f"192.0.2.{100 + i}:{10 + i}")
+        door.confirm(f"same{i}")
+        door.knock(f"other{i}", passphrase="wrong", peer=f"203.0.{i}.1:{10 + i}")
+        door.confirm(f"other{i}")
+    door.knock("back", peer="198.51.100.5:2000")
+    door.confirm("back")
+    door.tick(after=1)
+    assert door.admitted == ["before", "back"]  # the returning user jumps the queue of guesses
+    door.tick(after=2)
+    door.tick(after=4)
+    turns = [key for key in door.dropped if key.startswith(("same", "other"))]
+    assert turns == ["other0", "other1"]  # the network of ten addresses had its turn: the others go next
+
+
+def test_legacy_has_no_files():
+    run = Run(fmt=LEGACY, interactive=True)
+    link = run.link()
+    run(Attached(link, "192.0.2.7:5555", None))
+    actions = run(Typed("/send /etc/hostname", TS))
+    assert sends(actions) == [] and "--legacy has no files" in shown(actions, "error")[0]
