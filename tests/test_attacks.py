@@ -665,3 +665,37 @@ def test_a_restarted_server_stops_a_pipe_client_with_a_clear_line(spawn):
         again.expect(r"asked to resume a conversation this server does not hold")
     finally:
         again.kill()
+
+
+def open_files(pid):
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_a_peer_that_pings_in_a_storm_and_never_reads_cannot_exhaust_the_server(spawn, score):
+    """Each ping once queued a pong for a writer blocked by a peer that reads nothing, and a chat ended with its
+    goodbye stuck behind them kept a socket and two threads for ever. Now a storm ends the chat, and no socket of
+    an ended chat stays open (test_shell.py shows a stuck writer cut after its grace)."""
+    server, port = spawn("server")
+    sanity(spawn, port, "warm up", server)
+    baseline = open_files(server.proc.pid)
+    rounds, waits = 3, []
+    for _ in range(rounds):
+        attacker = Attacker(port, PASSPHRASE)
+        attacker.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        attacker.open()
+        server.send("".join(f"{i} " + "y" * 8000 + "\n" for i in range(50)))  # 400 KB it will never read
+        server.expect(r"^Sent: 49 y")
+        storm = b"".join(attacker.record(common.Ping()) for _ in range(100))
+        with contextlib.suppress(OSError):
+            attacker.send_raw(storm)
+        server.expect("security failure: more than 20 pings in a second")
+        started = time.monotonic()
+        while open_files(server.proc.pid) > baseline:  # the stuck link's socket is shut after its grace
+            assert time.monotonic() - started < 10, "a socket of an ended chat is still open"
+            time.sleep(0.05)
+        waits.append(time.monotonic() - started)
+        attacker.close()
+    sanity(spawn, port, "still serving", server)
+    score("Ping storm from a peer that never reads", f"{rounds} chats, each with 400 KB queued for a peer that reads "
+          f"nothing, ended by a storm of pings (a security failure at the 21st): each stuck socket shut within "
+          f"{max(waits):.1f} s, no descriptor kept; the next client served")
