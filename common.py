@@ -880,7 +880,7 @@ class ServerConnection(Connection):
     def __init__(self, status=OPEN, entropy=os.urandom):
         super().__init__(entropy)
         self._outgoing += frame(PREFIX + GREETING + status)
-        self.kind = self.resume_id = None
+        self.kind = self.resume_id = self._spake = None
         self.state = State.HELLO
 
     def _step(self):
@@ -909,21 +909,32 @@ class ServerConnection(Connection):
             return ConfirmationReceived()
         raise RemoteProtocolError("the client sent more before its handshake was answered")
 
-    def answer(self, secret):
-        """Run SPAKE2 with the secret the hello's kind asks for (the costly part) and send our hello."""
+    def answer(self, secret, started=None):
+        """Start SPAKE2 with the secret the hello's kind asks for and queue our hello. The other half, derive(),
+        may wait until the hello is on its way: then both sides finish SPAKE2 at once, on two cores. started is
+        a (SPAKE2_B, its message) begun beforehand for the passphrase (see Gate.spare), or None."""
         if self.state is not State.ANSWER:
             raise LocalProtocolError(f"cannot answer while {self.state}")
-        spake = spake2.SPAKE2_B(_password(self.kind, secret), idA=ID_A, idB=ID_B, entropy_f=self._entropy)
-        ours = PREFIX + self.kind + spake.start()  # spake2 guards start() and finish() against a second call
-        self._mine, self._expected = self._derive(self.kind, spake, self._peer_message, self._hello + ours)
-        self._outgoing += frame(ours)
+        if started is None:
+            spake = spake2.SPAKE2_B(_password(self.kind, secret), idA=ID_A, idB=ID_B, entropy_f=self._entropy)
+            started = spake, spake.start()  # spake2 guards start() against a second call
+        self._spake, message = started
+        self._ours = PREFIX + self.kind + message
+        self._outgoing += frame(self._ours)
         self._frames.max_size = MAX_FRAME
         self.state = State.CONFIRM
+
+    def derive(self):
+        """Finish SPAKE2 and derive the keys (once; check() does it if it was not done)."""
+        if self._spake is not None:
+            spake, self._spake = self._spake, None
+            self._mine, self._expected = self._derive(self.kind, spake, self._peer_message, self._hello + self._ours)
 
     def check(self):
         """Check the client's confirmation; if right, send ours: the connection is open. Returns whether it was."""
         if self.state is not State.CHECK:
             raise LocalProtocolError(f"cannot check a confirmation while {self.state}")
+        self.derive()
         if not hmac.compare_digest(self._confirmation, self._expected):
             self.state = State.CLOSED
             return False
@@ -2468,6 +2479,7 @@ class Gate:
         self.max_pending, self.deadline = max_pending, deadline
         self.rate, self.burst = budget
         self.pending = collections.OrderedDict()  # key -> _Pending, oldest first
+        self._spare = None  # a SPAKE2 start for the passphrase, made while nothing else happens
         self.limiter = GuessLimiter()
         self._tokens, self._filled = float(self.burst), 0.0
         self._last_turn = collections.OrderedDict()  # network -> when its last confirmation was checked
@@ -2545,6 +2557,10 @@ class Gate:
             pending.stage, pending.since = "queued", now
             return []
         if isinstance(event, ConfirmationReceived):
+            try:
+                conn.derive()
+            except RemoteProtocolError as e:
+                return self._drop(pending, f"{pending.peer} dropped: {e}")
             pending.stage, pending.since = "check", now
             if conn.kind == RESUME:  # an unguessable secret: no limiter, no waiting
                 return self._check(pending, now)
@@ -2583,18 +2599,38 @@ class Gate:
             actions += self._check(pending, now)
         return actions
 
+    @property
+    def wants_spare(self):
+        return self.handshakes and self._spare is None
+
+    def spare(self):
+        """While the door is idle: start SPAKE2 for the next passphrase hello ahead of it (one at most, for no
+        connection in particular: nothing is computed for a connection before its hello)."""
+        if self.handshakes and self._spare is None:
+            spake = spake2.SPAKE2_B(normalize_passphrase(self.passphrase), idA=ID_A, idB=ID_B, entropy_f=self.entropy)
+            self._spare = (spake, spake.start())
+
     def _answer(self, pending, now):
         conn = pending.conn
         secret = self.passphrase if conn.kind == PASSPHRASE else self.host.secret_for(conn.resume_id)
         if secret is None:  # the conversation ended while the hello waited
             conn.refuse(UNKNOWN)
             return [Write(pending.key, conn.data_to_send())] + self._drop(pending, None)
-        try:
-            conn.answer(secret)
-        except RemoteProtocolError as e:
-            return self._drop(pending, f"{pending.peer} dropped: {e}")
+        started, self._spare = (self._spare, None) if conn.kind == PASSPHRASE else (None, self._spare)
+        conn.answer(secret, started)
         pending.stage, pending.since = "confirm", now
         return [Write(pending.key, conn.data_to_send())]
+
+    def derive(self, now):
+        """After our hellos are written: finish SPAKE2 for them, while their clients finish theirs."""
+        actions = []
+        for pending in list(self.pending.values()):
+            if pending.stage == "confirm":
+                try:
+                    pending.conn.derive()
+                except RemoteProtocolError as e:
+                    actions += self._drop(pending, f"{pending.peer} dropped: {e}")
+        return actions
 
     def _check(self, pending, now):
         conn = pending.conn
@@ -3188,7 +3224,12 @@ class Door:
                 if also is not None:
                     wake = also if wake is None else min(wake, also)
             timeout = None if wake is None else max(0.0, wake - time.monotonic())
-            for key, mask in self._selector.select(timeout):
+            if self.gate.wants_spare:
+                timeout = 0.05 if timeout is None else min(timeout, 0.05)  # then, if nothing happens, a spare
+            ready = self._selector.select(timeout)
+            if not ready:
+                self.gate.spare()
+            for key, mask in ready:
                 sock = key.fileobj
                 try:
                     if sock is self.listener:
@@ -3273,6 +3314,11 @@ class Door:
         sock.close()
 
     def _apply(self, actions):
+        self._apply_now(actions)
+        if any(isinstance(action, Write) for action in actions):
+            self._apply_now(self.gate.derive(time.monotonic()))  # our hellos are out: now the other half
+
+    def _apply_now(self, actions):
         for action in actions:
             if isinstance(action, Log):
                 self.log(action.line)

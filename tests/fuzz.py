@@ -50,6 +50,7 @@ def handshake(data):
     while (event := server.next_event()) not in (None, common.ConnectionClosed()):
         if isinstance(event, common.HelloReceived):
             server.answer("pw")
+            server.derive()
         elif isinstance(event, common.ConfirmationReceived):
             server.check()
 

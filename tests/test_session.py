@@ -1150,3 +1150,16 @@ def test_legacy_has_no_files():
     run(Attached(link, "192.0.2.7:5555", None))
     actions = run(Typed("/send /etc/hostname", TS))
     assert sends(actions) == [] and "--legacy has no files" in shown(actions, "error")[0]
+
+
+def test_a_spare_start_made_while_idle_serves_the_next_passphrase_hello():
+    door = Door()
+    assert door.gate.wants_spare
+    door.gate.spare()
+    spare = door.gate._spare
+    door.knock("a", hello=False)
+    assert door.gate._spare is spare  # nothing computed for a connection before its hello
+    door.apply(door.gate.received("a", door.clients["a"].data_to_send(), door.now))
+    assert door.gate._spare is None and door.gate.wants_spare
+    door.confirm("a")
+    assert door.admitted == ["a"] and door.outcome("a") == common.HandshakeComplete()
