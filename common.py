@@ -590,7 +590,7 @@ class RecordLayer:
         self.seq = seq
 
     def _tag(self, ciphertext):
-        return hmac.new(self._mac_key, SEQ.pack(self.seq) + ciphertext, hashlib.sha256).digest()
+        return hmac.digest(self._mac_key, SEQ.pack(self.seq) + ciphertext, "sha256")
 
     def _advance(self):
         if self.seq >= MAX_SEQ:
@@ -1083,6 +1083,14 @@ _JOINERS = {"\u200c", "\u200d"}  # ZWNJ and ZWJ: emoji sequences, Indic scripts 
 _BLANKS = {"\u115f", "\u3164", "\uffa0", "\u2800"}
 
 
+_NON_ASCII = re.compile(r"[^\x00-\x7f]")
+
+
+def _careful(ch):
+    """A printable character that visible() must still look at: a mark (it counts them) or a blank."""
+    return unicodedata.category(ch) in ("Mn", "Me") or _blank(ch)
+
+
 def _blank(ch):
     return ch in _BLANKS or "\u1160" <= ch <= "\u11ff" or "\ud7b0" <= ch <= "\ud7ff"
 
@@ -1098,8 +1106,8 @@ def visible(text):
     """Text as it may reach a terminal: C0 and C1 controls, bidi and other format characters (all but the
     joiners), separators and spaces other than U+0020, blank-looking letters, unassigned code points and lone
     surrogates escaped; at most MAX_MARKS combining marks on a character."""
-    if text.isascii() and text.isprintable():  # the fast path: nothing to escape
-        return text
+    if text.isprintable() and (text.isascii() or not any(map(_careful, set(_NON_ASCII.findall(text))))):
+        return text  # the fast path: nothing to escape, nor marks to count
     out, marks = [], 0
     for ch in text:
         category = unicodedata.category(ch)
@@ -1261,6 +1269,7 @@ MAX_QUEUED = 10_000  # messages waiting for acknowledgement; past it, new ones a
 LEGACY_PACE = 0.15  # seconds between legacy messages, so that an original receiver reads each alone
 AUTH_FAILURES = 2  # reconnections in a row that fail to authenticate before a client stops trying
 RESUME_DEADLINE = 10.0  # seconds a peer has, once authenticated, to resume the conversation
+ACK_EVERY = 0.02  # while messages keep arriving, at most one (cumulative) acknowledgement in this many seconds
 MAX_PINGS = 20  # pings a second a peer may send: one every keepalive is the rule, a storm is an attack
 CHUNK_SIZE = 16 * 1024  # about 30 ms of pyaes: small enough that a message typed meanwhile waits little
 WINDOW = 3 * CHUNK_SIZE  # bytes of a file in flight: enough to keep both sides' ciphers busy at once
@@ -1687,6 +1696,7 @@ class Session:
         self._auth_failures = 0
         self._last_failure = None  # why the last reconnection attempt failed
         self._ack_due = None  # the highest message id shown and not yet acknowledged
+        self._acked_at = float("-inf")  # when we last acknowledged
         self._leave_by = None  # when leaving: the deadline
         self._paced = collections.deque()  # legacy messages waiting for their turn on the wire
         self._next_paced = now
@@ -1741,6 +1751,8 @@ class Session:
             times += [self._link.next_ping(self.keepalive), self._link.heard + self.dead_after]
         if self._link is not None and self.phase is Phase.STARTING:
             times.append(self._link.attached + RESUME_DEADLINE)
+        if self._ack_due is not None and self._link is not None:
+            times.append(self._acked_at + ACK_EVERY)
         if self.phase is Phase.AWAY:
             times.append(self._away_since + self.grace)
             if self.role.reconnects and not (self._dialing or self._asking):
@@ -1918,9 +1930,8 @@ class Session:
     def _drained(self, event):
         if self._link is None or event.link is not self._link.link:
             return
-        if self._ack_due is not None:
-            self._send(Ack(self._ack_due))
-            self._ack_due = None
+        if self._ack_due is not None and self.now >= self._acked_at + ACK_EVERY:
+            self._acknowledge()  # a lone message at once; a stream, one acknowledgement every ACK_EVERY
 
 
     def _failed(self, event):
@@ -1936,6 +1947,8 @@ class Session:
 
     def _tick(self, event):
         now = self.now
+        if self._ack_due is not None and self._link is not None and now >= self._acked_at + ACK_EVERY:
+            self._acknowledge()
         if self._link is not None and self.phase is Phase.STARTING and now >= self._link.attached + RESUME_DEADLINE:
             self._lost(f"the conversation did not resume within {RESUME_DEADLINE:.0f} s")
         if self._link is not None and self.fmt.keepalive:
@@ -2236,6 +2249,10 @@ class Session:
     def _drop_link(self):
         self._do(Close(self._link.link, False))
         self._link = None
+
+    def _acknowledge(self):
+        self._send(Ack(self._ack_due))
+        self._ack_due, self._acked_at = None, self.now
 
     def _live(self):
         first = not self._begun
@@ -3588,11 +3605,25 @@ class PlainUI:
         pass  # a pipe has no status line
 
     def _print(self):
-        while (item := self._printing.get()) is not None:
-            kind, rows = item
-            stream = sys.stdout if kind == "chat" else sys.stderr
-            stream.write("\n".join(rows) + "\n")
-            stream.flush()
+        """Print what is queued, all that waits at once in one write a stream, so that the lines of a burst cost
+        one wake-up and one write, not one each."""
+        while True:
+            items = [self._printing.get()]
+            while items[-1] is not None and not self._printing.empty():
+                items.append(self._printing.get_nowait())
+            runs = []  # (stream, rows): consecutive blocks for one stream go out together, in their order
+            for item in items:
+                if item is not None:
+                    stream = sys.stdout if item[0] == "chat" else sys.stderr
+                    if runs and runs[-1][0] is stream:
+                        runs[-1][1].extend(item[1])
+                    else:
+                        runs.append((stream, list(item[1])))
+            for stream, rows in runs:
+                stream.write("\n".join(rows) + "\n")
+                stream.flush()
+            if items[-1] is None:
+                return
 
     def __enter__(self):
         return self
