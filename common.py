@@ -182,33 +182,39 @@ class FrameDecoder:
     def __init__(self, max_size=MAX_FRAME):
         self.max_size = max_size
         self._buffer = bytearray()
+        self._start = 0  # where the next frame begins: what is before it is dropped in one go, not frame by frame
         self._eof = False
 
     def feed(self, data):
         """Add received bytes; b"" means the peer closed the connection."""
         if not data:
             self._eof = True
+        if self._start:
+            del self._buffer[: self._start]
+            self._start = 0
         self._buffer += data
 
     def next_frame(self):
         """The next whole frame's body, or None when more data is needed (or the stream ended cleanly)."""
-        if len(self._buffer) >= LENGTH.size:
-            (size,) = LENGTH.unpack_from(self._buffer)
+        start, buffer = self._start, self._buffer
+        if len(buffer) - start >= LENGTH.size:
+            (size,) = LENGTH.unpack_from(buffer, start)
             if size > self.max_size:
                 raise RemoteProtocolError(f"frame of {size} bytes is over the limit of {self.max_size}")
-            end = LENGTH.size + size
-            if len(self._buffer) >= end:
-                body = bytes(self._buffer[LENGTH.size : end])
-                del self._buffer[:end]
+            end = start + LENGTH.size + size
+            if len(buffer) >= end:
+                with memoryview(buffer) as view:
+                    body = bytes(view[start + LENGTH.size : end])
+                self._start = end
                 return body
-        if self._eof and self._buffer:
+        if self._eof and len(buffer) > start:
             raise TruncatedFrame("the connection was cut in the middle of a record")
         return None
 
     @property
     def closed(self):
         """True once the peer closed the connection and every whole frame has been taken."""
-        return self._eof and not self._buffer
+        return self._eof and len(self._buffer) == self._start
 
 
 def frame(body):
@@ -2958,11 +2964,12 @@ class Chat:
             except Exception as error:  # a rule raised: a bug, but it ends this chat only, in one line
                 actions = self.session.crash(error)
             self._todo.extend(actions)
-            status = self.session.status()
+            status = self.session.status() if self.ui.interactive else None  # a pipe has no status line
             wake = self.session.next_wakeup()
             if wake is not None and (self._wake_at is None or wake < self._wake_at) or self.session.ended:
                 self._clock.notify()
-        self.ui.set_status(*status)
+        if status is not None:
+            self.ui.set_status(*status)
         self._carry_out()
 
     def typed(self, text):
