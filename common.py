@@ -408,8 +408,8 @@ class HandshakeComplete(_Event):
     """Both sides proved they hold the same secret; records may flow."""
 
 
-ALERTS = {"integrity": "one of our records failed its integrity check there (tampering on the way)",
-          "protocol": "one of our records broke the protocol"}
+ALERTS = {"integrity": "a record it received failed its integrity check (tampering on the way)",
+          "protocol": "a record it received broke the protocol"}
 
 _HEX32 = re.compile(r"[0-9a-f]{32}\Z")
 _HEX64 = re.compile(r"[0-9a-f]{64}\Z")
@@ -1275,7 +1275,6 @@ MAX_QUEUED = 10_000  # messages waiting for acknowledgement; past it, new ones a
 LEGACY_PACE = 0.15  # seconds between legacy messages, so that an original receiver reads each alone
 AUTH_FAILURES = 2  # reconnections in a row that fail to authenticate before a client stops trying
 RESUME_DEADLINE = 10.0  # seconds a peer has, once authenticated, to resume the conversation
-ACK_EVERY = 0.02  # while messages keep arriving, at most one (cumulative) acknowledgement in this many seconds
 MAX_PINGS = 20  # pings a second a peer may send: one every keepalive is the rule, a storm is an attack
 CHUNK_SIZE = 16 * 1024  # about 30 ms of pyaes: small enough that a message typed meanwhile waits little
 WINDOW = 3 * CHUNK_SIZE  # bytes of a file in flight: enough to keep both sides' ciphers busy at once
@@ -1702,7 +1701,6 @@ class Session:
         self._auth_failures = 0
         self._last_failure = None  # why the last reconnection attempt failed
         self._ack_due = None  # the highest message id shown and not yet acknowledged
-        self._acked_at = float("-inf")  # when we last acknowledged
         self._leave_by = None  # when leaving: the deadline
         self._paced = collections.deque()  # legacy messages waiting for their turn on the wire
         self._next_paced = now
@@ -1757,8 +1755,6 @@ class Session:
             times += [self._link.next_ping(self.keepalive), self._link.heard + self.dead_after]
         if self._link is not None and self.phase is Phase.STARTING:
             times.append(self._link.attached + RESUME_DEADLINE)
-        if self._ack_due is not None and self._link is not None:
-            times.append(self._acked_at + ACK_EVERY)
         if self.phase is Phase.AWAY:
             times.append(self._away_since + self.grace)
             if self.role.reconnects and not (self._dialing or self._asking):
@@ -1936,8 +1932,9 @@ class Session:
     def _drained(self, event):
         if self._link is None or event.link is not self._link.link:
             return
-        if self._ack_due is not None and self.now >= self._acked_at + ACK_EVERY:
-            self._acknowledge()  # a lone message at once; a stream, one acknowledgement every ACK_EVERY
+        if self._ack_due is not None:  # a lone message at once; what arrived together, with one acknowledgement
+            self._send(Ack(self._ack_due))
+            self._ack_due = None
 
 
     def _failed(self, event):
@@ -1953,8 +1950,6 @@ class Session:
 
     def _tick(self, event):
         now = self.now
-        if self._ack_due is not None and self._link is not None and now >= self._acked_at + ACK_EVERY:
-            self._acknowledge()
         if self._link is not None and self.phase is Phase.STARTING and now >= self._link.attached + RESUME_DEADLINE:
             self._lost(f"the conversation did not resume within {RESUME_DEADLINE:.0f} s")
         if self._link is not None and self.fmt.keepalive:
@@ -2255,10 +2250,6 @@ class Session:
     def _drop_link(self):
         self._do(Close(self._link.link, False))
         self._link = None
-
-    def _acknowledge(self):
-        self._send(Ack(self._ack_due))
-        self._ack_due, self._acked_at = None, self.now
 
     def _live(self):
         first = not self._begun
@@ -3897,6 +3888,7 @@ def run(main, prog):
         print(f"\n{prog}: interrupted", file=sys.stderr)
         code = EXIT_INTERRUPTED
     except Terminated:
+        print(f"{prog}: terminated", file=sys.stderr)
         code = EXIT_TERMINATED
     except AeschatError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)

@@ -169,7 +169,7 @@ def test_record_attacks_are_detected_and_the_server_goes_on(spawn, proxies, atta
     victim.expect("security failure: a record failed its integrity check")
     # The side that detected it says so to the other in an authenticated alert: both end, both say why.
     other = client if detector == "server" else server
-    other.expect("security failure: the peer says one of our records failed its integrity check there")
+    other.expect("security failure: the peer says a record it received failed its integrity check")
     assert client.wait() == 3
     sanity(spawn, port, "after", server)
     shown = [line for _, line in server.seen if line.startswith("Received:")]

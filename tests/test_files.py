@@ -176,7 +176,7 @@ def test_a_tampered_chunk_is_a_security_failure_and_nothing_is_put_in_place(spaw
         client = spawn("client", proxy.port, "--send", source)
         client.close_stdin()
         server.expect("security failure: a record failed its integrity check")
-        client.expect("security failure: the peer says one of our records failed its integrity check")
+        client.expect("security failure: the peer says a record it received failed its integrity check")
         assert client.wait() == 3
     finally:
         proxy.close()
