@@ -272,7 +272,8 @@ def test_connection_cut_at_every_byte_of_the_handshake_and_first_record(spawn, s
     client.expect("authenticated and encrypted")
     assert "Traceback" not in "".join(line for _, line in server.seen)
     score("Abort points (client to server)",
-          f"all {total} byte offsets: each ended within the deadline ({elapsed / total * 1000:.0f} ms on average), "
+          f"a connection cut after each of the {total - 1} byte offsets of its handshake, Resume and first record: "
+          f"each ended within the deadline ({elapsed / (total - 1) * 1000:.0f} ms on average), "
           "no traceback, the next client served")
 
 
@@ -697,5 +698,6 @@ def test_a_peer_that_pings_in_a_storm_and_never_reads_cannot_exhaust_the_server(
         attacker.close()
     sanity(spawn, port, "still serving", server)
     score("Ping storm from a peer that never reads", f"{rounds} chats, each with 400 KB queued for a peer that reads "
-          f"nothing, ended by a storm of pings (a security failure at the 21st): each stuck socket shut within "
-          f"{max(waits):.1f} s, no descriptor kept; the next client served")
+          f"nothing, ended by a storm of pings (a security failure at the 21st): the socket of each closed within "
+          f"{max(waits):.1f} s, no descriptor kept; the next client served (a writer stuck on such a peer is cut "
+          f"after {common.Link.CLOSE_GRACE:.0f} s: test_shell.py)")
