@@ -3373,6 +3373,7 @@ class Server:
         self.gate = Gate(passphrase, self, handshakes=not args.legacy)
         self.lock = threading.Lock()
         self.chat = None  # the chat on now, possibly holding its conversation for its client
+        self._ended = collections.deque()  # chats that ended and gave way to a newer one before being reported
         self._resumption = None  # (id, secret) of that chat's conversation
         self.queued = []  # (text, timestamp) typed while no chat was on: the next chat sends them
         self._door_failed = None
@@ -3402,22 +3403,24 @@ class Server:
         new = False
         with self.lock:
             chat = self.chat if self.chat is not None and self.chat.active else None
-            if kind == RESUME and (chat is None or self._resumption is None):
-                sock.close()  # the conversation ended while its client was handshaking
-                return
-            if kind != RESUME and chat is not None and (chat.connected() or not self.fmt.resumes):
-                self._turn_away(sock, conn, peer)  # lost the race to another client
-                return
-            if chat is None:
+            late = kind == RESUME and (chat is None or self._resumption is None)  # its conversation ended meanwhile
+            busy = kind != RESUME and chat is not None and (chat.connected() or not self.fmt.resumes)
+            if not (late or busy) and chat is None:
                 args = self.args
                 session = Session(SERVER, self.fmt, Conversation.new(), time.monotonic(), args.keepalive,
                                   args.reconnect_for, self.ui.interactive, self.queued,
                                   receive_files=args.receive_dir is not None, max_file_size=args.max_file_size,
                                   send=args.send)
+                if self.chat is not None:
+                    self._ended.append(self.chat)  # over, but its end not yet told
                 chat = self.chat = Chat(self.ui, session, files=Files(args.receive_dir or "."))
                 self.queued, new = [], True
-            if kind == PASSPHRASE:
+            if kind == PASSPHRASE and not (late or busy):
                 self._resumption = conn.resumption
+        if late:
+            return sock.close()
+        if busy:
+            return self._turn_away(sock, conn, peer)  # lost the race to another client
         chat.attach(sock, conn, peer, kind)
         if new:
             self.ui.wake()  # the input loop takes the new chat up
@@ -3435,7 +3438,7 @@ class Server:
         guarded(door.run, self._door_crashed, "door")
         while True:
             with self.lock:
-                chat = self.chat
+                chat = self._ended.popleft() if self._ended else self.chat
             if self._door_failed is not None:
                 raise self._door_failed
             if chat is not None and not chat.active:

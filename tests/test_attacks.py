@@ -221,6 +221,8 @@ def cut_client_stream(port, cut):
     """Speak v2 as a client but stop after `cut` bytes: the handshake, resume and first record. (Once the server is
     free: the connection before may still be ending, and a chat with it on makes the server turn us away.)"""
     while True:
+        while common.greeting("127.0.0.1", port) == common.BUSY:  # a probe: it costs the server nothing, logs nothing
+            pass
         try:
             return _cut_client_stream(port, cut)
         except common.Refused:
@@ -262,11 +264,11 @@ def test_connection_cut_at_every_byte_of_the_handshake_and_first_record(spawn, s
     started = time.monotonic()
     for cut in range(1, total):  # from the first byte: a connection that sends none is dropped without a word
         cut_client_stream(port, cut)
-    ended = 0  # each cut ends its connection: each is logged, or counted in a line when they come too fast
+    ended = 0  # each cut ends its connection: each is logged, or counted in a line when they come too fast (a
+    # connection turned away while the one before was still ending, and tried again, may be counted there too)
     while ended < total - 1:
         line = server.expect(r"dropped|connection lost", timeout=common.HANDSHAKE_DEADLINE + 5).string
         ended += int(re.search(r"\((\d+) more connections dropped", line).group(1)) if "more connections" in line else 1
-    assert ended == total - 1
     elapsed = time.monotonic() - started
     client = spawn("client", port)
     client.expect("authenticated and encrypted")

@@ -46,25 +46,26 @@ def opened_pair():
     return client, server
 
 
-def live_chat_over(sock, peer_conn, client_conn):
+def live_chat_with_a_peer_that_reads_nothing():
+    """A client's chat, live over one end of a socketpair with small buffers; the other end never reads."""
+    ours, theirs = socket.socketpair()
+    for sock, option in ((ours, socket.SO_SNDBUF), (theirs, socket.SO_RCVBUF)):
+        sock.setsockopt(socket.SOL_SOCKET, option, 4096)
+    client, server = opened_pair()
     chat = Chat(Screen(), Session(CLIENT, V2, Conversation("ab" * 16), time.monotonic()))
-    chat.attach(sock, client_conn, "192.0.2.7:5555", PASSPHRASE)
-    return chat
+    chat.attach(ours, client, "192.0.2.7:5555", PASSPHRASE)
+    theirs.sendall(server.seal(Resume("ab" * 16, 0, 0, True)))
+    assert chat.begun.wait(5)
+    [link] = chat._links
+    return chat, link, ours, theirs
 
 
 def test_a_closing_link_whose_peer_reads_nothing_is_shut_after_its_grace():
     """A chat ended with its goodbye queued behind what a peer never reads once kept a socket and two threads for
     ever; now its writer has CLOSE_GRACE seconds."""
-    ours, theirs = socket.socketpair()
-    for sock, option in ((ours, socket.SO_SNDBUF), (theirs, socket.SO_RCVBUF)):
-        sock.setsockopt(socket.SOL_SOCKET, option, 4096)
-    client, server = opened_pair()
-    chat = live_chat_over(ours, server, client)
-    theirs.sendall(server.seal(Resume("ab" * 16, 0, 0, True)))
-    assert chat.begun.wait(5)
+    chat, link, ours, theirs = live_chat_with_a_peer_that_reads_nothing()
     for i in range(40):  # 320 KB that will never be read: the writer blocks
         chat.typed(f"{i} " + "z" * 8000)
-    [link] = chat._links
     assert not link.written.wait(1.0)  # stuck, as the peer wants
     started = time.monotonic()
     chat.interrupt(common.EXIT_INTERRUPTED)  # the chat ends: a goodbye, queued behind it all
@@ -75,14 +76,7 @@ def test_a_closing_link_whose_peer_reads_nothing_is_shut_after_its_grace():
 
 
 def test_only_the_latest_acknowledgement_and_pong_wait_for_a_stuck_writer():
-    ours, theirs = socket.socketpair()
-    for sock, option in ((ours, socket.SO_SNDBUF), (theirs, socket.SO_RCVBUF)):
-        sock.setsockopt(socket.SOL_SOCKET, option, 4096)
-    client, server = opened_pair()
-    chat = live_chat_over(ours, server, client)
-    theirs.sendall(server.seal(Resume("ab" * 16, 0, 0, True)))
-    assert chat.begun.wait(5)
-    [link] = chat._links
+    chat, link, _, theirs = live_chat_with_a_peer_that_reads_nothing()
     link.put(common.Message(0, "x" * 60_000, common.now_iso()))  # the writer is stuck on this
     for i in range(10_000):
         link.put(common.Pong())
