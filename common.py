@@ -2524,6 +2524,11 @@ class Gate:
             actions += self._drop(pending, f"{pending.peer} dropped: {e}")
         return actions + self._work(now)
 
+    def failed(self, key, reason):
+        """The connection failed (a reset): it goes, and the log says so."""
+        pending = self.pending.get(key)
+        return [] if pending is None else self._drop(pending, f"{pending.peer} dropped: {reason}")
+
     def tick(self, now):
         actions = []
         for pending in list(self.pending.values()):
@@ -3311,8 +3316,8 @@ class Door:
             data = sock.recv(RECV_SIZE)
         except (BlockingIOError, InterruptedError):
             return
-        except OSError:
-            data = b""
+        except OSError as e:  # a reset: not the quiet close of a client that only read the greeting
+            return self._apply(self.gate.failed(sock, describe(e)))
         self._apply(self.gate.received(sock, data, time.monotonic()))
 
     def _flush(self, sock):

@@ -1163,3 +1163,12 @@ def test_a_spare_start_made_while_idle_serves_the_next_passphrase_hello():
     assert door.gate._spare is None and door.gate.wants_spare
     door.confirm("a")
     assert door.admitted == ["a"] and door.outcome("a") == common.HandshakeComplete()
+
+
+def test_a_reset_is_logged_a_quiet_close_of_a_greeting_reader_is_not():
+    door = Door()
+    door.knock("probe", hello=False)
+    door.apply(door.gate.received("probe", b"", door.now))  # read the greeting, closed: a client's probe
+    door.knock("reset", hello=False, peer="192.0.2.9:9")
+    door.apply(door.gate.failed("reset", "connection reset"))
+    assert door.dropped == ["probe", "reset"] and door.log == ["192.0.2.9:9 dropped: connection reset"]
