@@ -2945,6 +2945,12 @@ class Chat:
         with self.lock:
             return self.session.link is not None and not self.session.ended
 
+    def over(self):
+        """The session has ended, though its End may not be carried out yet (the chat still active until then):
+        a connection attached now would be closed without a word."""
+        with self.lock:
+            return self.session.ended
+
     def settle(self, timeout):
         """Give the writers of closing links time to write what was queued (a goodbye, an alert)."""
         end = time.monotonic() + timeout
@@ -3395,9 +3401,13 @@ class Server:
         chat = self.chat
         return BUSY if chat is not None and chat.active and chat.connected() else OPEN
 
+    def _on(self):
+        """The chat on now, if any: not one whose session has ended (under self.lock)."""
+        return self.chat if self.chat is not None and not self.chat.over() else None
+
     def secret_for(self, resume_id):
         with self.lock:
-            known = self._resumption if self.chat is not None and self.chat.active else None
+            known = self._resumption if self._on() is not None else None
         if known is not None and hmac.compare_digest(known[0], resume_id):
             return known[1]
         return None
@@ -3407,7 +3417,7 @@ class Server:
         or turn it away."""
         new = False
         with self.lock:
-            chat = self.chat if self.chat is not None and self.chat.active else None
+            chat = self._on()
             late = kind == RESUME and (chat is None or self._resumption is None)  # its conversation ended meanwhile
             busy = kind != RESUME and chat is not None and (chat.connected() or not self.fmt.resumes)
             if not (late or busy) and chat is None:
@@ -3443,10 +3453,13 @@ class Server:
         guarded(door.run, self._door_crashed, "door")
         while True:
             with self.lock:
-                chat = self._ended.popleft() if self._ended else self.chat
+                ended = self._ended.popleft() if self._ended else None
+                chat = ended or self.chat
             if self._door_failed is not None:
                 raise self._door_failed
-            if chat is not None and not chat.active:
+            if ended is not None:
+                ended.done.wait()  # it gave way as its session ended: its End is being carried out
+            if ended is not None or chat is not None and not chat.active:
                 code = self._report(chat)
                 if self.args.once:
                     return code
@@ -3454,8 +3467,8 @@ class Server:
             line = self.ui.read_line()
             if line is WAKE:
                 continue
-            with self.lock:  # the chat the line goes to is the one on when it arrived
-                chat = self.chat if self.chat is not None and self.chat.active else None
+            with self.lock:  # the chat the line goes to is the one on when it arrived (else it waits for the next)
+                chat = self._on()
             interactive = self.ui.interactive
             if chat is not None:
                 if line is None or is_quit(line, interactive):

@@ -1,12 +1,16 @@
 """The shell's own duties, on real sockets and threads: a Link writes what it is given and closes in bounded time,
 whatever the peer does; only the latest acknowledgement or pong waits for a writer that cannot write."""
 
+import queue
 import socket
+import struct
+import threading
 import time
 
 import pytest
 
 import common
+import server
 from common import CLIENT, PASSPHRASE, V2, Chat, Conversation, Resume, Session
 
 pytestmark = pytest.mark.slow
@@ -84,3 +88,65 @@ def test_only_the_latest_acknowledgement_and_pong_wait_for_a_stuck_writer():
     assert link._outbox.qsize() <= 3  # the message, one pong, one acknowledgement
     chat.interrupt(common.EXIT_INTERRUPTED)
     theirs.close()
+
+
+class Open:
+    """A server with no chat on, as its door sees it."""
+
+    def status(self):
+        return common.OPEN
+
+    def secret_for(self, resume_id):
+        return None
+
+
+def test_a_connection_reset_before_the_door_took_it_is_logged():
+    """A client that sent a byte and reset before the door accepted it: the greeting's write meets the reset
+    first, so the door's next read sees only an end, which must not pass for the quiet close of a probe."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname())
+    client.sendall(b"\x00")
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.close()  # a reset
+    lines = queue.Queue()
+    door = common.Door(listener, common.Gate("pw", Open()), admit=None, log=lines.put)
+    threading.Thread(target=door.run, daemon=True).start()
+    line = lines.get(timeout=5)
+    assert line.startswith("127.0.0.1:") and "dropped" in line
+
+
+def wait_until(condition, timeout=5.0):
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.01)
+
+
+def test_a_client_arriving_as_the_chat_on_ends_gets_a_new_chat():
+    """The chat's session has ended and its End is not yet carried out (held here by its acting lock): a client
+    let in then starts the next chat. (Attached to the ended one, it was closed without a word, unlogged.)"""
+    listener = socket.create_server(("127.0.0.1", 0))
+    screen = Screen()
+    screen.set_status = lambda *status: None
+    host = common.Server(listener, "pw", server.parse_args(["0", "--no-reconnect"]), screen)
+    first_ours, first_theirs = socket.socketpair()
+    host.admit(first_ours, opened_pair()[1], PASSPHRASE, "192.0.2.1:1")
+    first = host.chat
+    with first._acting:
+        first_theirs.close()  # the link fails; without reconnection the session ends, its End waits for the lock
+        wait_until(first.over)
+        assert first.active
+        second_ours, second_theirs = socket.socketpair()
+        client, conn = opened_pair()
+        admission = threading.Thread(target=host.admit, args=(second_ours, conn, PASSPHRASE, "192.0.2.2:2"))
+        admission.start()
+        admission.join(5)
+        assert not admission.is_alive(), "the client was taken to the ended chat"
+        assert host.chat is not first and list(host._ended) == [first]
+        client.send(Conversation.new().resume_request())
+        second_theirs.sendall(client.data_to_send())
+        second_theirs.settimeout(5)
+        client.receive_data(second_theirs.recv(65536))
+        assert isinstance(client.next_event(), Resume)  # the new chat speaks to its client
+    assert first.done.wait(5) and not first.active
+    host.chat.leave()
