@@ -1862,7 +1862,7 @@ class Session:
 
     def _attached(self, event):
         if self._link is not None:
-            self._do(Close(self._link.link, False))  # replaced by the new, authenticated one
+            self._drop_link()  # replaced by the new, authenticated one
         self._link = _LinkState(event.link, event.peer, event.how, self.now)
         self._last_peer = event.peer
         self._dialing = False
@@ -2250,6 +2250,7 @@ class Session:
     def _drop_link(self):
         self._do(Close(self._link.link, False))
         self._link = None
+        self._ack_due = None  # the next link's Resume exchange says what arrived
 
     def _live(self):
         first = not self._begun
@@ -2298,7 +2299,6 @@ class Session:
     def _lost(self, reason):
         resumed = self._link.resumed
         self._drop_link()
-        self._ack_due = None
         if self.grace <= 0:
             return self._end(EXIT_NETWORK, f"connection lost: {reason}", self._undelivered())
         if not resumed and self._away_since is not None:

@@ -487,6 +487,19 @@ def test_a_newer_connection_replaces_the_one_the_server_still_trusts():
     assert Close(old, False) in actions and run.session.link == new
 
 
+def test_an_acknowledgement_due_when_a_link_is_replaced_waits_for_the_resume_exchange():
+    """A message arrives, then the client reconnects before its old link drained: the new link's Resume says
+    what arrived. (An Ack sent first broke the client's rule, Resume first, and ended both sides as a security
+    failure: a man in the middle who only cut connections could do it.)"""
+    run = Run(SERVER)
+    old = run.live()
+    run(Got(old, Message(0, "hello", TS)))
+    new = run.link()
+    run(Attached(new, "192.0.2.9:4001", RESUME))
+    assert sends(run(Drained(new))) == []
+    assert sends(run(Got(new, Resume(CONV, 0, 0, False)))) == [Resume(CONV, 1, 0, True)]
+
+
 def test_lines_typed_on_the_server_before_anyone_came_are_sent_when_the_chat_begins():
     run = Run(SERVER, queued=[("early one", TS), ("early two", TS)])
     link = run.link()
@@ -644,11 +657,16 @@ def _inputs():
        st.lists(st.tuples(_inputs(), st.floats(0, 20)), max_size=40))
 def test_any_sequence_of_inputs_keeps_the_rules(role, fmt, interactive, inputs):
     run = Run(role, fmt, interactive=interactive)
+    resumed = set()  # the links this side has sent its Resume on
     for event, after in inputs:
         allowed = {run.session.link, event.link if isinstance(event, Attached) else None} - {None}
         for action in run(event, after):
             if isinstance(action, Send):
                 assert action.link in allowed, "a send to a link that is not the current one"
+                if isinstance(action.event, Resume):
+                    resumed.add(action.link)
+                elif isinstance(action.event, (Message, Ack)) and fmt is V2:
+                    assert action.link in resumed, "the conversation's records before the Resume exchange"
         wake = run.session.next_wakeup()
         assert wake is None or wake > run.now or run(Tick()) != [] or run.session.next_wakeup() != wake, \
             "a tick is due and does nothing: the clock would spin"
