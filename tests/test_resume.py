@@ -1,5 +1,8 @@
 """Surviving the network: faults injected by a proxy, then the conversation resumes exactly once."""
 
+import random
+import threading
+
 import pytest
 from mitm import C2S, Proxy
 from procs import connected, received
@@ -54,6 +57,70 @@ def test_fault_while_both_type_then_every_message_once_in_order(spawn, proxy, fa
     assert server.wait() == 0
     assert received(server) == sent_by_client
     assert received(client) == sent_by_server
+
+
+def test_a_man_in_the_middle_who_cuts_again_and_again_never_ends_the_chat(spawn):
+    """Connection after connection cut in a record (part of it, then a FIN or a reset) while both sides type:
+    each time the client reconnects, every message is shown once, in order, and both leave with exit 0. (A
+    server that had not yet noticed the old connection once acknowledged on the new one before its Resume, and
+    both ended as a security failure.)"""
+    rng, cutting, cuts = random.Random(8), threading.Event(), []
+
+    def hook(relay, direction, index, frame):
+        if cutting.is_set() and len(cuts) < 40 and index >= 3 and rng.random() < 0.05:
+            cuts.append(direction)
+            relay.send(direction, frame[: rng.randrange(len(frame))])
+            relay.close(reset=rng.random() < 0.5)
+            return []
+        return [frame]
+
+    proxies = []
+    server, client, _ = connected(spawn, "--once", client_args=FAST,
+                                  port=lambda port: proxies.append(Proxy(port, hook)) or proxies[0].port)
+    cutting.set()
+    sent_by_client, sent_by_server = [], []
+    for start in range(0, 300, 2):  # in rounds, so that there are many lone messages and many connections
+        sent_by_client += batch("from client", start, 2)
+        sent_by_server += batch("from server", start, 2)
+        client.send("".join(line + "\n" for line in sent_by_client[-2:]))
+        server.send("".join(line + "\n" for line in sent_by_server[-2:]))
+        server.expect(rf"Received: {sent_by_client[-1]}  ☒", timeout=30)
+        client.expect(rf"Received: {sent_by_server[-1]}  ☒", timeout=30)
+    client.send("quit()\n")
+    assert client.wait() == 0
+    assert server.wait() == 0
+    proxies[0].close()
+    assert len(cuts) >= 3, "the test cut too little to show anything"
+    assert received(server) == sent_by_client
+    assert received(client) == sent_by_server
+
+
+def test_a_reconnection_while_the_server_still_reads_the_old_connection(spawn):
+    """The proxy holds the client's first 30 long messages, hands them to the server at once and closes: the
+    server is still reading them when the client has reconnected. Its Resume comes first on the new connection,
+    then the rest is sent again, and every message is shown once. (An acknowledgement of those it had read went
+    first, and both ended as a security failure.)"""
+    proxies, held = [], []
+
+    def hook(relay, direction, index, frame):
+        if direction == C2S and relay is proxies[0].relays[0] and index >= 3:  # past the hello, confirmation, Resume
+            held.append(frame)
+            if len(held) == 30:
+                relay.send(C2S, b"".join(held))
+                relay.close()
+            return []
+        return [frame]
+
+    server, client, _ = connected(spawn, "--once", port=lambda port: proxies.append(Proxy(port, hook)) or proxies[0].port)
+    lines = [f"{i} " + "x" * 3000 for i in range(30)]
+    client.send("".join(line + "\n" for line in lines))
+    client.expect("reconnected to")
+    server.expect(rf"Received: {lines[-1]}  ☒")
+    client.send("quit()\n")
+    assert client.wait() == 0
+    assert server.wait() == 0
+    assert received(server) == lines
+    proxies[0].close()
 
 
 def test_messages_typed_while_disconnected_are_sent_after(spawn, proxy):
