@@ -25,6 +25,16 @@ def proxy():
         p.close()
 
 
+def through(hook, proxies):
+    """For connected(): the chat goes through a new Proxy with hook, added to proxies."""
+
+    def port(server_port):
+        proxies.append(Proxy(server_port, hook))
+        return proxies[-1].port
+
+    return port
+
+
 def batch(prefix, start, count):
     return [f"{prefix} {i}" for i in range(start, start + count)]
 
@@ -75,8 +85,7 @@ def test_a_man_in_the_middle_who_cuts_again_and_again_never_ends_the_chat(spawn)
         return [frame]
 
     proxies = []
-    server, client, _ = connected(spawn, "--once", client_args=FAST,
-                                  port=lambda port: proxies.append(Proxy(port, hook)) or proxies[0].port)
+    server, client, _ = connected(spawn, "--once", client_args=FAST, port=through(hook, proxies))
     cutting.set()
     sent_by_client, sent_by_server = [], []
     for start in range(0, 300, 2):  # in rounds, so that there are many lone messages and many connections
@@ -111,7 +120,7 @@ def test_a_reconnection_while_the_server_still_reads_the_old_connection(spawn):
             return []
         return [frame]
 
-    server, client, _ = connected(spawn, "--once", port=lambda port: proxies.append(Proxy(port, hook)) or proxies[0].port)
+    server, client, _ = connected(spawn, "--once", port=through(hook, proxies))
     lines = [f"{i} " + "x" * 3000 for i in range(30)]
     client.send("".join(line + "\n" for line in lines))
     client.expect("reconnected to")
