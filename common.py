@@ -1167,12 +1167,18 @@ def safe_name(name):
     name = "".join("_" if unicodedata.category(ch)[0] in "CZ" and ch != " " else ch for ch in name).strip()
     if name in ("", ".", ".."):
         name = "file"
+    return numbered(name, 0)
+
+
+def numbered(name, number):
+    """name, or for number n > 0 `stem (n).ext`, its stem shortened to keep it within 255 bytes."""
     stem, dot, extension = name.rpartition(".")
     if not stem or len(extension.encode("utf-8")) > 32:
         stem, dot, extension = name, "", ""
-    while len((stem + dot + extension).encode("utf-8")) > 255:
+    tail = (f" ({number})" if number else "") + dot + extension
+    while len((stem + tail).encode("utf-8")) > 255:
         stem = stem[:-1]
-    return stem + dot + extension
+    return stem + tail
 
 
 def first_words(text, limit=24):
@@ -2890,21 +2896,26 @@ class Files:
         """Check the SHA-256, then put the file in place as name, or name (1).ext, ... never over another."""
         descriptor, temporary, digest = self._receiving.pop(file)
         os.close(descriptor)
-        if not hmac.compare_digest(digest.hexdigest(), sha256):
-            os.unlink(temporary)
-            raise ValueError("its SHA-256 did not match what the sender announced")
-        stem, dot, extension = name.rpartition(".") if "." in name.lstrip(".") else (name, "", "")
-        for number in range(10_000):
-            candidate = name if number == 0 else f"{stem} ({number}){dot}{extension}"
-            target = os.path.join(self.folder, candidate)
-            try:  # claim the name (O_EXCL: never an existing file, nor a link), then move the file onto the claim
-                os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-            except FileExistsError:
-                continue
-            os.replace(temporary, target)
-            return target
-        os.unlink(temporary)
-        raise OSError(errno.EEXIST, "too many files of that name")
+        try:
+            if not hmac.compare_digest(digest.hexdigest(), sha256):
+                raise ValueError("its SHA-256 did not match what the sender announced")
+            for number in range(10_000):
+                target = os.path.join(self.folder, numbered(name, number))
+                try:  # claim the name (O_EXCL: never an existing file, nor a link), then move the file onto it
+                    os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+                except FileExistsError:
+                    continue
+                try:
+                    os.replace(temporary, target)
+                except OSError:
+                    os.unlink(target)
+                    raise
+                return target
+            raise OSError(errno.EEXIST, "too many files of that name")
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
 
     def discard(self, file):
         entry = self._receiving.pop(file, None)

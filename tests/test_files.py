@@ -194,3 +194,29 @@ def test_send_of_a_missing_file_is_a_usage_error():
                             capture_output=True, text=True, env={**os.environ, "AESCHAT_KEY": PASSPHRASE})
     assert result.returncode == 2
     assert result.stderr == "aeschat-client: error: --send /nonexistent/x: not a readable file (see --help)\n"
+
+
+def received(files, file, data, name):
+    """Receive data as file through files (a real folder), and put it in place as name."""
+    files.open(file, len(data))
+    files.write(file, data)
+    return files.save(file, hashlib.sha256(data).hexdigest(), name)
+
+
+def test_a_name_of_255_bytes_twice_is_numbered_within_255_bytes(tmp_path):
+    files, name = common.Files(str(tmp_path)), "n" * 251 + ".txt"
+    assert received(files, 0, b"first", name) == str(tmp_path / name)
+    second = received(files, 1, b"second", name)
+    assert os.path.basename(second) == "n" * 247 + " (1).txt"
+    assert (tmp_path / name).read_bytes() == b"first" and (tmp_path / second).read_bytes() == b"second"
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("name, why", [("no such folder/x", "cannot be put in place"), ("x", "bad SHA-256")])
+def test_a_file_that_is_not_saved_leaves_no_temporary_file(tmp_path, name, why):
+    files = common.Files(str(tmp_path))
+    files.open(0, 4)
+    files.write(0, b"data")
+    with pytest.raises(OSError if why == "cannot be put in place" else ValueError):
+        files.save(0, hashlib.sha256(b"other" if why == "bad SHA-256" else b"data").hexdigest(), name)
+    assert list(tmp_path.iterdir()) == []
