@@ -1580,6 +1580,7 @@ class _Transfer:
         self.file, self.outgoing, self.name, self.size, self.sha256, self.state = (
             file, outgoing, name, size, sha256, state)
         self.done = self.next = 0
+        self.most = 0  # for a sender, the most the receiver ever had: leaving waits only while that grows
         self.started = self.start_done = None  # when bytes began to flow, and how many there were then
         self.offered = False  # told the user (once; an offer goes again after every reconnection)
         self.reason = None
@@ -2139,7 +2140,7 @@ class Session:
         if t.started is None:
             t.started, t.start_done = self.now, accept.offset
         t.state, t.done, t.next = "sending", accept.offset, accept.offset
-        self._progress = self.now
+        self._moved(t)
         self._pump()
 
     def _got_fack(self, ack):
@@ -2148,8 +2149,12 @@ class Session:
             raise RemoteProtocolError("an acknowledgement of file bytes never sent")
         if t.state == "sending" and ack.offset > t.done:
             t.done = ack.offset
-            self._progress = self.now
+            self._moved(t)
             self._pump()
+
+    def _moved(self, t):
+        if t.done > t.most:  # a receiver that starts over again and again is not progress
+            t.most, self._progress = t.done, self.now
 
     def _got_done(self, done):
         t = self._outgoing.get(done.file)

@@ -1044,6 +1044,20 @@ def test_leaving_waits_for_a_file_while_it_moves_then_gives_it_up():
     assert common.Cancel(0, "left") in sends(actions)
 
 
+def test_a_receiver_that_starts_over_again_and_again_does_not_hold_the_leaving_for_ever():
+    run, link = sender()
+    run(Got(link, common.Accept(0, 0)))
+    run(Got(link, common.FileAck(0, 16384)))
+    run(Leave(10))
+    for _ in range(10):  # each time from zero, and as far as before: nothing new arrives
+        run(Got(link, common.Accept(0, 0)), after=5)
+        run(Got(link, common.FileAck(0, 16384)))
+        actions = run(Tick())
+        if ended(actions):
+            break
+    assert ended(actions)[0] == EXIT_NETWORK and run.now - 1000 <= common.FILE_STALL + 5
+
+
 def test_a_new_client_taking_over_abandons_the_files_of_the_last():
     run, link = receiver(receive_files=True)
     run(Got(link, common.Offer(0, "x.bin", 40_000, SHA)))
