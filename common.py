@@ -1004,6 +1004,7 @@ class LegacyDecoder:
         self._encrypted = bytearray()
         self._plain = bytearray()  # decrypted bytes of the message being received
         self._scanned = 0  # how much of _plain has been looked at for a message end
+        self._depth, self._in_string = 0, False  # where that look stands in the JSON
         self._eof = self._closed = False
         self._count = 0
 
@@ -1021,31 +1022,60 @@ class LegacyDecoder:
         if len(self._plain) > LEGACY_MAX:
             raise RemoteProtocolError(f"legacy message over {LEGACY_MAX} bytes")
 
+    # Outside a JSON string: what nests, and where a string begins. Inside one: where it ends, and escapes.
+    _OUTSIDE, _INSIDE = re.compile(rb'[{}\[\]"]'), re.compile(rb'["\\]')
+    MAX_DEPTH = 32
+
     def next_message(self):
         """The next Message, ConnectionClosed once the stream ended cleanly, or None for "need data"."""
-        # A message ends with a block whose text, less its `~` padding, ends with the closing brace;
-        # a `}` inside the message text can look the same, so a candidate counts only if it parses.
-        while self._scanned + BLOCK <= len(self._plain):
-            self._scanned += BLOCK
-            end = self._scanned
-            if not self._plain[end - BLOCK : end].rstrip(PAD).endswith(b"}"):
+        # A message is one JSON object, padded with `~` to the end of its block: it ends at the `}` that closes its
+        # first `{`, found in one pass over the bytes that skips strings (a `}` or `~` in the text is in one).
+        plain = self._plain
+        while True:
+            if self._in_string:
+                found = self._INSIDE.search(plain, self._scanned)
+                if found is None or found.end() == len(plain):  # an escape needs the character after it too
+                    self._scanned = len(plain) if found is None else found.start()
+                    break
+                self._in_string = found.group() != b'"'
+                self._scanned = found.end() + (found.group() == b"\\")
                 continue
-            try:
-                obj = json.loads(self._plain[:end].rstrip(PAD).decode("utf-8"))
-            except (UnicodeDecodeError, ValueError, RecursionError):
-                continue
-            if not (type(obj) is dict and all(type(obj.get(k)) is str for k in ("timestamp", "message", "hash"))):
-                raise RemoteProtocolError("legacy message without its timestamp, message and hash")
-            del self._plain[:end]
-            self._scanned = 0
-            self._count += 1
-            return Message(self._count - 1, obj["message"], obj["timestamp"], obj["hash"])
+            found = self._OUTSIDE.search(plain, self._scanned)
+            if found is None:
+                self._scanned = len(plain)
+                break
+            self._scanned, token = found.end(), found.group()
+            if token == b'"':
+                self._in_string = True
+            elif token in b"{[":
+                self._depth += 1
+                if self._depth > self.MAX_DEPTH:
+                    raise RemoteProtocolError(f"legacy message nested over {self.MAX_DEPTH} deep")
+            else:
+                self._depth -= 1
+                if self._depth == 0:
+                    return self._take(self._scanned)
         if self._eof and not self._closed:
             if self._plain or self._encrypted:
                 raise TruncatedFrame("the connection was cut in the middle of a legacy message")
             self._closed = True  # reported once, as Connection does
             return ConnectionClosed()
         return None
+
+    def _take(self, end):
+        padded = -(-end // BLOCK) * BLOCK
+        try:
+            if self._plain[end:padded].strip(PAD):
+                raise ValueError("more after the message than padding")
+            obj = json.loads(self._plain[:end].decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            raise RemoteProtocolError("not a legacy message") from None
+        if not (type(obj) is dict and all(type(obj.get(k)) is str for k in ("timestamp", "message", "hash"))):
+            raise RemoteProtocolError("legacy message without its timestamp, message and hash")
+        del self._plain[:padded]
+        self._scanned, self._depth = 0, 0
+        self._count += 1
+        return Message(self._count - 1, obj["message"], obj["timestamp"], obj["hash"])
 
 
 class LegacyConnection:

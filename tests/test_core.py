@@ -903,6 +903,31 @@ def test_legacy_known_answers(passphrase, timestamp, text, ciphertext):
     assert (message.text, message.timestamp, message.verified) == (text, timestamp, True)
 
 
+@pytest.mark.parametrize("text", ["x" * 7 + "}" * 9, ("x" * 15 + "}") * 500, '\\"}' * 300, "\\" * 31 + "}~", "{[" * 40])
+def test_legacy_text_that_looks_like_the_end_of_a_message_is_text(text):
+    """A message ends at the `}` that closes it, found in one pass (the text's braces, quotes, backslashes and
+    tildes are inside its string); a `}` at the end of every block once cost a parse of all before it."""
+    cipher = pyaes.AES(common.legacy_key("pw"))
+    decoder = common.LegacyDecoder(cipher)
+    stream = common.legacy_encode(cipher, text, "12:00:00") + common.legacy_encode(cipher, "next", "12:00:01")
+    for i in range(0, len(stream), 16):
+        decoder.feed(stream[i : i + 16])
+    assert [decoder.next_message().text, decoder.next_message().text] == [text, "next"]
+
+
+@pytest.mark.parametrize("plaintext, why", [
+    ('{"timestamp": "1", "message": "a", "hash": "b"}x', "not a legacy message"),
+    ('{"timestamp": "1", "x": ' + "[" * 40, "nested over 32 deep"),
+    ('{"timestamp": "1", "message": "a"}', "without its timestamp, message and hash"),
+])
+def test_legacy_plaintext_that_is_not_one_message_is_refused(plaintext, why):
+    cipher = pyaes.AES(common.legacy_key("pw"))
+    decoder = common.LegacyDecoder(cipher)
+    decoder.feed(b"".join(bytes(cipher.encrypt(block)) for block in common.process_text(plaintext)))
+    with pytest.raises(RemoteProtocolError, match=why):
+        decoder.next_message()
+
+
 def test_legacy_wrong_passphrase_is_clear_at_the_first_block():
     data = common.legacy_encode(pyaes.AES(common.legacy_key("right")), "hi", "12:00:00")
     with pytest.raises(RemoteProtocolError, match="passphrases differ"):
