@@ -2651,11 +2651,13 @@ class Gate:
             waiting = [p for p in self.pending.values() if p.stage == "check"]
             if not waiting:
                 break
-            # An address that gave the passphrase before goes first; then networks take turns, so that guessers,
-            # from however many addresses of a network, cannot keep a real user's confirmation behind theirs.
+            # An address that gave the passphrase before goes first; then networks take turns, and within one its
+            # addresses, so that guessers, from however many addresses, cannot keep a real user's confirmation
+            # behind theirs. (From the user's own address, a guesser is the user as far as anyone can tell.)
             pending = min(waiting, key=lambda p: (p.host not in self._known, self._last_turn.get(p.network, -1.0),
-                                                  p.since))
+                                                  self._last_turn.get(p.host, -1.0), p.since))
             self._remember(self._last_turn, pending.network, now)
+            self._remember(self._last_turn, pending.host, now)
             actions += self._check(pending, now)
         return actions
 

@@ -820,6 +820,19 @@ def test_addresses_take_turns_so_a_guesser_cannot_queue_ahead_of_a_real_user():
     assert door.admitted == ["real"]
 
 
+def test_addresses_of_one_network_take_turns_too():
+    door = Door(budget=(1000, 100))
+    door.knock("first", passphrase="wrong", peer="192.0.2.66:1")
+    door.confirm("first")  # fails: the next check waits 1 s
+    for i in range(10):
+        door.knock(f"g{i}", passphrase="wrong", peer=f"192.0.2.66:{10 + i}")
+        door.confirm(f"g{i}")
+    door.knock("real", peer="192.0.2.7:7777")  # a neighbour of the guesser's
+    door.confirm("real")
+    door.tick(after=1)
+    assert door.admitted == ["real"]
+
+
 def test_a_passphrase_hello_during_a_live_chat_is_refused_busy_without_spake2():
     host = Host(status=common.BUSY)  # the greeting's status: a client is connected
     door = Door(host=host)
