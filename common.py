@@ -1316,6 +1316,9 @@ CHUNK_SIZE = 16 * 1024  # about 30 ms of pyaes: small enough that a message type
 WINDOW = 3 * CHUNK_SIZE  # bytes of a file in flight: enough to keep both sides' ciphers busy at once
 MAX_FILE_SIZE = 2**30  # the largest file accepted unless --max-file-size says otherwise (1 GiB: an hour of pyaes)
 FILE_STALL = 30.0  # leaving with a file on its way: how long without progress before giving it up
+MAX_OFFERED = 32  # a side's files offered and not finished: more wait their turn; a peer's past it is a violation
+MAX_OPEN_FILES = 4  # files received at once, each into a temporary file held open: the rest wait their turn
+KEPT_FINISHED = 256  # finished files of the peer's remembered, to answer one offered again after a reconnection
 
 
 class Conversation:
@@ -2057,10 +2060,21 @@ class Session:
         t = self._outgoing.get(event.file)
         if t is None or t.state != "preparing":
             return
-        t.name, t.size, t.sha256, t.state = event.name, event.size, event.sha256, "offered"
+        t.name, t.size, t.sha256, t.state = event.name, event.size, event.sha256, "ready"
         self._progress = self.now
-        if self.phase is Phase.LIVE:
-            self._offer(t)
+        self._offer_ready()
+
+    def _offer_ready(self):
+        """Offer the files ready to go, while fewer than MAX_OFFERED are on their way."""
+        if self.phase is not Phase.LIVE:
+            return
+        room = MAX_OFFERED - sum(t.state in ("offered", "sending") for t in self._outgoing.values())
+        for t in self._outgoing.values():
+            if room <= 0:
+                return
+            if t.state == "ready":
+                t.state, room = "offered", room - 1
+                self._offer(t)
 
     def _offer(self, t):
         self._send(Offer(t.file, t.name, t.size, t.sha256))
@@ -2072,6 +2086,11 @@ class Session:
         t = self._incoming.get(offer.file)
         if t is not None:  # offered again after a reconnection: say where we stand
             return self._restate(t)
+        if sum(t.active for t in self._incoming.values()) >= MAX_OFFERED:
+            raise RemoteProtocolError(f"more than {MAX_OFFERED} files offered at once")
+        finished = [file for file, t in self._incoming.items() if not t.active]
+        for file in finished[: max(0, len(finished) - KEPT_FINISHED + 1)]:
+            del self._incoming[file]
         t = self._incoming[offer.file] = _Transfer(offer.file, False, safe_name(offer.name), offer.size, offer.sha256,
                                                    state="asked")
         shown = f"file {visible(t.name)} ({size_text(t.size)})"
@@ -2097,8 +2116,18 @@ class Session:
         self._show([f"declined file {visible(t.name)}"], "notice")
 
     def _open(self, t):
+        if sum(u.state in ("opening", "receiving", "verifying") for u in self._incoming.values()) >= MAX_OPEN_FILES:
+            t.state = "waiting"  # opened when one of those is done
+            return
         t.state = "opening"
         self._do(OpenFile(t.file, t.name, t.size))
+
+    def _open_waiting(self):
+        for t in self._incoming.values():
+            if t.state == "waiting":
+                self._open(t)
+                if t.state == "waiting":
+                    return
 
     def _file_opened(self, event):
         t = self._incoming.get(event.file)
@@ -2144,6 +2173,7 @@ class Session:
             self._send(Done(t.file))
         self._show([f"received file {visible(t.name)} ({t.size:,} bytes, sha256 {t.sha256[:12]}…) → "
                      f"{visible(event.path)}"])
+        self._open_waiting()
 
     def _file_failed(self, event):
         if event.outgoing:
@@ -2154,12 +2184,14 @@ class Session:
                 t.state = "cancelled"
                 return self._show([f"cannot send {visible(t.name)}: {event.detail}"], "error")
             self._stop_outgoing(t, "unreadable")
-            return self._show([f"stopped sending file {visible(t.name)}: {event.detail}"], "error")
+            self._show([f"stopped sending file {visible(t.name)}: {event.detail}"], "error")
+            return self._offer_ready()
         t = self._incoming.get(event.file)
         if t is None or not t.active:
             return
         self._refuse(t, event.reason)
         self._show([f"file {visible(t.name)} not saved: {event.detail}"], "error")
+        self._open_waiting()
 
     def _got_accept(self, accept):
         t = self._outgoing.get(accept.file)
@@ -2194,6 +2226,7 @@ class Session:
             t.state, t.done = "done", t.size
             self._do(ReleaseFile(t.file))
             self._show([f"delivered file {visible(t.name)}"])
+            self._offer_ready()
             self._maybe_left()
 
     def _got_refuse(self, refuse):
@@ -2205,6 +2238,7 @@ class Session:
             self._do(ReleaseFile(t.file))
             self._show([f"file {visible(t.name)} not delivered: the peer {REFUSALS_OF_FILES[refuse.reason]}"],
                        "error" if refuse.reason == "failed verification" else "notice")
+            self._offer_ready()
             self._maybe_left()
 
     def _got_cancel(self, cancel):
@@ -2215,6 +2249,7 @@ class Session:
             self._discard(t, "cancelled")
             self._show([f"transfer of file {visible(t.name)} abandoned: the peer {CANCELS_OF_FILES[cancel.reason]}"],
                        "notice")
+            self._open_waiting()
 
     _FILE_EVENTS = {Offer: _got_offer, Chunk: _got_chunk, Accept: _got_accept, FileAck: _got_fack, Done: _got_done,
                     Refuse: _got_refuse, Cancel: _got_cancel}
@@ -2246,7 +2281,7 @@ class Session:
     def _stop_outgoing(self, t, reason):
         if t.state not in ("preparing", "done"):
             self._do(ReleaseFile(t.file))
-            if self._link is not None and t.state != "refused":
+            if self._link is not None and t.state in ("offered", "sending"):
                 self._send(Cancel(t.file, reason))
         t.state, t.reason = "cancelled", reason
 
@@ -2324,6 +2359,7 @@ class Session:
             if t.state in ("offered", "sending"):
                 t.state, t.next = "offered", t.done
                 self._offer(t)
+        self._offer_ready()
         if first:
             if again:
                 self._show([f"sent {len(again)} message{'s' if len(again) > 1 else ''} typed before the chat began"],

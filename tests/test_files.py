@@ -220,3 +220,15 @@ def test_a_file_that_is_not_saved_leaves_no_temporary_file(tmp_path, name, why):
     with pytest.raises(OSError if why == "cannot be put in place" else ValueError):
         files.save(0, hashlib.sha256(b"other" if why == "bad SHA-256" else b"data").hexdigest(), name)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_more_files_than_go_at_once_all_arrive(spawn, folders):
+    """40 files: 32 offered at once, the rest as those finish; four written at a time."""
+    inbox, outbox = folders
+    sources = [make_file(outbox, f"f{i}.bin", 3000 + i, seed=i) for i in range(40)]
+    server, port = spawn("server", "--once", "--receive-dir", inbox)
+    client = spawn("client", port, *[arg for source in sources for arg in ("--send", source)])
+    client.close_stdin()
+    assert client.wait() == 0
+    assert sorted(p.name for p in inbox.iterdir()) == sorted(s.name for s in sources)
+    assert all((inbox / s.name).read_bytes() == s.read_bytes() for s in sources)

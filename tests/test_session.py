@@ -999,6 +999,48 @@ def test_a_pipe_without_a_folder_declines_and_a_terminal_asks():
     assert "no file is offered" in shown(run(Typed("/decline", TS)), "error")[0]
 
 
+def test_a_sender_has_at_most_max_offered_files_on_their_way_and_offers_the_next_as_one_is_done():
+    run = Run(interactive=True)
+    link = run.live()
+    n = common.MAX_OFFERED + 3
+    for file in range(n):
+        run(Typed(f"/send /tmp/{file}", TS))
+    offers = [e for file in range(n) for e in sends(run(common.FileReady(file, f"{file}", 10, SHA)))]
+    assert offers == [common.Offer(file, f"{file}", 10, SHA) for file in range(common.MAX_OFFERED)]
+    run(Got(link, common.Accept(0, 0)))
+    assert sends(run(Got(link, common.Done(0)))) == [common.Offer(common.MAX_OFFERED, f"{common.MAX_OFFERED}", 10, SHA)]
+    assert sends(run(Got(link, common.Refuse(1, "declined")))) == [
+        common.Offer(common.MAX_OFFERED + 1, f"{common.MAX_OFFERED + 1}", 10, SHA)]
+    actions = run(Interrupt(130))  # the one never offered is not cancelled: the peer never heard of it
+    cancelled = [c.file for c in sends(actions) if isinstance(c, common.Cancel)]
+    assert cancelled == list(range(2, common.MAX_OFFERED + 2))
+
+
+def test_a_peer_with_more_than_max_offered_files_on_their_way_is_a_security_failure():
+    run, link = receiver(interactive=True)
+    for file in range(common.MAX_OFFERED):
+        assert ended(run(Got(link, common.Offer(file, "x", 10, SHA)))) is None
+    assert ended(run(Got(link, common.Offer(common.MAX_OFFERED, "x", 10, SHA))))[0] == EXIT_SECURITY
+
+
+def test_files_are_received_a_few_at_a_time_and_the_next_opens_as_one_is_saved():
+    run, link = receiver(receive_files=True)
+    opened = [a.file for file in range(common.MAX_OPEN_FILES + 1)
+              for a in run(Got(link, common.Offer(file, f"{file}", 10, SHA))) if isinstance(a, common.OpenFile)]
+    assert opened == list(range(common.MAX_OPEN_FILES))  # the last waits: no temporary file yet
+    run(common.FileOpened(0))
+    run(Got(link, common.Chunk(0, 0, bytes(10))))
+    actions = run(common.FileSaved(0, "/in/0"))
+    assert common.OpenFile(common.MAX_OPEN_FILES, f"{common.MAX_OPEN_FILES}", 10) in actions
+
+
+def test_a_receiver_remembers_only_the_latest_finished_files():
+    run, link = receiver()  # a pipe: every offer declined
+    for file in range(3 * common.KEPT_FINISHED):
+        assert sends(run(Got(link, common.Offer(file, "x", 10, SHA)))) == [common.Refuse(file, "declined")]
+    assert len(run.session._incoming) <= common.KEPT_FINISHED
+
+
 def test_a_file_over_the_limit_is_refused_before_anything_is_written():
     run, link = receiver(receive_files=True, max_file_size=1000)
     actions = run(Got(link, common.Offer(0, "big.bin", 1001, SHA)))
