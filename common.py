@@ -2812,21 +2812,23 @@ class Link:
     # at most one of each waits for the writer, so a peer that sends and never reads cannot make us pile them up.
     LATEST_ONLY = (Pong, Ack, FileAck)
 
-    def __init__(self, chat, sock, conn, peer, coalesce=True):
+    def __init__(self, chat, sock, conn, peer, coalesce=True, linger=True):
         self.chat, self.sock, self.conn, self.peer, self.coalesce = chat, sock, conn, peer, coalesce
+        self.linger = linger  # a closing link waits for the peer's end (within CLOSE_GRACE) before closing
         self._outbox = queue.Queue()
         self._latest = {}  # (type, file) -> the latest such record, whose place in the outbox is that key
         self._closed = threading.Lock()
         self._is_closed = False
         self.closing = False  # a close was asked for
-        self.written = threading.Event()  # the writer is done: everything queued before a close is out
+        self._read_done = False  # the reader saw the peer's end, or failed
+        self.written = threading.Event()  # the link is done: what was queued before a close is out, the socket shut
 
     def __repr__(self):
         return f"Link({self.peer})"
 
     def start(self):
         guarded(self._write, self._write_failed, "writer")
-        guarded(self._read, self._failed, "reader")
+        guarded(self._read, self._read_failed, "reader")
 
     def put(self, event):
         if type(event) in self.LATEST_ONLY:
@@ -2857,6 +2859,28 @@ class Link:
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
+        self.written.set()
+
+    def _written(self):
+        """All queued is written: a FIN follows it, and the socket stays open for the reader to take what the peer
+        still sends until its end. (Closed with unread bytes, a socket resets, and the kernel throws away what it
+        had not yet sent: the goodbye after a file's chunks was lost so.)"""
+        if not self.linger:
+            return self._shutdown()
+        if self._read_done:
+            return self._shutdown()
+        with self._closed, contextlib.suppress(OSError):
+            if not self._is_closed:
+                self.sock.shutdown(socket.SHUT_WR)
+
+    def _read_ended(self):
+        self._read_done = True
+        if self.closing:  # (else the close to come sees _read_done)
+            self._shutdown()
+
+    def _read_failed(self, error):
+        self._read_ended()
+        self._failed(error)
 
     def _failed(self, error):
         self.chat.step(Failed(self, error))
@@ -2876,7 +2900,7 @@ class Link:
                 continue
             step(Got(self, event))
             if isinstance(event, ConnectionClosed):
-                return
+                return self._read_ended()
 
     FLUSH_AT = 16 * 1024  # small records queued together go out in one write; a file's chunk goes at once
 
@@ -2887,9 +2911,7 @@ class Link:
             if event is _CLOSE:
                 if pending and not self._is_closed:
                     self.sock.sendall(pending)
-                self._shutdown()
-                self.written.set()
-                return
+                return self._written()
             if type(event) is tuple:
                 with self._closed:
                     event = self._latest.pop(event)
@@ -3063,7 +3085,7 @@ class Chat:
 
     def attach(self, sock, conn, peer, how):
         """Run the chat over a new authenticated connection (the session decides what it replaces)."""
-        link = Link(self, sock, conn, peer, coalesce=self.session.fmt.pace == 0)
+        link = Link(self, sock, conn, peer, coalesce=self.session.fmt.pace == 0, linger=self.session.fmt.signals)
         self._links.append(link)
         self.step(Attached(link, peer, how))
         link.start()
