@@ -3,6 +3,7 @@
     python client.py [HOST] [PORT] [--key-file PATH] [--send PATH] [--receive-dir DIR] [--legacy] ...
 """
 
+import argparse
 import sys
 import time
 
@@ -20,12 +21,17 @@ def parse_args(argv=None):
     if args.host is None:
         if not sys.stdin.isatty():
             parser.error("HOST is missing (and there is no terminal to ask on)")
-        args.host = input("Server address: ").strip()
-        answer = input(f"Port [{common.DEFAULT_PORT}]: ").strip()
-        try:
-            args.port = common.port_number(answer) if answer else None
-        except Exception as e:
-            parser.error(str(e))
+        args.host = common.ask("Server address: ", "HOST").strip("[]")
+        if not args.host:
+            parser.error("HOST is empty")
+        while args.port is None:
+            answer = common.ask(f"Port [{common.DEFAULT_PORT}]: ", "PORT")
+            if not answer:
+                break
+            try:
+                args.port = common.port_number(answer)
+            except argparse.ArgumentTypeError as e:
+                print(f"{PROG}: {e}; try again", file=sys.stderr)
     args.host = args.host.strip("[]")  # [::1] as well as ::1
     if not args.host:
         parser.error("HOST is empty")

@@ -3906,7 +3906,18 @@ def prompt_passphrase():
         raise UsageError("no passphrase: give one with --key-file PATH or the AESCHAT_KEY environment variable")
     import getpass
 
-    return checked_passphrase(getpass.getpass("Passphrase: "))
+    try:
+        return checked_passphrase(getpass.getpass("Passphrase: "))
+    except EOFError:  # Ctrl-D at the prompt
+        raise UsageError("no passphrase: the input ended at the prompt") from None
+
+
+def ask(prompt, what):
+    """A line typed at a prompt, stripped; Ctrl-D there is a usage error naming what was asked for."""
+    try:
+        return input(prompt).strip()
+    except EOFError:
+        raise UsageError(f"no {what}: the input ended at the prompt") from None
 
 
 def checked_passphrase(passphrase):

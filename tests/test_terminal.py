@@ -23,6 +23,7 @@ class Terminal:
 
     def __init__(self, args, env=None):
         full_env = {**os.environ, "AESCHAT_KEY": PASSPHRASE, "TERM": "xterm-256color", **(env or {})}
+        full_env = {k: v for k, v in full_env.items() if v is not None}  # None: not set at all
         self.child = pexpect.spawn(sys.executable, [str(a) for a in args], cwd=ROOT, env=full_env,
                                    encoding="utf-8", dimensions=(30, 120), timeout=TIMEOUT)
         self.transcript = []
@@ -157,6 +158,44 @@ def test_host_and_port_are_asked_for_on_a_terminal():
     finally:
         client.kill()
         server.kill()
+
+
+def test_a_bad_port_at_the_prompt_is_asked_again():
+    server, port = start_server("--once")
+    client = Terminal(["client.py"])
+    try:
+        client.expect("Server address: ")
+        client.child.sendline("127.0.0.1")
+        client.expect(r"Port \[5555\]: ")
+        client.child.sendline("abc")
+        client.expect(r"aeschat-client: invalid port 'abc' \(a number from 1 to 65535\); try again")
+        client.expect(r"Port \[5555\]: ")
+        client.child.sendline(str(port))
+        client.expect("authenticated and encrypted")
+    finally:
+        client.kill()
+        server.kill()
+
+
+@pytest.mark.parametrize("args, prompts, error", [
+    (["client.py"], ["Server address: "], "no HOST: the input ended at the prompt"),
+    (["client.py"], ["Server address: ", r"Port \[5555\]: "], "no PORT: the input ended at the prompt"),
+    (["client.py", "127.0.0.1", "9", "--legacy"], ["Passphrase: "], "no passphrase: the input ended at the prompt"),
+    (["server.py", "0"], ["Passphrase: "], "no passphrase: the input ended at the prompt"),
+])
+def test_ctrl_d_at_a_prompt_is_a_usage_error_in_one_line(args, prompts, error):
+    child = Terminal(args, env={"AESCHAT_KEY": None})  # so the passphrase is asked for
+    try:
+        for i, prompt in enumerate(prompts):
+            child.expect(prompt)
+            if i < len(prompts) - 1:
+                child.child.sendline("127.0.0.1")
+        child.child.sendeof()
+        child.expect(f"aeschat-(client|server): error: {error}")
+        assert child.exit_code() == 2
+        assert "Traceback" not in child.output()
+    finally:
+        child.kill()
 
 
 # ---------------------------------------------------------------------------------------------------
