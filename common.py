@@ -1305,6 +1305,7 @@ def fit_status(fields, order, width):
 KEEPALIVE = 15.0  # seconds of the peer's silence before we ping it
 DEAD_AFTER = 3  # keepalive intervals of the peer's silence before we call the connection lost (45 s)
 FLUSH_TIMEOUT = 10.0  # how long leaving waits for the peer to acknowledge what we sent
+LEAVING_NOTICE = 1.0  # leaving takes longer than this: say what it waits for
 RECONNECT_FOR = 300.0  # how long a client tries to reconnect, and a server holds a dropped conversation
 FIRST_RETRY, LAST_RETRY = 0.2, 2.0  # the client's reconnection backoff: when the network is back, so are we
 MAX_QUEUED = 10_000  # messages waiting for acknowledgement; past it, new ones are refused with a message
@@ -1742,6 +1743,7 @@ class Session:
         self._last_failure = None  # why the last reconnection attempt failed
         self._ack_due = None  # the highest message id shown and not yet acknowledged
         self._leave_by = None  # when leaving: the deadline
+        self._leave_notice = None  # when leaving: when to say what it waits for, if it still does
         self._paced = collections.deque()  # legacy messages waiting for their turn on the wire
         self._next_paced = now
         self.sent = 0  # messages handed to the connection (legacy's only count)
@@ -1801,6 +1803,8 @@ class Session:
                 times.append(self._next_dial)
         if self._leave_by is not None:
             times.append(self._leave_deadline())
+        if self._leave_notice is not None and not self.ended:
+            times.append(self._leave_notice)
         if self._paced and self._link is not None and self.phase is Phase.LIVE:
             times.append(self._next_paced)
         return min(times) if times else None
@@ -2006,10 +2010,29 @@ class Session:
                 self._dial(self._dial_kind)
         if self._leave_by is not None and now >= self._leave_deadline() and not self.ended:
             self._finish_leaving()
+        elif self._leave_notice is not None and now >= self._leave_notice and not self.ended:
+            self._leave_notice = None
+            self._show([f"leaving: {self._leaving_for()}; Ctrl-C leaves now"], "notice")
         self._release()
 
+    def _leaving_for(self):
+        waits = []
+        if self.fmt.acknowledges and self.conversation.unacked:
+            n = len(self.conversation.unacked)
+            waits.append(f"up to {self._leave_by - self.now:.0f} s for the peer to acknowledge {n} "
+                         f"message{'s' if n != 1 else ''}")
+        elif self._paced:
+            n = len(self._paced)
+            waits.append(f"{n} message{'s' if n != 1 else ''} to go, one every {self.fmt.pace} s")
+        moving = [visible(t.name) for t in self._outgoing.values() if t.state == "sending"]
+        if moving:
+            waits.append(f"file {', '.join(moving)} to arrive, while it moves")
+        elif any(t.active for t in self._outgoing.values()):
+            waits.append(f"up to {self._leave_by - self.now:.0f} s for the peer to take the files offered")
+        return "waiting " + " and ".join(waits) if waits else "waiting"
+
     def _leave(self, event):
-        self._leave_by = self.now + event.wait
+        self._leave_by, self._leave_notice = self.now + event.wait, self.now + LEAVING_NOTICE
         for t in self._incoming.values():  # what the peer is sending us is of no use once we go
             if t.active:
                 self._stop_incoming(t, "cancelled")
@@ -2411,8 +2434,8 @@ class Session:
             self._finish_leaving()
 
     def _leave_deadline(self):
-        """Messages get FLUSH_TIMEOUT; a file on its way, as long as it keeps moving."""
-        if any(t.active for t in self._outgoing.values()):
+        """Messages and offers get FLUSH_TIMEOUT; a file on its way, as long as it keeps moving."""
+        if any(t.state == "sending" for t in self._outgoing.values()):
             return max(self._leave_by, self._progress + FILE_STALL)
         return self._leave_by
 
@@ -2456,7 +2479,7 @@ class Session:
             self._do(Close(self._link.link, True))  # after what is queued: a goodbye, an alert
             self._link = None
         self.phase = Phase.ENDED
-        self._leave_by = None
+        self._leave_by = self._leave_notice = None
         self._paced.clear()
         self._do(End(code, text))
 

@@ -529,6 +529,27 @@ def test_leaving_waits_for_acknowledgements_then_leaves():
     assert ended(run(Got(link, Ack(0)))) == (EXIT_OK, "you left the chat")
 
 
+def test_leaving_that_takes_more_than_a_moment_says_what_it_waits_for():
+    run = Run()
+    link = run.live()
+    run(Typed("one", TS))
+    run(Leave(10))
+    assert run.session.next_wakeup() == run.now + common.LEAVING_NOTICE
+    assert shown(run(Tick(), after=common.LEAVING_NOTICE), "notice") == [
+        "leaving: waiting up to 9 s for the peer to acknowledge 1 message; Ctrl-C leaves now"]
+    assert shown(run(Tick(), after=1), "notice") == []  # once
+    assert ended(run(Got(link, Ack(0))))[0] == EXIT_OK
+
+
+def test_leaving_with_a_file_offered_and_not_taken_waits_as_for_messages():
+    run, link = sender()
+    run(Leave(10))
+    assert shown(run(Tick(), after=1), "notice") == [
+        "leaving: waiting up to 9 s for the peer to take the files offered; Ctrl-C leaves now"]
+    code, text = ended(run(Tick(), after=9))
+    assert code == EXIT_NETWORK and text.endswith("1 file not delivered: report.pdf")
+
+
 def test_leaving_lists_what_was_not_delivered_by_its_first_words():
     run = Run()
     run.live()
