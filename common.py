@@ -421,8 +421,14 @@ def now_iso(clock=None):
     return moment.isoformat(timespec="seconds")
 
 
+class Unsendable(str):
+    """A line read that cannot be a message, in its place: it says why (a line over the limit is never read whole)."""
+
+
 def check_message_text(text):
     """Refuse what cannot be sent, before anything is encrypted."""
+    if isinstance(text, Unsendable):
+        raise LocalProtocolError(str(text))
     try:
         size = len(text.encode("utf-8"))
     except UnicodeEncodeError:
@@ -3731,7 +3737,14 @@ class PlainUI:
             guarded(self._read_stdin, lambda error: self._inbox.put(None), "stdin")
 
     def _read_stdin(self):
-        for line in sys.stdin:
+        limit = MAX_MESSAGE + 1  # characters: a line longer than that is longer in bytes too
+        while line := sys.stdin.readline(limit):
+            if len(line) == limit and not line.endswith("\n"):  # too long: read to its end, never whole
+                size = len(line.encode("utf-8"))
+                while line and not line.endswith("\n"):
+                    line = sys.stdin.readline(limit)
+                    size += len(line.rstrip("\n").encode("utf-8"))
+                line = Unsendable(f"the message is {size} bytes; the limit is {MAX_MESSAGE} bytes of UTF-8")
             self._inbox.put(line[:-1] if line.endswith("\n") else line)
         self._inbox.put(None)
 

@@ -1,5 +1,6 @@
 """End to end through pipes: real server.py and client.py processes on 127.0.0.1."""
 
+import re
 import signal
 import socket
 import subprocess
@@ -66,6 +67,18 @@ def test_a_64_kib_message(spawn):
     client.close_stdin()
     assert client.wait() == 1  # a line that could not be sent: a script is told by the exit code
     assert "1 line typed could not be sent" in client.output()[1]
+
+
+def test_a_line_of_30_mb_is_refused_without_being_read_whole(spawn):
+    server, client, _ = connected(spawn, "--once")
+    client.send("é" * 15_000_000 + "\nafter\n")  # 30 MB of UTF-8, no line end for a long while
+    client.expect("not sent: the message is 30000000 bytes; the limit is 65536")
+    server.expect(r"^Received: after  ☒")
+    with open(f"/proc/{client.proc.pid}/status") as status:
+        peak = int(re.search(r"VmHWM:\s+(\d+) kB", status.read()).group(1)) * 1024
+    assert peak < 60 * 2**20  # never the line whole (it was 230 MB for 100 MB of input)
+    client.close_stdin()
+    assert client.wait() == 1
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
