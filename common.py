@@ -1018,6 +1018,8 @@ class LegacyDecoder:
         if not data:
             self._eof = True
         self._encrypted += data
+        if self._count == 0 and not self._plain and self._encrypted[LENGTH.size : LENGTH.size + len(MAGIC)] == MAGIC:
+            raise NotAeschatPeer("the peer speaks aeschat v2, not the legacy format: leave out --legacy")
         whole = len(self._encrypted) - len(self._encrypted) % BLOCK
         for block in process_bytes(bytes(self._encrypted[:whole])):
             self._plain += bytes(self._cipher.decrypt(block))
@@ -2426,7 +2428,8 @@ class Session:
     def _violation(self, error):
         if self._link is not None and self.fmt.signals:
             self._send(Alert("integrity" if isinstance(error, IntegrityError) else "protocol"))
-        self._end(EXIT_SECURITY, f"security failure: {error}; the chat is closed")
+        self._end(EXIT_SECURITY, f"{error}" if isinstance(error, NotAeschatPeer) else
+                  f"security failure: {error}; the chat is closed")
 
     def _peer_left(self):
         undelivered = self._undelivered()

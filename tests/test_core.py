@@ -928,6 +928,14 @@ def test_legacy_plaintext_that_is_not_one_message_is_refused(plaintext, why):
         decoder.next_message()
 
 
+def test_a_legacy_decoder_tells_an_aeschat_v2_peer_by_its_first_frame():
+    decoder = common.LegacyDecoder(pyaes.AES(common.legacy_key("pw")))
+    greeting = common.frame(common.PREFIX + common.GREETING + common.OPEN)
+    decoder.feed(greeting[:5])  # not enough to tell yet
+    with pytest.raises(common.NotAeschatPeer, match="speaks aeschat v2"):
+        decoder.feed(greeting[5:])
+
+
 def test_legacy_wrong_passphrase_is_clear_at_the_first_block():
     data = common.legacy_encode(pyaes.AES(common.legacy_key("right")), "hi", "12:00:00")
     with pytest.raises(RemoteProtocolError, match="passphrases differ"):
