@@ -45,7 +45,7 @@ def _main():
     args = parse_args()
     passphrase = common.passphrase_given(args)
     if args.legacy:
-        print(f"{PROG}: warning: {common.LEGACY_WARNING}", file=sys.stderr)
+        print(common.legacy_warning(PROG), file=sys.stderr)
     if passphrase is None:
         if sys.stdin.isatty() and not args.legacy and common.greeting(args.host, args.port) == common.BUSY:
             raise common.Refused("busy", common.REFUSALS[common.BUSY_REFUSAL])  # before anyone types a passphrase

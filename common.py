@@ -1845,6 +1845,8 @@ class Session:
         verb = "sending" if t.outgoing else "receiving"
         name = visible(t.name)
         more = f" (+{len(moving) - 1})" if len(moving) > 1 else ""
+        if self.phase is not Phase.LIVE:
+            return [f"{verb} {name} {percent}%, paused{more}", f"{verb} {percent}%, paused{more}", f"{percent}%"]
         if rate:
             left = (t.size - t.done) / rate if rate else 0
             long = f"{verb} {name} {percent}%, {size_text(int(rate))}/s, {left:.0f} s left{more}"
@@ -3907,6 +3909,13 @@ LEGACY_WARNING = ("--legacy is NOT SECURE: AES-ECB under an unsalted key, no aut
                   "network can read, alter and replay messages. Use it only with the original scripts.")
 
 
+def legacy_warning(prog):
+    """The warning, in rows of 80 columns at most (a terminal would break its one long line mid-word)."""
+    import textwrap
+
+    return textwrap.fill(f"{prog}: warning: {LEGACY_WARNING}", 80, subsequent_indent="  ")
+
+
 def read_key_file(path):
     """The passphrase in a key file: UTF-8 (a byte order mark is dropped), less one trailing newline."""
     try:
@@ -4017,10 +4026,11 @@ def argument_parser(prog, description):
                         help="speak the original scripts' format: NOT SECURE, only for a peer still running them")
     parser.add_argument("--key-file", metavar="PATH",
                         help="read the passphrase from PATH (else $AESCHAT_KEY, else a prompt)")
-    parser.add_argument("--reconnect-for", type=seconds_argument, default=RECONNECT_FOR, metavar="SECONDS",
+    reconnect = parser.add_mutually_exclusive_group()
+    reconnect.add_argument("--reconnect-for", type=seconds_argument, default=RECONNECT_FOR, metavar="SECONDS",
                         help=f"when a connection drops, how long the client tries to reconnect and the server "
                              f"keeps the conversation for it (default {RECONNECT_FOR:.0f})")
-    parser.add_argument("--no-reconnect", dest="reconnect_for", action="store_const", const=0.0,
+    reconnect.add_argument("--no-reconnect", dest="reconnect_for", action="store_const", const=0.0,
                         help="end the chat when the connection drops")
     parser.add_argument("--send", action="append", default=[], metavar="PATH",
                         help="offer this file as soon as the chat begins (may be given again); a client in a pipe "

@@ -47,7 +47,7 @@ def _main():
     listener = listen(args.host, args.port)
     print(f"listening on {common.address(listener.getsockname())}", file=sys.stderr, flush=True)
     if args.legacy:
-        print(f"{PROG}: warning: {common.LEGACY_WARNING}", file=sys.stderr, flush=True)
+        print(common.legacy_warning(PROG), file=sys.stderr, flush=True)
     if passphrase is None:
         passphrase = common.prompt_passphrase()
     with common.make_ui(PROG, args.receive_only) as ui:

@@ -35,6 +35,7 @@ def test_help_and_version(program):
     (["client.py", "bad..host", "5555"], "not a valid host name"),
     (["server.py", "-5"], "invalid port"),
     (["client.py", "127.0.0.1", "--bogus"], "unrecognized arguments"),
+    (["server.py", "--no-reconnect", "--reconnect-for", "5"], "not allowed with argument --no-reconnect"),
 ])
 def test_usage_errors_exit_2_with_one_line(args, message):
     code, out, err = run(args)

@@ -1279,3 +1279,8 @@ class SessionModel(RuleBasedStateMachine):
 
 SessionModel.TestCase.settings = settings(stateful_step_count=20)
 test_session_model = SessionModel.TestCase
+
+
+def test_the_legacy_warning_fits_80_columns():
+    rows = common.legacy_warning("aeschat-client").splitlines()
+    assert len(rows) > 1 and all(len(row) <= 80 for row in rows) and "NOT SECURE" in rows[0]

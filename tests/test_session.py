@@ -1161,6 +1161,9 @@ def test_the_status_line_shows_a_transfer_with_its_rate_and_time_left():
     line = common.fit_status(fields, order, 120)
     assert "sending report.pdf 32%, 32.0 KiB/s, 2 s left" in line
     assert "sending 32%" in common.fit_status(fields, order, 50)
+    run(Got(link, ConnectionClosed()))
+    fields, order = run.session.status()
+    assert "sending report.pdf 32%, paused" in common.fit_status(fields, order, 120)  # no rate that is not so
 
 
 def test_a_reconnection_cut_before_it_resumed_is_not_a_new_outage():
