@@ -1198,6 +1198,18 @@ def sent_lines(text, timestamp, label="Sent"):
     return _block(label, text, local_time(timestamp))
 
 
+def typed_path(text):
+    """A path as typed after /send: quoted or with escaped spaces as a shell would take it (a dropped file is
+    often pasted so), else as it is; ~ is expanded when the file is opened."""
+    import shlex
+
+    try:
+        words = shlex.split(text)
+    except ValueError:  # an unmatched quote: part of the name
+        return text
+    return words[0] if len(words) == 1 else text
+
+
 def safe_name(name):
     """A peer's file name made safe to save in a folder: its last part only, no separators, no control or format
     characters, not `.` or `..`, at most 255 bytes (the extension kept)."""
@@ -1900,7 +1912,7 @@ class Session:
         if name == "send":
             if not argument:
                 return self._show(["/send PATH: say which file"], "error")
-            return self._send_file(argument)
+            return self._send_file(typed_path(argument))
         if name in ("accept", "decline"):
             return self._answer_offer(name == "accept")
         if name == "help":
@@ -2974,7 +2986,7 @@ class Files:
     def prepare(self, path):
         """(name to give, size, SHA-256) of a file to send; it stays open, so a rename does not change what goes."""
         try:
-            handle = open(path, "rb")  # noqa: SIM115 -- kept open for the transfer, closed by release()
+            handle = open(os.path.expanduser(path), "rb")  # noqa: SIM115 -- kept open for the transfer
         except OSError as e:
             raise UsageError(describe(e)) from None
         try:

@@ -1284,3 +1284,16 @@ test_session_model = SessionModel.TestCase
 def test_the_legacy_warning_fits_80_columns():
     rows = common.legacy_warning("aeschat-client").splitlines()
     assert len(rows) > 1 and all(len(row) <= 80 for row in rows) and "NOT SECURE" in rows[0]
+
+
+@pytest.mark.parametrize("typed, path", [
+    ("/tmp/plain.txt", "/tmp/plain.txt"),
+    ("/tmp/we ird name.txt", "/tmp/we ird name.txt"),  # unquoted, with spaces: as it is
+    ("'/tmp/we ird name.txt'", "/tmp/we ird name.txt"),
+    ('"/tmp/we ird ~ name ü.txt"', "/tmp/we ird ~ name ü.txt"),
+    ("/tmp/we\\ ird.txt", "/tmp/we ird.txt"),
+    ("/tmp/it's.txt", "/tmp/it's.txt"),
+    ("~/notes.txt", "~/notes.txt"),  # expanded when opened
+])
+def test_a_path_typed_after_send_is_taken_as_a_shell_would(typed, path):
+    assert common.typed_path(typed) == path

@@ -237,3 +237,11 @@ def test_more_files_than_go_at_once_all_arrive(spawn, folders):
     assert client.wait() == 0
     assert sorted(p.name for p in inbox.iterdir()) == sorted(s.name for s in sources)
     assert all((inbox / s.name).read_bytes() == s.read_bytes() for s in sources)
+
+
+def test_a_path_with_a_tilde_is_the_home_folders(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    make_file(tmp_path, "notes.txt", 10)
+    handle, name, size, _ = common.Files().prepare("~/notes.txt")
+    handle.close()
+    assert (name, size) == ("notes.txt", 10)
