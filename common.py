@@ -1212,11 +1212,13 @@ def typed_path(text):
 
 def safe_name(name):
     """A peer's file name made safe to save in a folder: its last part only, no separators, no control or format
-    characters, not `.` or `..`, at most 255 bytes (the extension kept)."""
+    characters, not `.` or `..`, not hidden, at most 255 bytes (the extension kept)."""
     name = unicodedata.normalize("NFC", name).replace("\\", "/").rsplit("/", 1)[-1]
     name = "".join("_" if unicodedata.category(ch)[0] in "CZ" and ch != " " else ch for ch in name).strip()
     if name in ("", ".", ".."):
         name = "file"
+    if name.startswith("."):  # never a hidden file (.bashrc in a home folder), nor one like our temporary files
+        name = "_" + name.lstrip(".")
     return numbered(name, 0)
 
 

@@ -67,6 +67,8 @@ def test_the_same_name_twice_makes_two_files_and_overwrites_nothing(spawn, folde
     ("../../escape.txt", "escape.txt"),
     ("a/b/c.txt", "c.txt"),
     ("..", "file"),
+    (".bashrc", "_bashrc"),
+    (".aeschat-0123456789abcdef.part", "_aeschat-0123456789abcdef.part"),
     ("\x1b[31mred\x07.txt", "_[31mred_.txt"),
     ("ok\u202etxt.exe", "ok_txt.exe"),
     ("n" * 300, "n" * 255),
