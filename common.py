@@ -2069,8 +2069,7 @@ class Session:
         for t in self._incoming.values():
             if t.active:
                 self._stop_incoming(t, "cancelled")
-        if self._link is not None and self.fmt.signals:
-            self._send(Goodbye())
+        self._goodbye()
         self._end(event.code, "you left the chat (interrupted)", self._undelivered())
 
     def _dial_failed(self, event):
@@ -2464,13 +2463,20 @@ class Session:
             return max(self._leave_by, self._progress + FILE_STALL)
         return self._leave_by
 
+    def _goodbye(self):
+        """The last word on a link: what we have shown is acknowledged first (its Drained may not have come)."""
+        if self._link is not None and self.fmt.signals:
+            if self._ack_due is not None and self.phase is Phase.LIVE:
+                self._send(Ack(self._ack_due))
+                self._ack_due = None
+            self._send(Goodbye())
+
     def _finish_leaving(self):
         for t in self._outgoing.values():
             if t.active:
                 self._stop_outgoing(t, "left")
                 t.state = "undelivered"
-        if self._link is not None and self.fmt.signals:
-            self._send(Goodbye())
+        self._goodbye()
         undelivered = self._undelivered()
         if self.fmt.acknowledges:
             self._end(EXIT_NETWORK if undelivered else EXIT_OK, "you left the chat", undelivered)

@@ -529,6 +529,16 @@ def test_leaving_waits_for_acknowledgements_then_leaves():
     assert ended(run(Got(link, Ack(0)))) == (EXIT_OK, "you left the chat")
 
 
+@pytest.mark.parametrize("leave", [Leave(10), common.Interrupt(130)])
+def test_leaving_acknowledges_what_was_shown_before_the_goodbye(leave):
+    """The user quits right after a message is shown, before its link drained: the peer must not be left thinking
+    it was not delivered."""
+    run = Run()
+    link = run.live()
+    run(Got(link, Message(0, "last words", TS)))
+    assert sends(run(leave)) == [Ack(0), Goodbye()]
+
+
 def test_leaving_that_takes_more_than_a_moment_says_what_it_waits_for():
     run = Run()
     link = run.live()
