@@ -1636,6 +1636,7 @@ class _Transfer:
         self.file, self.outgoing, self.name, self.size, self.sha256, self.state = (
             file, outgoing, name, size, sha256, state)
         self.done = self.next = 0
+        self.sent = 0  # for a sender, the most ever sent (an offer made again starts from what the receiver has)
         self.most = 0  # for a sender, the most the receiver ever had: leaving waits only while that grows
         self.started = self.start_done = None  # when bytes began to flow, and how many there were then
         self.offered = False  # told the user (once; an offer goes again after every reconnection)
@@ -2010,6 +2011,8 @@ class Session:
             return
         error = event.error
         if isinstance(error, (TruncatedFrame, NetworkError, OSError)):
+            if self._link.goodbye:  # it said goodbye, then its connection reset or broke: it left all the same
+                return self._peer_left()
             self._lost(describe(error))
         elif isinstance(error, RemoteProtocolError):
             self._violation(error)
@@ -2266,9 +2269,9 @@ class Session:
 
     def _got_done(self, done):
         t = self._outgoing.get(done.file)
-        if t is None or t.next < t.size:
+        if t is None or t.sent < t.size:
             raise RemoteProtocolError("a file reported whole before it was sent")
-        if t.state == "sending":
+        if t.state in ("offered", "sending"):  # offered again after a reconnection: it had arrived
             t.state, t.done = "done", t.size
             self._do(ReleaseFile(t.file))
             self._show([f"delivered file {visible(t.name)}"])
@@ -2309,6 +2312,7 @@ class Session:
                 length = min(CHUNK_SIZE, t.size - t.next)
                 self._send(ChunkOf(t.file, t.next, length))
                 t.next += length
+                t.sent = max(t.sent, t.next)
 
     def _refuse(self, t, reason):
         if t.state in ("receiving", "verifying", "opening"):
@@ -2354,7 +2358,14 @@ class Session:
     def _show(self, lines, kind="chat"):
         self._do(Show(lines, kind))
 
+    # What a link may carry before its Resume exchange is over. Anything else of the conversation waits for it, and
+    # is then said again by the exchange itself: messages sent again, a file offered again (the receiver restates
+    # where it stands: done, refused), what arrived acknowledged by the Resume.
+    _BEFORE_RESUME = (Resume, Ping, Pong, Alert, Goodbye, Busy)
+
     def _send(self, event):
+        if self.phase is not Phase.LIVE and not isinstance(event, self._BEFORE_RESUME):
+            return
         if type(event) is Message:
             self.conversation.put_on_wire(event.id)
         self._do(Send(self._link.link, event))
@@ -2392,9 +2403,9 @@ class Session:
         reply, again, took_over = self.conversation.on_resume(peer, server=not self.role.opens_resume)
         if reply is not None:
             self._send(reply)
+        self._live()
         for message in again:
             self._send(message)
-        self._live()
         self._auth_failures, self._retry = 0, FIRST_RETRY
         address = self._link.peer
         if took_over or (self.role.opens_resume and not peer.resumed):  # numbering afresh: files too
@@ -2816,7 +2827,9 @@ class Gate:
             table.popitem(last=False)
 
     def _shed(self, count, reason, quiet=False):
-        order = sorted(self.pending.values(), key=lambda p: (_Pending.STAGES.index(p.stage), p.since))
+        # A reconnection goes last: it proves a secret no stranger can guess, so shedding it only helps one.
+        order = sorted(self.pending.values(), key=lambda p: (getattr(p.conn, "kind", None) == RESUME,
+                                                             _Pending.STAGES.index(p.stage), p.since))
         actions = []
         for pending in order[:count]:
             actions += self._drop(pending, None if quiet else f"{pending.peer} dropped to make room: {reason}")

@@ -269,6 +269,14 @@ def test_a_close_after_a_goodbye_is_the_peer_leaving_and_its_link_is_closed():
     assert ended(actions) == (EXIT_OK, "the peer left the chat") and Close(link, True) in actions
 
 
+def test_a_reset_after_a_goodbye_is_the_peer_leaving():
+    run = Run()
+    link = run.live()
+    run(Got(link, Goodbye()))
+    assert ended(run(Failed(link, ConnectionResetError(104, "Connection reset by peer")))) == (
+        EXIT_OK, "the peer left the chat")
+
+
 def test_a_close_without_a_goodbye_is_a_lost_connection_worded_as_the_network():
     run = Run()
     link = run.live()
@@ -925,6 +933,23 @@ def test_room_is_made_by_dropping_idle_connections_first():
     assert door.dropped == ["idle0"] and "real" in door.gate.pending
 
 
+def test_a_reconnection_is_dropped_last_to_make_room():
+    """A stranger fills the door with wrong guesses waiting their turn, then knocks once more while a client's
+    reconnection waits for its confirmation: a guess goes, not the client (it was, and the client was told that
+    someone may be interfering, and stopped after two)."""
+    resume_id, secret = os.urandom(16), os.urandom(32)
+    door = Door(host=Host(secrets={resume_id: secret}), max_pending=8)
+    for i in range(8):  # the first is checked at once; seven wait
+        door.knock(f"guess{i}", passphrase="wrong", peer=f"198.51.100.{i}:4000")
+        door.confirm(f"guess{i}")
+    assert len(door.gate.pending) == 7
+    door.knock("client", kind=RESUME, resume_id=resume_id, passphrase=secret, peer="192.0.2.7:5000")
+    door.knock("bare", hello=False, peer="198.51.100.200:4000")
+    assert "client" in door.gate.pending and "client" not in door.dropped
+    door.confirm("client")
+    assert door.admitted == ["client"]
+
+
 def test_out_of_descriptors_drops_a_quarter_of_the_pending_idle_first():
     door = Door()
     door.knock("real")
@@ -1091,6 +1116,41 @@ def test_after_a_reconnection_the_sender_offers_again_and_goes_on_from_what_the_
     assert "offering" not in " ".join(shown(actions))  # told once
     chunks = sends(run(Got(new, common.Accept(0, 32768))))  # the receiver had more than it had acknowledged
     assert chunks[0] == common.ChunkOf(0, 32768, 16384)
+
+
+@pytest.mark.parametrize("acknowledged", [32768, 40_000])
+def test_a_file_that_arrived_while_the_connection_dropped_is_delivered_when_offered_again(acknowledged):
+    """The receiver's last acknowledgement (or only its Done) was lost in the cut: offered again, the receiver
+    answers Done, and that is delivery. (It was taken as a violation, or ignored and the file listed undelivered.)"""
+    run = Run(interactive=True)
+    link = run.live()
+    run(Typed("/send /tmp/report.pdf", TS))
+    run(common.FileReady(0, "report.pdf", 40_000, SHA))
+    run(Got(link, common.Accept(0, 0)))
+    run(Got(link, common.FileAck(0, acknowledged)))
+    run(Got(link, ConnectionClosed()))
+    new = run.link()
+    run(Attached(new, "192.0.2.7:5555", RESUME))
+    assert common.Offer(0, "report.pdf", 40_000, SHA) in sends(run(Got(new, Resume(CONV, 0, 0, True))))
+    actions = run(Got(new, common.Done(0)))
+    assert ended(actions) is None and shown(actions) == ["delivered file report.pdf"]
+    assert ended(run(Leave(10)))[0] == EXIT_OK
+
+
+@pytest.mark.parametrize("act", [Typed("/decline", TS), Leave(10), common.FileSaved(0, "/in/x.bin")])
+def test_nothing_of_the_conversation_goes_before_the_resume_exchange(act):
+    """The client is back and its Resume not yet in (a man in the middle may hold it 10 s): what the server's user
+    does meanwhile waits for the exchange, which says it again (the file offered again, the receiver restating)."""
+    run = Run(SERVER, interactive=True, receive_files=isinstance(act, common.FileSaved))
+    link = run.live()
+    run(Got(link, common.Offer(0, "x.bin", 10, SHA)))
+    if isinstance(act, common.FileSaved):
+        run(common.FileOpened(0))
+        run(Got(link, common.Chunk(0, 0, bytes(10))))
+    run(Got(link, ConnectionClosed()))
+    new = run.link()
+    run(Attached(new, "192.0.2.7:5555", RESUME))
+    assert [e for e in sends(run(act)) if not isinstance(e, (Goodbye, Resume))] == []
 
 
 def test_a_receiver_offered_a_file_again_says_where_it_stands():
