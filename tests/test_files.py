@@ -5,10 +5,11 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
-from mitm import C2S, Attacker, Proxy
+from mitm import C2S, S2C, Attacker, Proxy
 from procs import PASSPHRASE, ROOT, connected
 
 import common
@@ -136,6 +137,38 @@ def test_a_connection_cut_mid_transfer_resumes_and_the_file_arrives_once(spawn, 
     assert (inbox / "resumed.bin").read_bytes() == source.read_bytes()
     sent = sum(relay.forwarded[C2S] for relay in proxy.relays)
     assert sent < 1.3 * 400_000  # it went on from what was acknowledged, not from zero
+
+
+def test_a_file_whose_last_answers_were_lost_in_a_cut_is_delivered_once(spawn, folders):
+    """A man in the middle lets the whole file through, withholds the receiver's last acknowledgements and its
+    done, and cuts: offered again, the file is reported delivered, and saved once. (Both sides ended as a security
+    failure; with only the done withheld, the file was listed undelivered.)"""
+    inbox, outbox = folders
+    source = make_file(outbox, "payload.bin", 65536)  # four chunks
+    server, port = spawn("server", "--once", "--receive-dir", inbox)
+    withheld = threading.Event()
+
+    def hook(relay, direction, index, frame):
+        if relay is proxy.relays[0]:
+            if direction == C2S and sum(len(f) > 16000 for f in relay.frames[C2S]) == 4:
+                withheld.set()  # the last chunk is through: nothing goes back from now on
+            if direction == S2C and withheld.is_set():
+                return []
+        return [frame]
+
+    proxy = Proxy(port, hook)
+    try:
+        client = spawn("client", proxy.port, "--send", source)
+        client.close_stdin()
+        server.expect(r"received file payload\.bin")
+        proxy.relays[0].close()
+        client.expect("reconnected to")
+        client.expect(r"^delivered file payload\.bin$")
+        assert client.wait() == 0
+        assert server.wait() == 0
+    finally:
+        proxy.close()
+    assert [p.name for p in inbox.iterdir()] == ["payload.bin"]
 
 
 def test_the_sender_leaving_mid_transfer_leaves_no_temporary_file(spawn, folders):
