@@ -678,8 +678,22 @@ def _inputs():
                               common.RemoteProtocolError("x"), KeyError("bug")])
     dial_errors = st.sampled_from([common.NetworkError("x"), common.UnfinishedAuthentication("x"),
                                    common.Refused("unknown", "gone"), common.NotAeschatPeer("x")])
+    files, offsets = st.integers(0, 2), st.sampled_from([0, 16384, 20_000, 32768])
+    peer_events = st.one_of(peer_events, st.one_of(
+        st.builds(common.Offer, files, st.just("x.bin"), st.sampled_from([0, 20_000]), st.just("ab" * 32)),
+        st.builds(common.Accept, files, offsets),
+        st.builds(common.FileAck, files, offsets),
+        st.builds(common.Chunk, files, offsets, st.sampled_from([bytes(16384), bytes(3616)])),
+        st.builds(common.Done, files),
+        st.builds(common.Refuse, files, st.just("declined")),
+        st.builds(common.Cancel, files, st.just("left"))))
     return st.one_of(
-        st.builds(Typed, st.sampled_from(["hi", "/reconnect", "/help", "//x", "a~b"]), st.just(TS)),
+        st.builds(Typed, st.sampled_from(["hi", "/reconnect", "/help", "//x", "a~b", "/send f", "/accept",
+                                          "/decline"]), st.just(TS)),
+        st.builds(common.FileReady, files, st.just("f"), st.sampled_from([0, 20_000]), st.just("ab" * 32)),
+        st.builds(common.FileOpened, files),
+        st.builds(common.FileSaved, files, st.just("/in/x.bin")),
+        st.builds(common.FileFailed, files, st.booleans(), st.just("unwritable"), st.just("full")),
         st.builds(Attached, links, st.just("192.0.2.7:5555"), st.sampled_from([PASSPHRASE, RESUME])),
         st.builds(Got, links, peer_events),
         st.builds(Drained, links),
@@ -704,7 +718,7 @@ def test_any_sequence_of_inputs_keeps_the_rules(role, fmt, interactive, inputs):
                 assert action.link in allowed, "a send to a link that is not the current one"
                 if isinstance(action.event, Resume):
                     resumed.add(action.link)
-                elif isinstance(action.event, (Message, Ack)) and fmt is V2:
+                elif not isinstance(action.event, Session._BEFORE_RESUME) and fmt is V2:
                     assert action.link in resumed, "the conversation's records before the Resume exchange"
         wake = run.session.next_wakeup()
         assert wake is None or wake > run.now or run(Tick()) != [] or run.session.next_wakeup() != wake, \
