@@ -84,6 +84,11 @@ class TruncatedFrame(RemoteProtocolError):
     """The connection ended in the middle of a frame: a lost connection, not an attack."""
 
 
+class OutputFailed(AeschatError):
+    """Our own output cannot be written (a full disk, a closed pipe): the program stops rather than go on taking
+    messages it cannot show."""
+
+
 class NotAeschatPeer(RemoteProtocolError):
     """The peer speaks some other protocol (the legacy format, HTTP, TLS, another version)."""
 
@@ -107,7 +112,7 @@ EXIT_TERMINATED = 143  # SIGTERM
 
 def exit_code(error):
     """The one place where errors become exit codes."""
-    if isinstance(error, (NetworkError, Refused, OSError, TruncatedFrame)):
+    if isinstance(error, (NetworkError, Refused, OSError, TruncatedFrame, OutputFailed)):
         return EXIT_NETWORK
     if isinstance(error, RemoteProtocolError):
         return EXIT_SECURITY
@@ -3748,6 +3753,11 @@ def run_chat(chat):
     except Terminated:
         chat.interrupt(EXIT_TERMINATED)
         chat.done.wait(2.0)
+    except OutputFailed:
+        chat.interrupt(EXIT_NETWORK)
+        chat.done.wait(2.0)
+        report(chat)
+        raise
     return report(chat)
 
 
@@ -3770,7 +3780,8 @@ class PlainUI:
         self._width = os.get_terminal_size(sys.stdout.fileno()).columns if sys.stdout.isatty() else None
         self._inbox = queue.Queue()
         self._printing = queue.Queue()
-        self._printer = guarded(self._print, lambda error: None, "printer")  # a closed stdout: nothing to tell
+        self._failed = None  # why our output could not be written
+        self._printer = guarded(self._print, self._output_failed, "printer")
         if read_input:
             guarded(self._read_stdin, lambda error: self._inbox.put(None), "stdin")
 
@@ -3786,9 +3797,17 @@ class PlainUI:
             self._inbox.put(line[:-1] if line.endswith("\n") else line)
         self._inbox.put(None)
 
+    def _output_failed(self, error):
+        why = "its reader went away" if isinstance(error, BrokenPipeError) else describe(error)
+        self._failed = OutputFailed(f"cannot write the output: {why}")
+        self._inbox.put(WAKE)
+
     def read_line(self):
-        """The next typed line, None at end of input (and ever after), or WAKE."""
+        """The next typed line, None at end of input (and ever after), or WAKE; OutputFailed once the output
+        cannot be written."""
         line = self._inbox.get()
+        if self._failed is not None:
+            raise self._failed
         if line is None:
             self._inbox.put(None)
         return line
@@ -4118,6 +4137,8 @@ def run(main, prog):
     except Exception as e:
         print(f"{prog}: error: {describe(e)}", file=sys.stderr)
         code = EXIT_INTERNAL
-    with contextlib.suppress(Exception):
+    try:
         sys.stdout.flush()
+    except OSError:  # nowhere to write: let the interpreter's own last flush find /dev/null, not a traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     sys.exit(code)

@@ -60,6 +60,9 @@ def _main():
         except common.Terminated:
             server.interrupt(common.EXIT_TERMINATED)
             return common.EXIT_TERMINATED
+        except common.OutputFailed:
+            server.interrupt(common.EXIT_NETWORK)
+            raise
 
 
 def main():

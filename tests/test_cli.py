@@ -1,10 +1,14 @@
 """The command line: arguments, passphrase sources, and exit codes, on real processes."""
 
+import os
+import re
 import socket
+import subprocess
+import sys
 import threading
 
 import pytest
-from procs import PASSPHRASE, Proc, start_server
+from procs import PASSPHRASE, ROOT, TIMEOUT, Proc, start_server
 
 pytestmark = pytest.mark.slow
 
@@ -169,3 +173,22 @@ def test_core_dumps_are_off(tmp_path):
         assert core.split()[4:6] == ["0", "0"]
     finally:
         server.kill()
+
+
+def test_a_server_whose_output_cannot_be_written_stops_with_one_line():
+    """A sink on a full disk: it went on taking (and acknowledging) messages it could not write, without a word."""
+    env = {**os.environ, "AESCHAT_KEY": PASSPHRASE}
+    with open("/dev/full", "w") as full:
+        server = subprocess.Popen([sys.executable, "server.py", "0", "--host", "127.0.0.1", "--receive-only"],
+                                  cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=full, stderr=subprocess.PIPE,
+                                  text=True)
+    try:
+        port = re.match(r"listening on 127\.0\.0\.1:(\d+)", server.stderr.readline()).group(1)
+        run(["client.py", "127.0.0.1", port], stdin_text="into the void\n")
+        assert server.wait(timeout=TIMEOUT) == 1
+        err = server.stderr.read()
+        assert "aeschat-server: error: cannot write the output: no space left on device" in err
+        assert "Traceback" not in err
+    finally:
+        server.kill()
+        server.stderr.close()
