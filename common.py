@@ -1997,7 +1997,7 @@ class Session:
             if self._link.goodbye:
                 self._peer_left()
             elif not self.fmt.resumes:
-                self._end(EXIT_OK, "the peer closed the connection")
+                self._end(EXIT_OK, "the peer closed the connection", self._undelivered())
             else:
                 self._lost("the connection was closed without a goodbye")
         elif not isinstance(event, Pong):
@@ -3011,10 +3011,11 @@ class Files:
 
     def prepare(self, path):
         """(name to give, size, SHA-256) of a file to send; it stays open, so a rename does not change what goes."""
-        try:
-            handle = open(os.path.expanduser(path), "rb")  # noqa: SIM115 -- kept open for the transfer
+        try:  # without blocking: a named pipe would wait for a writer for ever
+            descriptor = os.open(os.path.expanduser(path), os.O_RDONLY | os.O_NONBLOCK)
         except OSError as e:
             raise UsageError(describe(e)) from None
+        handle = os.fdopen(descriptor, "rb")  # kept open for the transfer, closed by release()
         try:
             if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
                 raise UsageError("not a regular file")
@@ -3565,6 +3566,7 @@ class Server:
         self._ended = collections.deque()  # chats that ended and gave way to a newer one before being reported
         self._resumption = None  # (id, secret) of that chat's conversation
         self.queued = []  # (text, timestamp) typed while no chat was on: the next chat sends them
+        self._served = False  # a chat began (and offered the files of --send)
         self._door_failed = None
         self._idle_status()
 
@@ -3607,7 +3609,7 @@ class Server:
                 if self.chat is not None:
                     self._ended.append(self.chat)  # over, but its end not yet told
                 chat = self.chat = Chat(self.ui, session, files=Files(args.receive_dir or "."))
-                self.queued, new = [], True
+                self.queued, new, self._served = [], True, True
             if kind == PASSPHRASE and not (late or busy):
                 self._resumption = conn.resumption
         if late:
@@ -3671,10 +3673,16 @@ class Server:
         """The server stops while no one is connected: what was typed for the next client is never sent."""
         with self.lock:
             queued, self.queued = self.queued, []
-        if not queued:
+        files = [] if self._served else self.args.send
+        if not (queued or files):
             return EXIT_OK
-        never = [Message(i, text, timestamp) for i, (text, timestamp) in enumerate(queued)]
-        self.ui.show([undelivered_text(never, 0)], "error")
+        if queued:
+            never = [Message(i, text, timestamp) for i, (text, timestamp) in enumerate(queued)]
+            self.ui.show([undelivered_text(never, 0)], "error")
+        if files:
+            n = len(files)
+            self.ui.show([f"{n} file{'s' if n > 1 else ''} never offered (no client came): "
+                          f"{', '.join(visible(str(path)) for path in files)}"], "error")
         return EXIT_NETWORK
 
     def _queue(self, line):
@@ -3775,6 +3783,9 @@ class PlainUI:
 
     def __init__(self, prog, read_input=True):
         self.prog = prog
+        # A person types at a terminal even when the output goes to a pipe (client.py | tee log): commands are
+        # theirs then, not text to send.
+        self.interactive = read_input and sys.stdin.isatty()
         for stream in (sys.stdin, sys.stdout, sys.stderr):
             stream.reconfigure(errors="replace" if stream is sys.stdin else "backslashreplace")
         self._width = os.get_terminal_size(sys.stdout.fileno()).columns if sys.stdout.isatty() else None
@@ -3794,7 +3805,7 @@ class PlainUI:
                     line = sys.stdin.readline(limit)
                     size += len(line.rstrip("\n").encode("utf-8"))
                 line = Unsendable(f"the message is {size} bytes; the limit is {MAX_MESSAGE} bytes of UTF-8")
-            self._inbox.put(line[:-1] if line.endswith("\n") else line)
+            self._inbox.put(line[: -2 if line.endswith("\r\n") else -1] if line.endswith("\n") else line)
         self._inbox.put(None)
 
     def _output_failed(self, error):
@@ -4031,8 +4042,8 @@ def seconds_argument(text):
         seconds = float(text)
     except ValueError:
         seconds = -1.0
-    if not 0 <= seconds < float("inf"):
-        raise argparse.ArgumentTypeError(f"invalid time {text!r} (seconds, 0 or more)")
+    if not 0 <= seconds <= 10**8:  # three years: past that, the system's clocks overflow
+        raise argparse.ArgumentTypeError(f"invalid time {text!r} (seconds, from 0 to 100000000)")
     return seconds
 
 

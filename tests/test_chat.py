@@ -69,6 +69,14 @@ def test_a_64_kib_message(spawn):
     assert "1 line typed could not be sent" in client.output()[1]
 
 
+def test_windows_line_endings_are_line_endings(spawn):
+    server, client, _ = connected(spawn, "--once")
+    client.send("from a windows file\r\n")
+    server.expect(r"^Received: from a windows file  ☒")
+    client.close_stdin()
+    assert client.wait() == 0
+
+
 def test_a_line_of_30_mb_is_refused_without_being_read_whole(spawn):
     server, client, _ = connected(spawn, "--once")
     client.send("é" * 15_000_000 + "\nafter\n")  # 30 MB of UTF-8, no line end for a long while

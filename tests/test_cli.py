@@ -120,6 +120,20 @@ def test_idle_server_ends_on_quit_or_end_of_input(stdin_text):
     assert server.wait() == 0
 
 
+def test_a_server_that_stops_before_anyone_came_says_its_files_were_never_offered(tmp_path):
+    (tmp_path / "report.pdf").write_bytes(b"x")
+    server, _ = start_server("--send", tmp_path / "report.pdf")
+    server.close_stdin()
+    assert server.wait() == 1
+    assert "1 file never offered (no client came): " in server.output()[1]
+
+
+@pytest.mark.parametrize("seconds", ["1e10", "inf", "-1"])
+def test_a_time_past_three_years_is_a_usage_error(seconds):
+    code, _, err = run(["client.py", "127.0.0.1", "1", "--reconnect-for", seconds])
+    assert code == 2 and "from 0 to 100000000" in err
+
+
 def test_ipv6_loopback():
     if not socket.has_ipv6:
         pytest.skip("no IPv6 here")

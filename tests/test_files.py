@@ -280,3 +280,22 @@ def test_a_path_with_a_tilde_is_the_home_folders(tmp_path, monkeypatch):
     handle, name, size, _ = common.Files().prepare("~/notes.txt")
     handle.close()
     assert (name, size) == ("notes.txt", 10)
+
+
+def test_a_named_pipe_is_not_a_file_to_send(tmp_path):
+    """Opening it waited for a writer for ever, and the offer never came."""
+    os.mkfifo(tmp_path / "pipe")
+    outcome = []
+
+    def prepare():
+        try:
+            common.Files().prepare(str(tmp_path / "pipe"))
+        except common.UsageError as e:
+            outcome.append(str(e))
+
+    thread = threading.Thread(target=prepare, daemon=True)
+    thread.start()
+    thread.join(5)
+    if thread.is_alive():  # free it: a writer comes, then goes
+        os.close(os.open(tmp_path / "pipe", os.O_WRONLY))
+    assert outcome == ["not a regular file"]

@@ -649,6 +649,14 @@ def test_legacy_received_messages_are_not_acknowledged_and_a_close_ends_the_chat
     assert ended(run(Got(link, ConnectionClosed()))) == (EXIT_OK, "the peer closed the connection")
 
 
+def test_a_legacy_peer_closing_lists_the_messages_still_waiting_their_turn():
+    run, link = legacy_live()
+    for text in ("one", "two", "three"):
+        run(Typed(text, TS))
+    code, text = ended(run(Got(link, ConnectionClosed())))
+    assert code == EXIT_NETWORK and "“two”, “three”" in text and "never sent" in text
+
+
 def test_legacy_leaving_waits_for_the_paced_messages():
     run, link = legacy_live()
     run(Typed("one", TS))

@@ -160,6 +160,25 @@ def test_host_and_port_are_asked_for_on_a_terminal():
         server.kill()
 
 
+def test_a_person_typing_with_the_output_piped_still_has_commands():
+    """client.py | tee log: the keys are a person's, so /help is a command and /quit leaves (both were sent)."""
+    server, port = start_server("--once")
+    env = {**os.environ, "AESCHAT_KEY": PASSPHRASE}
+    child = pexpect.spawn("bash", ["-c", f"{shlex.quote(sys.executable)} client.py 127.0.0.1 {port} | cat"],
+                          cwd=ROOT, env=env, encoding="utf-8", timeout=TIMEOUT)
+    try:
+        child.expect("authenticated and encrypted")
+        child.sendline("/help")
+        child.expect("/send PATH")
+        child.sendline("/quit")
+        child.expect("you left the chat")
+        server.expect("the peer left the chat")
+        assert "/help" not in server.output()[0]
+    finally:
+        child.terminate(force=True)
+        server.kill()
+
+
 def test_a_bad_port_at_the_prompt_is_asked_again():
     server, port = start_server("--once")
     client = Terminal(["client.py"])
