@@ -659,7 +659,8 @@ LABEL = b"aeschat v2 "  # HKDF info prefix, followed by what the key is for
 REFUSALS = {
     DENIED: "the server says the passphrases differ (or someone interfered with the connection)",
     BUSY_REFUSAL: "the server is busy with another chat",
-    UNKNOWN: "the server no longer knows this conversation (it restarted, or stopped waiting for us)",
+    UNKNOWN: "the server no longer knows this conversation (it restarted, stopped waiting for us, or another client "
+             "took it over)",
 }
 
 
@@ -1663,7 +1664,7 @@ def size_text(size):
     for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if size >= scale:
             return f"{size / scale:.1f} {unit}"
-    return f"{size} bytes"
+    return f"{size} byte{'s' if size != 1 else ''}"
 
 
 def undelivered_text(messages, sent_below):
@@ -2055,10 +2056,10 @@ class Session:
                          f"message{'s' if n != 1 else ''}")
         elif self._paced:
             n = len(self._paced)
-            waits.append(f"{n} message{'s' if n != 1 else ''} to go, one every {self.fmt.pace} s")
+            waits.append(f"for {n} message{'s' if n != 1 else ''} to go, one every {self.fmt.pace} s")
         moving = [visible(t.name) for t in self._outgoing.values() if t.state == "sending"]
         if moving:
-            waits.append(f"file {', '.join(moving)} to arrive, while it moves")
+            waits.append(f"for file {', '.join(moving)} to arrive, while it moves")
         elif any(t.active for t in self._outgoing.values()):
             waits.append(f"up to {self._leave_by - self.now:.0f} s for the peer to take the files offered")
         return "waiting " + " and ".join(waits) if waits else "waiting"
@@ -2427,8 +2428,9 @@ class Session:
                 self._show([f"sent {len(again)} message{'s' if len(again) > 1 else ''} typed before the chat began"],
                            "notice")
         elif took_over:
-            self._show([f"a new client ({address}) took the conversation over; it is sent the {len(again)} "
-                        f"message{'s' if len(again) != 1 else ''} the last one had not acknowledged"], "notice")
+            resent = (f"; it is sent the {len(again)} message{'s' if len(again) != 1 else ''} the last one had not "
+                      "acknowledged") if again else ""
+            self._show([f"a new client ({address}) took the conversation over{resent}"], "notice")
         else:
             who = "reconnected to" if self.role.opens_resume else "the client reconnected from"
             resent = f" ({len(again)} sent again)" if again else ""
@@ -3352,7 +3354,8 @@ def greeting(host, port, deadline=GREETING_DEADLINE):
                 raise NetworkError("the server closed the connection before greeting us")
             decoder.feed(data)
     except socket.timeout:
-        raise NetworkError(f"no greeting from the server within {deadline:.0f} s") from None
+        raise NetworkError(f"no greeting from the server within {deadline:.0f} s: is it an aeschat v2 server? "
+                           "(--legacy talks to the original scripts)") from None
     except RemoteProtocolError:
         raise NotAeschatPeer("the peer is not an aeschat peer") from None
     except OSError as e:
@@ -4020,6 +4023,7 @@ def prompt_passphrase():
     try:
         return checked_passphrase(getpass.getpass("Passphrase: "))
     except EOFError:  # Ctrl-D at the prompt
+        print(file=sys.stderr)  # the error on a line of its own, not after the prompt
         raise UsageError("no passphrase: the input ended at the prompt") from None
 
 
@@ -4028,6 +4032,7 @@ def ask(prompt, what):
     try:
         return input(prompt).strip()
     except EOFError:
+        print(file=sys.stderr)
         raise UsageError(f"no {what}: the input ended at the prompt") from None
 
 
