@@ -41,6 +41,23 @@ def parse_args(argv=None):
     return args
 
 
+def dial_when_free(dial, patience):
+    """A script's client (not a person's) waits for a busy server, as it would for a network that is down: a sink
+    serves one-shot clients one after another, and several may come at once."""
+    until, delay = time.monotonic() + patience, common.FIRST_RETRY
+    while True:
+        try:
+            return dial()
+        except common.Refused as e:
+            if e.reason != "busy" or sys.stdin.isatty() or time.monotonic() + delay > until:
+                raise
+            if delay == common.FIRST_RETRY:
+                print(f"{PROG}: the server is busy with another chat; trying again for up to {patience:.0f} s",
+                      file=sys.stderr, flush=True)
+            time.sleep(delay)
+            delay = min(delay * 2, common.LAST_RETRY)
+
+
 def _main():
     args = parse_args()
     passphrase = common.passphrase_given(args)
@@ -51,7 +68,7 @@ def _main():
             raise common.Refused("busy", common.REFUSALS[common.BUSY_REFUSAL])  # before anyone types a passphrase
         passphrase = common.prompt_passphrase()
     dial = common.Dialer(args.host, args.port, passphrase, args.legacy)
-    sock, conn, peer = dial()
+    sock, conn, peer = dial_when_free(dial, args.reconnect_for)
     with common.make_ui(PROG) as ui:
         session = common.Session(common.CLIENT, common.LEGACY if args.legacy else common.V2,
                                  common.Conversation.new(), time.monotonic(), args.keepalive, args.reconnect_for,

@@ -132,7 +132,7 @@ def test_busy_while_idle_unauthenticated_sockets_are_open(spawn):
     try:
         chatting = spawn("client", port)
         chatting.expect("authenticated and encrypted")  # not blocked by the idle sockets
-        intruder = spawn("client", port)
+        intruder = spawn("client", port, "--no-reconnect")  # else, in a pipe, it waits its turn
         intruder.send("x\n")
         assert intruder.wait() == 1
         out, err = intruder.output()
@@ -145,6 +145,17 @@ def test_busy_while_idle_unauthenticated_sockets_are_open(spawn):
     finally:
         for sock in idle:
             sock.close()
+
+
+def test_one_shot_clients_arriving_together_at_a_sink_take_turns(spawn):
+    server, port = spawn("server", "--receive-only")
+    senders = [spawn("client", port) for _ in range(4)]
+    for i, sender in enumerate(senders):
+        sender.send(f"build {i} done\n")
+        sender.close_stdin()
+    assert [sender.wait() for sender in senders] == [0, 0, 0, 0]
+    got = sorted(server.expect(r"^Received: (build \d done)  ☒").group(1) for _ in range(4))
+    assert got == [f"build {i} done" for i in range(4)]
 
 
 def test_idle_unauthenticated_connection_is_dropped_by_its_deadline(spawn):
