@@ -111,17 +111,23 @@ def process_time(args, stdin=b""):
 # aeschat
 
 
-def handshakes(port, count):
+def hang_up(attacker, server):
+    """Close, and wait until the server has seen it: a client that came at once could find it still busy."""
+    attacker.close()
+    server.expect("connection lost")
+
+
+def handshakes(server, port, count):
     samples = []
     for _ in range(count):
         started = time.perf_counter()
         attacker = Attacker(port, PASSPHRASE).open()  # until the server's Resume: both sides ready
         samples.append(time.perf_counter() - started)
-        attacker.close()
+        hang_up(attacker, server)
     return percentiles(samples)
 
 
-def round_trips(port, size, rounds):
+def round_trips(server, port, size, rounds):
     """(first message after the handshake, median, p99): a message until its acknowledgement returns."""
     attacker = Attacker(port, PASSPHRASE).open()
     attacker.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -135,11 +141,11 @@ def round_trips(port, size, rounds):
             if event is None:
                 attacker.conn.receive_data(attacker.sock.recv(1 << 20))
         samples.append(time.perf_counter() - started)
-    attacker.close()
+    hang_up(attacker, server)
     return (samples[0], *percentiles(samples[1:] or samples))
 
 
-def pipelined(port, size, count):
+def pipelined(server, port, size, count):
     """Seconds per message when `count` messages of `size` go back to back and all are acknowledged."""
     attacker = Attacker(port, PASSPHRASE).open()
     text = "y" * size
@@ -161,7 +167,7 @@ def pipelined(port, size, count):
         attacker.send_raw(attacker.message(text))
     reader.join()
     elapsed = time.perf_counter() - started
-    attacker.close()
+    hang_up(attacker, server)
     return elapsed / count
 
 
@@ -270,7 +276,7 @@ def message_during_transfer(folder, rounds):
     return percentiles(samples)
 
 
-def round_trips_under_hellos(port, rate, seconds):
+def round_trips_under_hellos(server, port, rate, seconds):
     """The 100 B round trip of a live chat while strangers open connections and send hellos at `rate` a second
     (each refused as busy: what a flood costs the server now, beside the quiet figure from the same run)."""
     stop = threading.Event()
@@ -300,7 +306,7 @@ def round_trips_under_hellos(port, rate, seconds):
     finally:
         stop.set()
         thread.join()
-        attacker.close()
+        hang_up(attacker, server)
     return (*percentiles(samples), opened / (time.perf_counter() - started))
 
 
@@ -337,13 +343,13 @@ def run(quick):
     results, rows = {}, []
     server, port = start_server()
     try:
-        hs = handshakes(port, n)
+        hs = handshakes(server, port, n)
         results["handshake"] = {"median ms": hs[0] * 1e3, "p99 ms": hs[1] * 1e3}
         rows.append(("handshake (connect to both ready)", f"{hs[0] * 1e3:.1f} ms median, {hs[1] * 1e3:.1f} ms p99",
                      "SPAKE2 both sides", ""))
         for label, size in (("100 B", 100), ("1 KiB", 1024), ("64 KiB", 65536)):
             rounds = (5 if quick else 20) if size > 8192 else (20 if quick else 100)
-            first, median, p99 = round_trips(port, size, rounds)
+            first, median, p99 = round_trips(server, port, size, rounds)
             net = network_floor(size, 50)
             # The cipher's own time: what the round trip must encrypt and decrypt once each, the message's
             # record (text, timestamp, hash, padding) and the acknowledgement's.
@@ -355,9 +361,9 @@ def run(quick):
             rows.append((f"round trip {label} (to its ack)",
                          f"{median * 1e3:.2f} ms median, {p99 * 1e3:.2f} p99, first {first * 1e3:.2f}",
                          f"network {net * 1e3:.3f} ms + cipher {cipher * 1e3:.2f} ms (records both ways)",
-                         f"+{(median - net - cipher) * 1e3:.2f} ms over floors"))
+                         f"{(median - net - cipher) * 1e3:+.2f} ms over floors"))
         quiet = results["round trip 100 B"]["median ms"]
-        flood = round_trips_under_hellos(port, 70, 3 if quick else 10)
+        flood = round_trips_under_hellos(server, port, 70, 3 if quick else 10)
         results["round trip 100 B under hellos"] = {"median ms": flood[0] * 1e3, "p99 ms": flood[1] * 1e3,
                                                     "hellos/s": flood[2]}
         rows.append(("round trip 100 B, strangers' hellos arriving", f"{flood[0] * 1e3:.2f} ms median, "
@@ -367,7 +373,7 @@ def run(quick):
         for label in ("1 KiB", "8 KiB", "64 KiB"):
             size = SIZES[label]
             count = max(12, (800_000 if not quick else 200_000) // size)  # enough that filling the pipeline is noise
-            per_byte[label] = pipelined(port, size, count) / size * 1e6
+            per_byte[label] = pipelined(server, port, size, count) / size * 1e6
         results["scaling us/byte"] = per_byte
         floor_per_byte = cipher_floor(65536) / 65536 * 1e6
         rows.append(("cost per byte, 1 / 8 / 64 KiB", " / ".join(f"{v:.2f}" for v in per_byte.values()) + " µs",
@@ -422,7 +428,7 @@ def run(quick):
         finally:
             server.kill()
         results[f"one-shot {name}"] = {"median s": shot, "start-up floor s": startup}
-        rows.append((f"one-shot {name}: printf 'x\\n' | client.py", f"{shot * 1e3:.0f} ms",
+        rows.append((f"one-shot {name}: printf 'x\\n' \\| client.py", f"{shot * 1e3:.0f} ms",
                      f"start-up {startup * 1e3:.0f} ms", f"{shot / startup:.2f}× the start-up floor"))
 
     rc = reconnect_time(3 if quick else 5)
