@@ -146,20 +146,6 @@ def test_passphrase_prompt_does_not_echo():
         server.kill()
 
 
-def test_host_and_port_are_asked_for_on_a_terminal():
-    server, port = start_server("--once")
-    client = Terminal(["client.py"])
-    try:
-        client.expect("Server address: ")
-        client.child.sendline("127.0.0.1")
-        client.expect(r"Port \[5555\]: ")
-        client.child.sendline(str(port))
-        client.expect("authenticated and encrypted")
-    finally:
-        client.kill()
-        server.kill()
-
-
 def test_a_person_typing_with_the_output_piped_still_has_commands():
     """client.py | tee log: the keys are a person's, so /help is a command and /quit leaves (both were sent)."""
     server, port = start_server("--once")
@@ -179,7 +165,7 @@ def test_a_person_typing_with_the_output_piped_still_has_commands():
         server.kill()
 
 
-def test_a_bad_port_at_the_prompt_is_asked_again():
+def test_host_and_port_are_asked_for_on_a_terminal_and_a_bad_port_again():
     server, port = start_server("--once")
     client = Terminal(["client.py"])
     try:
