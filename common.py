@@ -2075,6 +2075,7 @@ class Session:
         for t in self._outgoing.values():
             if t.active:
                 self._stop_outgoing(t, "left")
+                t.state = "undelivered"
         for t in self._incoming.values():
             if t.active:
                 self._stop_incoming(t, "cancelled")

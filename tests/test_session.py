@@ -1200,6 +1200,12 @@ def test_leaving_waits_for_a_file_while_it_moves_then_gives_it_up():
     assert common.Cancel(0, "left") in sends(actions)
 
 
+def test_ctrl_c_lists_the_files_not_delivered():
+    run, link = sender()
+    code, text = ended(run(common.Interrupt(130)))
+    assert code == 130 and text == "you left the chat (interrupted); 1 file not delivered: report.pdf"
+
+
 def test_a_receiver_that_starts_over_again_and_again_does_not_hold_the_leaving_for_ever():
     run, link = sender()
     run(Got(link, common.Accept(0, 0)))
