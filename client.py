@@ -68,7 +68,10 @@ def _main():
             raise common.Refused("busy", common.REFUSALS[common.BUSY_REFUSAL])  # before anyone types a passphrase
         passphrase = common.prompt_passphrase()
     dial = common.Dialer(args.host, args.port, passphrase, args.legacy)
+    dial.slow = lambda: print(f"{PROG}: the server is checking the passphrase; after wrong guesses it checks one "
+                              "every few seconds", file=sys.stderr, flush=True)
     sock, conn, peer = dial_when_free(dial, args.reconnect_for)
+    dial.slow = None  # the chat's own interface tells of what comes later
     with common.make_ui(PROG) as ui:
         session = common.Session(common.CLIENT, common.LEGACY if args.legacy else common.V2,
                                  common.Conversation.new(), time.monotonic(), args.keepalive, args.reconnect_for,

@@ -3304,13 +3304,15 @@ def connect(host, port):
 
 
 GREETING_DEADLINE = 5.0  # an aeschat server greets at once: silence means something else is listening
+SLOW_CHECK = 1.0  # our key confirmation unanswered this long: say that the server is checking, not stuck
 
 
-def handshake(sock, conn, deadline):
+def handshake(sock, conn, deadline, slow=None):
     """The client's socket loop for a handshake: write what conn has, read until it is open, within deadline (the
     greeting, which an aeschat server sends at once, within GREETING_DEADLINE). Records that arrive with the last
-    handshake frame stay buffered in conn for the link's reader."""
-    started = time.monotonic()
+    handshake frame stay buffered in conn for the link's reader. slow() is called once if the server takes more than
+    SLOW_CHECK to answer our key confirmation (it checks passphrases one at a time after wrong guesses)."""
+    started = confirmed = time.monotonic()
     try:
         while True:
             event = conn.next_event()
@@ -3321,8 +3323,20 @@ def handshake(sock, conn, deadline):
                 return
             if event is None:
                 until = started + (GREETING_DEADLINE if conn.state is State.GREETING else deadline)
-                sock.settimeout(max(0.01, until - time.monotonic()))
-                conn.receive_data(sock.recv(RECV_SIZE))
+                waiting = slow is not None and getattr(conn, "confirmation_sent", False)
+                if not waiting:
+                    confirmed = time.monotonic()
+                limit = min(until, confirmed + SLOW_CHECK) if waiting else until
+                sock.settimeout(max(0.01, limit - time.monotonic()))
+                try:
+                    data = sock.recv(RECV_SIZE)
+                except socket.timeout:
+                    if not waiting or time.monotonic() >= until:
+                        raise
+                    slow()
+                    slow = None
+                    continue
+                conn.receive_data(data)
     except OSError as e:  # socket.timeout included
         raise _handshake_failed(conn, e, deadline) from None
     finally:
@@ -3376,6 +3390,7 @@ class Dialer:
     def __init__(self, host, port, passphrase, legacy):
         self.host, self.port, self.passphrase, self.legacy = host, port, passphrase, legacy
         self.resumption = None
+        self.slow = None  # called if the server is slow to check our passphrase (see handshake)
 
     def __call__(self, kind=PASSPHRASE):
         sock = connect(self.host, self.port)
@@ -3388,7 +3403,7 @@ class Dialer:
                 conn = ClientConnection(secret, RESUME, resume_id)
             else:
                 conn = ClientConnection(self.passphrase)
-            handshake(sock, conn, CLIENT_HANDSHAKE_DEADLINE)
+            handshake(sock, conn, CLIENT_HANDSHAKE_DEADLINE, self.slow if kind == PASSPHRASE else None)
             if conn.resumption is not None:
                 self.resumption = conn.resumption
             return sock, conn, peer

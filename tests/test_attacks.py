@@ -463,6 +463,9 @@ def test_online_guessing_is_slowed_and_logged(spawn, score):
     for attempt, wait in enumerate(waits):
         floor = 0 if attempt == 0 else 2 ** (attempt - 1)
         assert wait >= floor - 0.2, waits
+    real = spawn("client", port)  # its turn comes seconds later: it is told why it waits
+    real.expect("aeschat-client: the server is checking the passphrase; after wrong guesses it checks one")
+    real.expect("authenticated and encrypted")
     cap = common.GuessLimiter.MAX_GUESS_INTERVAL
     score("Online guessing", "answers to wrong guesses came after " + ", ".join(f"{w:.1f}" for w in waits)
           + f" s: at most 60 a minute after one failure, doubling as they repeat, to {60 / cap:.1f} a minute")
