@@ -1308,20 +1308,21 @@ def fit_status(fields, order, width):
     """The status line for a terminal `width` columns wide. fields are in the order shown, each a list of ever
     shorter forms (the last may be empty: the field goes); `order` names the fields in the order they give way.
     So the line is shortened, never cut."""
-    levels = [0] * len(fields)
+    levels, gone = [0] * len(fields), set()
 
-    def render():
-        return " " + " | ".join(f[level] for f, level in zip(fields, levels) if f[level]) + " "
+    def shown():
+        return [f[level] for i, (f, level) in enumerate(zip(fields, levels)) if f[level] and i not in gone]
 
-    line = render()
+    line = " " + " | ".join(shown()) + " "
     while sum(cells(ch) for ch in line) > width - 1:
-        for i in order:
-            if levels[i] + 1 < len(fields[i]):
-                levels[i] += 1
-                break
+        shorter = next((i for i in order if levels[i] + 1 < len(fields[i])), None)
+        if shorter is not None:
+            levels[shorter] += 1
+        elif len(shown()) > 1:  # not even the shortest forms fit: fields go whole, in the same order
+            gone.add(next(i for i in order if i not in gone and fields[i][levels[i]]))
         else:
-            return line[: max(width - 1, 0)]  # not even the shortest forms fit: a terminal this narrow gets a cut
-        line = render()
+            return line[: max(width - 1, 0)]  # one field alone does not fit: a terminal this narrow gets a cut
+        line = " " + " | ".join(shown()) + " "
     return line
 
 

@@ -850,6 +850,8 @@ def test_the_status_line_is_shortened_not_cut():
         " 127.0.0.1:5555 | aeschat v2, encrypted | 0 undelivered | quit() to leave ")
     narrow = common.fit_status(fields, (3, 0, 1, 2), 50)
     assert len(narrow) <= 49 and "0 undelivered" in narrow and "encrypted" in narrow and "undeli " not in narrow
+    assert common.fit_status(fields, (3, 0, 1, 2), 16) == " 0 undeliv. "  # fields go whole, the last stays whole
+    assert common.fit_status(fields, (3, 0, 1, 2), 8) == " 0 unde"  # one field alone too wide: only then a cut
 
 
 # ---------------------------------------------------------------------------------------------------
