@@ -1989,7 +1989,7 @@ class Session:
                 raise RemoteProtocolError("an unexpected busy record")
             self._drop_link()
             if not self._begun:
-                return self._end(EXIT_NETWORK, REFUSALS[BUSY_REFUSAL])
+                return self._wait_turn()
             self.phase = Phase.AWAY  # lost the race for a held conversation to another client
             self._refused(Refused("busy", REFUSALS[BUSY_REFUSAL]))
         elif isinstance(event, Alert):
@@ -2087,8 +2087,10 @@ class Session:
         self._dialing = False
         if self.phase is not Phase.AWAY:
             return
-        error, kind, self._dial_kind = event.error, self._dial_kind, RESUME
+        error, kind, self._dial_kind = event.error, self._dial_kind, RESUME if self._begun else PASSPHRASE
         self._last_failure = describe(error)
+        if isinstance(error, Refused) and error.reason == "busy" and not self._begun:
+            return self._wait_turn()
         if isinstance(error, Refused):
             return self._refused(error)
         if isinstance(error, RemoteProtocolError) and not isinstance(error, TruncatedFrame):
@@ -2377,6 +2379,18 @@ class Session:
         if type(event) is Message:
             self.conversation.put_on_wire(event.id)
         self._do(Send(self._link.link, event))
+
+    def _wait_turn(self):
+        """Turned away as busy before the chat began: a person is told; a script's client tries again, backing off,
+        within the grace period, with the passphrase it was started with (a sink serves one-shot clients one after
+        another, and several may come at once)."""
+        if self.interactive or not self.role.reconnects or self.grace <= 0:
+            return self._end(EXIT_NETWORK, REFUSALS[BUSY_REFUSAL])
+        if self._away_since is None:
+            self._away_since = self.now
+            self._show([f"{REFUSALS[BUSY_REFUSAL]}; trying again for up to {self.grace:.0f} s"], "notice")
+        self.phase, self._last_failure, self._dial_kind = Phase.AWAY, REFUSALS[BUSY_REFUSAL], PASSPHRASE
+        self._next_dial, self._retry = self.now + self._retry, min(self._retry * 2, LAST_RETRY)
 
     def _refused(self, error):
         """The server will not resume this conversation (unknown), or is busy: only the user may decide to offer

@@ -127,12 +127,30 @@ def test_the_banner_comes_before_any_message_that_arrived_with_the_connection():
 
 
 def test_busy_before_the_resume_ends_the_client_without_announcing_anything():
-    run = Run()
+    run = Run(interactive=True)
     link = run.link()
     run(Attached(link, "192.0.2.7:5555", PASSPHRASE))
     actions = run(Got(link, common.Busy()))
     assert ended(actions) == (EXIT_NETWORK, "the server is busy with another chat")
     assert not any("Connected" in line or "Sent" in line for line in shown(actions))
+
+
+def test_a_script_turned_away_as_busy_waits_its_turn():
+    """A sink serves one-shot clients one after another; those that come together were all turned away but one."""
+    run = Run()
+    run(Typed("build done", TS))
+    link = run.link()
+    run(Attached(link, "192.0.2.7:5555", PASSPHRASE))
+    actions = run(Got(link, common.Busy()))
+    assert ended(actions) is None and shown(actions, "notice") == [
+        "the server is busy with another chat; trying again for up to 300 s"]
+    assert Dial(PASSPHRASE) in run(Tick(), after=common.FIRST_RETRY)
+    assert ended(run(common.DialFailed(common.Refused("busy", "the server is busy with another chat")))) is None
+    assert Dial(PASSPHRASE) in run(Tick(), after=2 * common.FIRST_RETRY)  # backing off
+    link = run.link()
+    run(Attached(link, "192.0.2.7:5555", PASSPHRASE))
+    actions = run(Got(link, Resume(CONV, 0, 0, False)))
+    assert Message(0, "build done", TS) in sends(actions) and "Connected to" in shown(actions, "notice")[0]
 
 
 def test_a_message_before_the_resume_is_a_security_failure_with_an_alert():
