@@ -2008,7 +2008,10 @@ class Session:
     def _drained(self, event):
         if self._link is None or event.link is not self._link.link:
             return
-        if self._ack_due is not None:  # a lone message at once; what arrived together, with one acknowledgement
+        self._acknowledge()  # a lone message at once; what arrived together, with one acknowledgement
+
+    def _acknowledge(self):
+        if self._ack_due is not None:
             self._send(Ack(self._ack_due))
             self._ack_due = None
 
@@ -2500,9 +2503,7 @@ class Session:
     def _goodbye(self):
         """The last word on a link: what we have shown is acknowledged first (its Drained may not have come)."""
         if self._link is not None and self.fmt.signals:
-            if self._ack_due is not None and self.phase is Phase.LIVE:
-                self._send(Ack(self._ack_due))
-                self._ack_due = None
+            self._acknowledge()
             self._send(Goodbye())
 
     def _finish_leaving(self):
@@ -3812,8 +3813,6 @@ WAKE = object()  # what read_line returns when something other than the user nee
 class PlainUI:
     """Pipes and scripts: no escape codes at all. stdout carries the transcript (Received:, Sent:, Queued:);
     everything else goes to stderr, so a script can parse stdout."""
-
-    interactive = False
 
     def __init__(self, prog, read_input=True):
         self.prog = prog
