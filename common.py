@@ -25,6 +25,7 @@ import argparse
 import collections
 import contextlib
 import datetime
+import enum
 import errno
 import hashlib
 import hmac
@@ -1425,20 +1426,6 @@ class Conversation:
         return reply, list(self.unacked.values()), took_over
 
 
-class Role:
-    """What differs between the two ends of a chat."""
-
-    def __init__(self, name, opens_resume, reconnects, away, gave_up):
-        self.name, self.opens_resume, self.reconnects, self.away, self.gave_up = (
-            name, opens_resume, reconnects, away, gave_up)
-
-
-CLIENT = Role("client", opens_resume=True, reconnects=True, away="reconnecting",
-              gave_up="connection lost: could not reconnect within {grace:.0f} s")
-SERVER = Role("server", opens_resume=False, reconnects=False, away="waiting for the client",
-              gave_up="the client did not come back within {grace:.0f} s")
-
-
 class Format:
     """What differs between the two wire formats, as far as the session is concerned."""
 
@@ -1616,11 +1603,811 @@ class End(Action):
     __slots__ = ("code", "text")
 
 
-class Phase:
+class Phase(enum.Enum):
+    """Where a chat stands."""
+
     STARTING = "starting"  # a link is up; the Resume exchange has not finished
     LIVE = "live"
     AWAY = "away"  # no link: the client reconnects, the server holds the conversation
     ENDED = "ended"
+
+
+class IllegalMove(AeschatError):
+    """A machine was given an input its table has no cell for: a bug in aeschat (exit 4), never the peer's doing."""
+
+
+STAY, VIOLATION = ".", "!"
+
+
+class Table:
+    """A transition table written as a grid, read as one: a row per state, a column per input. A cell in capitals
+    names the state to move to (the input's rule then runs: `_on_<input>`, or the table's prefix); one in lower
+    case names a rule that runs with no move (`_<rule>`); `.` means nothing happens; `!` means the peer broke the
+    protocol. Every cell is filled, so every (state, input) pair has an answer written down."""
+
+    def __init__(self, states, grid, prefix="_on_"):
+        self.prefix = prefix
+        rows = [line.split() for line in grid.strip().splitlines()]
+        self.states, self.inputs, self.cells = states, tuple(rows[0]), {}
+        for row in rows[1:]:
+            if len(row) != len(self.inputs) + 1:
+                raise ValueError(f"row {row[0]} has {len(row) - 1} cells for {len(self.inputs)} inputs")
+            for name, cell in zip(self.inputs, row[1:]):
+                self.cells[states[row[0]], name] = states[cell] if cell.isupper() else cell
+        self.rows = tuple(dict.fromkeys(state for state, _ in self.cells))
+
+    def move(self, machine, thing, name, *args):
+        """Apply input `name` to thing (which has a .state) under machine's rules; True if the input did something.
+        A state or input the table does not know is a bug; `!` is the peer's violation."""
+        cell = self.cells.get((thing.state, name))
+        if cell is None:
+            raise IllegalMove(f"internal error: no rule for {name} in state {thing.state}; please report it")
+        if cell == VIOLATION:
+            raise RemoteProtocolError(f"an unexpected {name} (the {machine.NOUN} is {thing.state.value})")
+        if cell == STAY:
+            return False
+        if isinstance(cell, str):
+            getattr(machine, f"_{cell}")(thing, *args)
+            return True
+        old, thing.state = thing.state, cell
+        rule = getattr(machine, f"{self.prefix}{name}", None)
+        if rule is not None:
+            rule(thing, old, *args)
+        return True
+
+
+class Outbox:
+    """The actions of one step, in order, shared by a Session and its machines (none of which holds a reference to
+    the others). send() goes to the current link, and before the Resume exchange on it is over only what may go
+    then: the rest of the conversation waits, and the exchange says it again."""
+
+    # What a link may carry before its Resume exchange is over. Anything else of the conversation waits for it, and
+    # is then said again by the exchange itself: messages sent again, a file offered again (the receiver restates
+    # where it stands: done, refused), what arrived acknowledged by the Resume.
+    BEFORE_RESUME = (Resume, Ping, Pong, Alert, Goodbye, Busy)
+
+    def __init__(self):
+        self.actions = []
+        self.link = None  # the current link's token
+        self.live = False  # the conversation runs on it
+
+    def do(self, action):
+        self.actions.append(action)
+
+    def show(self, lines, kind="chat"):
+        self.do(Show(lines, kind))
+
+    def send(self, event):
+        """Send event on the current link if it may go now; returns whether it went."""
+        if self.link is None or not (self.live or isinstance(event, self.BEFORE_RESUME)):
+            return False
+        self.do(Send(self.link, event))
+        return True
+
+    def take(self):
+        actions, self.actions = self.actions, []
+        return actions
+
+
+# ---------------------------------------------------------------------------------------------------
+# Transfers: every file on its way, each way, with its own state.
+
+
+class Out(enum.Enum):
+    """A file we send."""
+
+    PREPARING = "preparing"  # being opened and hashed (PrepareFile)
+    READY = "ready"  # waiting for room among the MAX_OFFERED on their way
+    OFFERED = "offered"  # the peer has the offer (again, after a reconnection)
+    SENDING = "sending"  # accepted: chunks go, at most WINDOW unacknowledged
+    DONE = "done"  # final: the peer saved it
+    REFUSED = "refused"  # final: the peer declined it, or could not save it
+    CANCELLED = "cancelled"  # final: we stopped it (unreadable, we left, the chat ended or changed hands)
+
+
+class In(enum.Enum):
+    """A file the peer sends."""
+
+    ASKED = "asked"  # offered: the user has not answered yet
+    WAITING = "waiting"  # accepted: waiting for room among the MAX_OPEN_FILES written at once
+    OPENING = "opening"  # its temporary file is being made (OpenFile)
+    RECEIVING = "receiving"
+    VERIFYING = "verifying"  # whole: its SHA-256 is checked and it is put in place (SaveFile)
+    DONE = "done"  # final: saved
+    REFUSED = "refused"  # final: we declined it, could not write it, or stopped it
+    CANCELLED = "cancelled"  # final: the sender stopped it, or the chat ended or changed hands
+
+
+FINAL = {Out.DONE, Out.REFUSED, Out.CANCELLED, In.DONE, In.REFUSED, In.CANCELLED}
+HOLDING = {In.OPENING, In.RECEIVING, In.VERIFYING}  # a temporary file exists (or is being made)
+
+
+class _Transfer:
+    """One file on its way, either way. done is the bytes the receiver has (acknowledged, for a sender); next, for a
+    sender, the offset of the next chunk to send."""
+
+    def __init__(self, file, outgoing, state, name="", size=0, sha256=""):
+        self.file, self.outgoing, self.state, self.name, self.size, self.sha256 = (
+            file, outgoing, state, name, size, sha256)
+        self.done = self.next = 0
+        self.sent = 0  # for a sender, the most ever sent (an offer made again starts from what the receiver has)
+        self.most = 0  # for a sender, the most the receiver ever had: leaving waits only while that grows
+        self.started = self.start_done = None  # when bytes began to flow, and how many there were then
+        self.offered = False  # told the user (once; an offer goes again after every reconnection)
+        self.reason = None  # why it was refused or cancelled
+
+    @property
+    def active(self):
+        return self.state not in FINAL
+
+    def progress(self, now):
+        """Percent, and bytes a second since bytes began to flow (None until they have for a moment)."""
+        percent = 100 * self.done // self.size if self.size else 100
+        if self.started is None or now - self.started < 0.5:
+            return percent, None
+        return percent, (self.done - self.start_done) / (now - self.started)
+
+
+class Transfers:
+    """Files, both ways, as two tables: what each input does to a file in each state. No I/O: the shell opens,
+    hashes, reads, writes and saves when asked (PrepareFile, OpenFile, WriteFile, SaveFile, DiscardFile, ReleaseFile)
+    and says how it went (FileReady, FileOpened, FileSaved, FileFailed). The peer's records come through record(),
+    which checks every field before a table moves."""
+
+    NOUN = "file"
+
+    # Ours. ready: hashed; unreadable: cannot be read; offer: room among MAX_OFFERED; accept, fack, done, refuse: the
+    # peer's records; stop: we leave; again: offered again after a reconnection; abandon: the chat ended or a new
+    # client took it over.
+    OUTGOING = Table(Out, """
+                ready   unreadable  offer    accept   fack     done   refuse   stop       again    abandon
+    PREPARING   READY   CANCELLED   .        !        !        !      !        CANCELLED  .        .
+    READY       .       CANCELLED   OFFERED  !        !        !      !        CANCELLED  .        CANCELLED
+    OFFERED     .       CANCELLED   .        SENDING  .        DONE   REFUSED  CANCELLED  OFFERED  CANCELLED
+    SENDING     .       CANCELLED   .        SENDING  SENDING  DONE   REFUSED  CANCELLED  OFFERED  CANCELLED
+    DONE        .       .           .        .        .        .      .        .          .        .
+    REFUSED     .       .           .        .        .        .      .        .          .        .
+    CANCELLED   .       .           .        .        .        .      .        .          .        .
+    """, prefix="_our_")
+
+    # The peer's. offer: offered again (after a reconnection); accept, decline: the user's answer (or the folder's);
+    # open: room among MAX_OPEN_FILES; opened, saved, failed: the shell's; chunk, cancel: the peer's; whole: the last
+    # byte is written; stop: we leave; abandon: the chat ended or a new client took it over.
+    INCOMING = Table(In, """
+              offer   accept  decline open    opened    chunk     whole     saved failed  cancel    stop    abandon
+    ASKED     .       WAITING REFUSED .       discard   !         .         .     REFUSED CANCELLED REFUSED CANCELLED
+    WAITING   .       .       .       OPENING discard   !         .         .     REFUSED CANCELLED REFUSED CANCELLED
+    OPENING   .       .       .       .       RECEIVING !         .         .     REFUSED CANCELLED REFUSED CANCELLED
+    RECEIVING restate .       .       .       discard   RECEIVING VERIFYING .     REFUSED CANCELLED REFUSED CANCELLED
+    VERIFYING .       .       .       .       discard   !         .         DONE  REFUSED CANCELLED REFUSED CANCELLED
+    DONE      restate .       .       .       discard   !         .         .     .       .         .       .
+    REFUSED   restate .       .       .       discard   .         .         .     .       .         .       .
+    CANCELLED restate .       .       .       discard   .         .         .     .       .         .       .
+    """, prefix="_their_")
+
+    def __init__(self, out, interactive=False, receive_files=False, max_file_size=MAX_FILE_SIZE):
+        self.out, self.interactive = out, interactive
+        self.receive_files, self.max_file_size = receive_files, max_file_size  # accept offers into a folder
+        self.outgoing, self.incoming = {}, {}  # file number -> _Transfer (ours, and the peer's numbering)
+        self._next_file = 0
+        self.progress_at = None  # when a file of ours last got further than it ever had
+        self.now = 0.0
+
+    def _out(self, t, name, *args):
+        return self.OUTGOING.move(self, t, name, *args)
+
+    def _in(self, t, name, *args):
+        return self.INCOMING.move(self, t, name, *args)
+
+    # -- what the session asks
+
+    def send(self, path):
+        """/send or --send: the shell prepares the file, then FileReady (or FileFailed)."""
+        file, self._next_file = self._next_file, self._next_file + 1
+        self.outgoing[file] = _Transfer(file, True, Out.PREPARING, name=path)
+        self.out.do(PrepareFile(file, path))
+
+    def ready(self, event):
+        t = self.outgoing.get(event.file)
+        if t is not None and self._out(t, "ready", event):
+            self.offer_ready()
+
+    def failed(self, event):
+        if event.outgoing:
+            t = self.outgoing.get(event.file)
+            if t is not None and self._out(t, "unreadable", event.detail):
+                self.offer_ready()
+        else:
+            t = self.incoming.get(event.file)
+            if t is not None and self._in(t, "failed", event.reason, event.detail):
+                self._open_waiting()
+
+    def opened(self, event):
+        t = self.incoming.get(event.file)
+        if t is None:
+            return self.out.do(DiscardFile(event.file))
+        self._in(t, "opened")
+
+    def saved(self, event):
+        t = self.incoming.get(event.file)
+        if t is not None and self._in(t, "saved", event.path):
+            self._open_waiting()
+
+    def answer(self, accept):
+        """/accept or /decline: the oldest file the peer offered that is not answered."""
+        asked = [t for t in self.incoming.values() if t.state is In.ASKED]
+        if not asked:
+            return self.out.show([f"/{'accept' if accept else 'decline'}: no file is offered"], "error")
+        t = asked[0]
+        if accept:
+            self._in(t, "accept")
+            return self._open_waiting()
+        self._in(t, "decline", "declined")
+        self.out.show([f"declined file {visible(t.name)}"], "notice")
+
+    def offer_ready(self):
+        """Offer the files ready to go, while fewer than MAX_OFFERED are on their way (and the chat is live)."""
+        if not self.out.live:
+            return
+        room = MAX_OFFERED - sum(t.state in (Out.OFFERED, Out.SENDING) for t in self.outgoing.values())
+        for t in [t for t in self.outgoing.values() if t.state is Out.READY][: max(room, 0)]:
+            self._out(t, "offer")
+
+    def resumed(self, fresh):
+        """The conversation resumed on a new link: offer again what was on its way (the receiver answers with where
+        it stands). fresh is why the numbering starts afresh (a new client, a restarted server), or None."""
+        if fresh:
+            self.abandon(fresh)
+            self.incoming.clear()
+        for t in list(self.outgoing.values()):
+            self._out(t, "again")
+        self.offer_ready()
+
+    def stop_incoming(self):
+        """We are leaving: what the peer sends us is of no use any more."""
+        for t in list(self.incoming.values()):
+            self._in(t, "stop")
+
+    def stop_all(self):
+        """We leave now: our files are cancelled (and listed as not delivered), the peer's refused."""
+        for t in list(self.outgoing.values()):
+            self._out(t, "stop")
+        self.stop_incoming()
+
+    def abandon(self, why):
+        """A new peer, or the end: no transfer goes on; the user is told of each that was on its way."""
+        for t in [*self.outgoing.values(), *self.incoming.values()]:
+            if t.outgoing:
+                self._out(t, "abandon", why)
+            else:
+                self._in(t, "abandon", why)
+
+    # -- what the session needs to know
+
+    @property
+    def unfinished(self):
+        """Files of ours not yet finished: leaving waits for them."""
+        return [t for t in self.outgoing.values() if t.active]
+
+    @property
+    def moving(self):
+        return [t for t in self.outgoing.values() if t.state is Out.SENDING]
+
+    def left_behind(self, code, text):
+        """The last line with our files that did not arrive: unfinished, refused, or stopped because we left (not
+        the unreadable, nor those abandoned on the way: the user was told at the time)."""
+        files = [t for t in self.outgoing.values()
+                 if t.active or t.state is Out.REFUSED or (t.state is Out.CANCELLED and t.reason == "left")]
+        if not files:
+            return code, text
+        more = f" and {len(files) - 5} more" if len(files) > 5 else ""
+        names = ", ".join(visible(t.name) for t in files[:5]) + more
+        return code or EXIT_NETWORK, f"{text}; {len(files)} file{'s' if len(files) > 1 else ''} not delivered: {names}"
+
+    def status(self, now, live):
+        """The status line's field for the first file moving, in ever shorter forms."""
+        moving = [t for t in (*self.outgoing.values(), *self.incoming.values())
+                  if t.state in (Out.SENDING, In.RECEIVING)]
+        if not moving:
+            return [""]
+        t = moving[0]
+        percent, rate = t.progress(now)
+        verb = "sending" if t.outgoing else "receiving"
+        more = f" (+{len(moving) - 1})" if len(moving) > 1 else ""
+        if not live:
+            return [f"{verb} {visible(t.name)} {percent}%, paused{more}", f"{verb} {percent}%, paused{more}",
+                    f"{percent}%"]
+        long = f"{verb} {visible(t.name)} {percent}%{more}"
+        if rate:
+            long = f"{verb} {visible(t.name)} {percent}%, {size_text(int(rate))}/s, {(t.size - t.done) / rate:.0f} " \
+                   f"s left{more}"
+        return [long, f"{verb} {percent}%{more}", f"{percent}%"]
+
+    # -- the peer's records: every field checked before a table moves
+
+    def record(self, event, now):
+        self.now = now
+        self._RECORDS[type(event)](self, event)
+
+    def _got_offer(self, offer):
+        t = self.incoming.get(offer.file)
+        if t is not None:  # offered again after a reconnection: say where we stand
+            return self._in(t, "offer")
+        if sum(t.active for t in self.incoming.values()) >= MAX_OFFERED:
+            raise RemoteProtocolError(f"more than {MAX_OFFERED} files offered at once")
+        finished = [file for file, t in self.incoming.items() if not t.active]
+        for file in finished[: max(0, len(finished) - KEPT_FINISHED + 1)]:
+            del self.incoming[file]
+        t = self.incoming[offer.file] = _Transfer(offer.file, False, In.ASKED, safe_name(offer.name), offer.size,
+                                                  offer.sha256)
+        shown = f"file {visible(t.name)} ({size_text(t.size)})"
+        if offer.size > self.max_file_size:
+            self._in(t, "decline", "too large")
+            self.out.show([f"refused {shown}: it is over --max-file-size ({size_text(self.max_file_size)})"], "notice")
+        elif self.receive_files:
+            self._in(t, "accept")
+            self._open_waiting()
+        elif self.interactive:
+            self.out.show([f"the peer offers {shown}: /accept to save it, /decline not to"], "notice")
+        else:
+            self._in(t, "decline", "declined")
+            self.out.show([f"declined {shown}: there is no --receive-dir to save it in"], "notice")
+
+    def _got_chunk(self, chunk):
+        t = self.incoming.get(chunk.file)
+        if t is None:
+            raise RemoteProtocolError("a file chunk out of place")
+        self._in(t, "chunk", chunk)
+
+    def _got_accept(self, accept):
+        t = self.outgoing.get(accept.file)
+        if t is None or accept.offset > t.size:
+            raise RemoteProtocolError("an acceptance of a file never offered, or past its end")
+        self._out(t, "accept", accept.offset)
+
+    def _got_fack(self, ack):
+        t = self.outgoing.get(ack.file)
+        if t is None or ack.offset > t.next:
+            raise RemoteProtocolError("an acknowledgement of file bytes never sent")
+        self._out(t, "fack", ack.offset)
+
+    def _got_done(self, done):
+        t = self.outgoing.get(done.file)
+        if t is None or t.sent < t.size:
+            raise RemoteProtocolError("a file reported whole before it was sent")
+        if self._out(t, "done"):
+            self.offer_ready()
+
+    def _got_refuse(self, refuse):
+        t = self.outgoing.get(refuse.file)
+        if t is None:
+            raise RemoteProtocolError("a refusal of a file never offered")
+        if self._out(t, "refuse", refuse.reason):
+            self.offer_ready()
+
+    def _got_cancel(self, cancel):
+        t = self.incoming.get(cancel.file)
+        if t is None:
+            raise RemoteProtocolError("a cancellation of a file never offered")
+        if self._in(t, "cancel", cancel.reason):
+            self._open_waiting()
+
+    _RECORDS = {Offer: _got_offer, Chunk: _got_chunk, Accept: _got_accept, FileAck: _got_fack, Done: _got_done,
+                Refuse: _got_refuse, Cancel: _got_cancel}
+
+    # -- the rules of our files: _on_<input>(t, the state it was in, ...)
+
+    def _our_ready(self, t, old, event):
+        t.name, t.size, t.sha256 = event.name, event.size, event.sha256
+        self.progress_at = self.now
+
+    def _our_unreadable(self, t, old, detail):
+        t.reason = "unreadable"
+        if old is Out.PREPARING:
+            return self.out.show([f"cannot send {visible(t.name)}: {detail}"], "error")
+        self._release(t, old, "unreadable")
+        self.out.show([f"stopped sending file {visible(t.name)}: {detail}"], "error")
+
+    def _our_offer(self, t, old):
+        self.out.send(Offer(t.file, t.name, t.size, t.sha256))
+        if not t.offered:
+            t.offered = True
+            self.out.show([f"offering file {visible(t.name)} ({size_text(t.size)})"], "notice")
+
+    def _our_accept(self, t, old, offset):
+        if t.started is None:
+            t.started, t.start_done = self.now, offset
+        t.done = t.next = offset
+        self._moved(t)
+        self._pump()
+
+    def _our_fack(self, t, old, offset):
+        if offset > t.done:
+            t.done = offset
+            self._moved(t)
+            self._pump()
+
+    def _our_done(self, t, old):
+        t.done = t.size
+        self.out.do(ReleaseFile(t.file))
+        self.out.show([f"delivered file {visible(t.name)}"])
+
+    def _our_refuse(self, t, old, reason):
+        t.reason = reason
+        self.out.do(ReleaseFile(t.file))
+        self.out.show([f"file {visible(t.name)} not delivered: the peer {REFUSALS_OF_FILES[reason]}"],
+                      "error" if reason == "failed verification" else "notice")
+
+    def _our_stop(self, t, old):
+        t.reason = "left"
+        self._release(t, old, "left")
+
+    def _our_again(self, t, old):
+        t.next = t.done
+        self._our_offer(t, old)
+
+    def _our_abandon(self, t, old, why):
+        t.reason = "abandoned"
+        self.out.do(ReleaseFile(t.file))
+        self.out.show([f"transfer of file {visible(t.name)} abandoned: {why}"], "notice")
+
+    def _release(self, t, old, reason):
+        """Close our file; tell the peer, if it had the offer."""
+        if old is not Out.PREPARING:
+            self.out.do(ReleaseFile(t.file))
+        if old in (Out.OFFERED, Out.SENDING):
+            self.out.send(Cancel(t.file, reason))
+
+    def _moved(self, t):
+        if t.done > t.most:  # a receiver that starts over again and again is not progress
+            t.most, self.progress_at = t.done, self.now
+
+    def _pump(self):
+        """Send chunks of the files being sent, round the files, while each has less than WINDOW in flight."""
+        if not self.out.live:
+            return
+        for t in self.moving:
+            while t.next < t.size and t.next - t.done < WINDOW:
+                length = min(CHUNK_SIZE, t.size - t.next)
+                self.out.send(ChunkOf(t.file, t.next, length))
+                t.next += length
+                t.sent = max(t.sent, t.next)
+
+    # -- the rules of the peer's files
+
+    def _their_decline(self, t, old, reason):
+        t.reason = reason
+        self.out.send(Refuse(t.file, reason))
+
+    def _their_open(self, t, old):
+        self.out.do(OpenFile(t.file, t.name, t.size))
+
+    def _their_opened(self, t, old):
+        t.started, t.start_done = self.now, 0
+        self.out.show([f"receiving file {visible(t.name)} ({size_text(t.size)})"], "notice")
+        self.out.send(Accept(t.file, 0))
+        if t.size == 0:
+            self._in(t, "whole")
+
+    def _their_chunk(self, t, old, chunk):
+        if chunk.offset != t.done or t.done + len(chunk.data) > t.size:
+            raise RemoteProtocolError("a file chunk out of place")
+        self.out.do(WriteFile(t.file, chunk.data))
+        t.done += len(chunk.data)
+        self.out.send(FileAck(t.file, t.done))  # at once, not when drained: the sender's next chunk overlaps ours
+        if t.done == t.size:
+            self._in(t, "whole")
+
+    def _their_whole(self, t, old):
+        self.out.do(SaveFile(t.file, t.sha256, t.name))
+
+    def _their_saved(self, t, old, path):
+        self.out.send(Done(t.file))
+        self.out.show([f"received file {visible(t.name)} ({t.size:,} bytes, sha256 {t.sha256[:12]}…) → "
+                       f"{visible(path)}"])
+
+    def _their_failed(self, t, old, reason, detail):
+        self._refuse(t, old, reason)
+        self.out.show([f"file {visible(t.name)} not saved: {detail}"], "error")
+
+    def _their_cancel(self, t, old, reason):
+        self._discard(t, old)
+        self.out.show([f"transfer of file {visible(t.name)} abandoned: the peer {CANCELS_OF_FILES[reason]}"],
+                      "notice")
+
+    def _their_stop(self, t, old):
+        self._refuse(t, old, "cancelled")
+
+    def _their_abandon(self, t, old, why):
+        self._discard(t, old)
+        self.out.show([f"transfer of file {visible(t.name)} abandoned: {why}"], "notice")
+
+    def _refuse(self, t, old, reason):
+        self._discard(t, old)
+        t.reason = reason
+        self.out.send(Refuse(t.file, reason))
+
+    def _discard(self, t, old=None):
+        """Remove the temporary file, if there is one (or a late one, opened after the file was given up)."""
+        if old is None or old in HOLDING:
+            self.out.do(DiscardFile(t.file))
+
+    def _restate(self, t):
+        """Offered again: say where we stand."""
+        if t.state is In.RECEIVING:
+            self.out.send(Accept(t.file, t.done))
+        elif t.state is In.DONE:
+            self.out.send(Done(t.file))
+        else:
+            self.out.send(Refuse(t.file, t.reason or "cancelled"))
+
+    def _open_waiting(self):
+        """Open the files accepted and waiting, while fewer than MAX_OPEN_FILES are being written."""
+        busy = sum(t.state in HOLDING for t in self.incoming.values())
+        for t in [t for t in self.incoming.values() if t.state is In.WAITING][: max(MAX_OPEN_FILES - busy, 0)]:
+            self._in(t, "open")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Redial: the client reconnecting (the server holding the conversation) while no link is up.
+
+
+class Away(enum.Enum):
+    UP = "up"  # a link is attached (the first is dialled by the program, before the session exists)
+    HOLDING = "holding"  # (server) no link: the conversation is kept for its client
+    BACKING_OFF = "backing off"  # (client) the next attempt is due at next_at
+    DIALING = "dialing"  # (client) an attempt is on its way
+    ASKING = "asking"  # (client, on a terminal) only the user may offer the passphrase: /reconnect
+
+
+class Redial:
+    """One outage, from the loss of a link to the conversation resuming on another, whatever fails in between: its
+    deadline (the grace period), its one back-off rule, and which secret the next attempt proves. The passphrase
+    goes only when the user asks (/reconnect), or for a script's client that was never let in (it waits its turn
+    with the passphrase it was started with); after any authenticated link, the next attempt proves the resumption
+    secret that link's handshake gave."""
+
+    NOUN = "reconnection"
+
+    # lost: the conversation's link went (an outage begins); cut: a link went before the conversation resumed on it
+    # (the same outage goes on); due: the time for the next attempt came; retry: an attempt failed, or the server
+    # was busy: try again later; ask: only the user may decide (the server does not know the conversation, or the
+    # user's own attempt failed); reconnect: the user typed /reconnect; attached: a link is up.
+    CLIENT = Table(Away, """
+                  lost     cut          due      retry        ask      reconnect  attached
+    UP            DIALING  BACKING_OFF  .        BACKING_OFF  ASKING   .          UP
+    BACKING_OFF   .        .            DIALING  .            ASKING   .          UP
+    DIALING       .        .            .        BACKING_OFF  ASKING   .          UP
+    ASKING        .        .            .        .            .        DIALING    UP
+    """)
+    SERVER = Table(Away, """
+                  lost     cut      due  retry  ask  reconnect  attached
+    UP            HOLDING  HOLDING  .    .      .    .          UP
+    HOLDING       .        .        .    .      .    .          UP
+    """)
+
+    def __init__(self, out, table, grace, dials):
+        self.out, self.table, self.grace, self.dials = out, table, grace, dials
+        self.state = Away.UP
+        self.since = None  # when the outage began (None: there is none)
+        self.next_at = None  # when the next attempt is due
+        self.retry = FIRST_RETRY  # the back-off: doubled after each failure, to LAST_RETRY
+        self.kind = RESUME  # what the next attempt proves: the resumption secret, or the passphrase
+        self.failures = 0  # attempts in a row that failed to authenticate
+        self.last = None  # why the last attempt failed
+        self.now = 0.0
+
+    def move(self, name, *args):
+        return self.table.move(self, self, name, *args)
+
+    @property
+    def away(self):
+        return self.state is not Away.UP
+
+    def expired(self, now):
+        return self.away and now >= self.since + self.grace
+
+    def due(self, now):
+        return self.state is Away.BACKING_OFF and now >= self.next_at
+
+    def next_wakeup(self):
+        if not self.away:
+            return []
+        return [self.since + self.grace] + ([self.next_at] if self.state is Away.BACKING_OFF else [])
+
+    def resumed(self):
+        """The conversation runs again: the outage is over."""
+        self.since, self.failures, self.retry = None, 0, FIRST_RETRY
+
+    # Each of the next three returns how the chat ends, (exit code, line, whether to list what was not delivered),
+    # or None while it goes on.
+
+    def failed(self, error, begun, interactive):
+        """An attempt failed: back off and try again, ask the user, or give up."""
+        kind, self.kind, self.last = self.kind, RESUME if begun else PASSPHRASE, describe(error)
+        if isinstance(error, Refused) and error.reason == "busy" and not begun:
+            return self.wait_turn(interactive)
+        if isinstance(error, Refused):
+            return self.refused(error, interactive)
+        if isinstance(error, RemoteProtocolError) and not isinstance(error, TruncatedFrame):
+            why = str(error) if "interfer" in str(error) else f"{error}; someone may be interfering"
+            self.failures += 1
+            if self.failures >= AUTH_FAILURES:
+                return (EXIT_SECURITY, f"stopped reconnecting: {self.failures} reconnections in a row failed to "
+                        f"authenticate (the last: {why})", True)
+            self.out.show([f"a reconnection failed to authenticate: {why}"], "warning")
+        elif not isinstance(error, (NetworkError, OSError, TruncatedFrame)):
+            return EXIT_INTERNAL, describe(error), False
+        if kind == PASSPHRASE and interactive:  # one passphrase handshake per deliberate request
+            self.move("ask")
+            self.out.show([f"the reconnection failed: {describe(error)}. /reconnect tries again."], "notice")
+            return None
+        self.move("retry")
+        return None
+
+    def wait_turn(self, interactive):
+        """Turned away as busy before the chat began: a person is told; a script's client tries again, backing off,
+        within the grace period, with the passphrase it was started with (a sink serves one-shot clients one after
+        another, and several may come at once)."""
+        if interactive or not self.dials or self.grace <= 0:
+            return EXIT_NETWORK, REFUSALS[BUSY_REFUSAL], False
+        if self.since is None:
+            self.out.show([f"{REFUSALS[BUSY_REFUSAL]}; trying again for up to {self.grace:.0f} s"], "notice")
+        self.last = REFUSALS[BUSY_REFUSAL]
+        self.move("retry", PASSPHRASE)
+        return None
+
+    def refused(self, error, interactive):
+        """The server will not resume this conversation (unknown), or is busy: only the user may decide to offer
+        the passphrase again; a pipe has no one to ask."""
+        if not interactive:
+            return (EXIT_NETWORK, f"{error}; not offering the passphrase again without you (start the client again "
+                    "to begin afresh)", True)
+        self.move("ask")
+        self.out.show([f"{error}."], "notice")
+        self.out.show(["Type /reconnect to connect again with the passphrase, or quit() to leave."], "notice")
+        return None
+
+    # -- rules: _on_<input>(self, the state it was in, ...)
+
+    def _on_lost(self, _, old):
+        self.since, self.next_at, self.retry, self.kind = self.now, self.now, FIRST_RETRY, RESUME
+        if self.state is Away.DIALING:
+            self.out.do(Dial(RESUME))
+
+    def _on_cut(self, _, old, reason):
+        self.last = reason
+        self._back_off()
+
+    def _on_due(self, _, old):
+        self.out.do(Dial(self.kind))
+
+    def _on_retry(self, _, old, kind=None):
+        if self.since is None:
+            self.since = self.now
+        self.kind = kind or self.kind
+        self._back_off()
+
+    def _on_reconnect(self, _, old):
+        self.kind = PASSPHRASE
+        self.out.do(Dial(PASSPHRASE))
+
+    def _on_attached(self, _, old, begun):
+        # The link authenticated. If it is cut before the conversation resumes, the next attempt proves the secret
+        # its handshake gave (the server holds our conversation, or says it does not and the user is asked); a
+        # passphrase attempt never repeats itself. A client that was never let in has no conversation to resume.
+        self.kind = RESUME if begun else PASSPHRASE
+
+    def _back_off(self):
+        self.next_at, self.retry = self.now + self.retry, min(self.retry * 2, LAST_RETRY)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Leaving: the user asked to go; what is still on its way gets a bounded wait.
+
+
+class Going(enum.Enum):
+    STAYING = "staying"
+    WAITING = "waiting"  # for what is still on its way, until the deadline
+    TOLD = "told"  # and the user has been told what it waits for
+    GONE = "gone"  # the session says goodbye and ends
+
+
+class Waits(collections.namedtuple("Waits", "messages paced pace moving files progress")):
+    """What leaving waits for, at a moment: messages not acknowledged, legacy messages not yet sent (and their pace),
+    the names of our files on their way, whether any of ours is unfinished, and when one last got further."""
+
+    __slots__ = ()
+
+    def __bool__(self):
+        return bool(self.messages or self.paced or self.files)
+
+
+class Leaving:
+    """Leaving waits up to FLUSH_TIMEOUT for messages and offers, and for a file on its way as long as it gets
+    further within FILE_STALL; it says what it waits for once that takes more than LEAVING_NOTICE."""
+
+    NOUN = "leaving"
+
+    # leave: quit(), Ctrl-D or end of input; notice: LEAVING_NOTICE passed; idle: nothing is waited for any more;
+    # due: the deadline passed.
+    TABLE = Table(Going, """
+                leave    notice  idle  due
+    STAYING     WAITING  .       .     .
+    WAITING     .        TOLD    GONE  GONE
+    TOLD        .        .       GONE  GONE
+    GONE        .        .       .     .
+    """)
+
+    def __init__(self, out):
+        self.out = out
+        self.state = Going.STAYING
+        self.by = self.notice_at = None
+
+    def move(self, name, *args):
+        return self.TABLE.move(self, self, name, *args)
+
+    @property
+    def waiting(self):
+        return self.state in (Going.WAITING, Going.TOLD)
+
+    def deadline(self, waits):
+        """Messages and offers get FLUSH_TIMEOUT; a file on its way, as long as it keeps moving."""
+        return max(self.by, waits.progress + FILE_STALL) if waits.moving else self.by
+
+    def idle(self, waits):
+        """Whether it is time to go because nothing is waited for any more (asked after every input)."""
+        return self.waiting and not waits and self.move("idle")
+
+    def tick(self, now, waits):
+        """Whether it is time to go because the deadline passed; else the notice, when it is due."""
+        if not self.waiting:
+            return False
+        if now >= self.deadline(waits):
+            return self.move("due")
+        if now >= self.notice_at:
+            self.move("notice", now, waits)
+        return False
+
+    def next_wakeup(self, waits):
+        if not self.waiting:
+            return []
+        return [self.deadline(waits)] + ([self.notice_at] if self.state is Going.WAITING else [])
+
+    def _on_leave(self, _, old, now, wait):
+        self.by, self.notice_at = now + wait, now + LEAVING_NOTICE
+
+    def _on_notice(self, _, old, now, waits):
+        self.out.show([f"leaving: {self.words(now, waits)}; Ctrl-C leaves now"], "notice")
+
+    def words(self, now, waits):
+        parts = []
+        if waits.messages:
+            n = waits.messages
+            parts.append(f"up to {self.by - now:.0f} s for the peer to acknowledge {n} message{'s' if n != 1 else ''}")
+        elif waits.paced:
+            n = waits.paced
+            parts.append(f"for {n} message{'s' if n != 1 else ''} to go, one every {waits.pace} s")
+        if waits.moving:
+            parts.append(f"for file {', '.join(waits.moving)} to arrive, while it moves")
+        elif waits.files:
+            parts.append(f"up to {self.by - now:.0f} s for the peer to take the files offered")
+        return "waiting " + " and ".join(parts) if parts else "waiting"
+
+
+class Role:
+    """What differs between the two ends of a chat."""
+
+    def __init__(self, name, opens_resume, reconnects, away, gave_up, redial):
+        self.name, self.opens_resume, self.reconnects, self.away, self.gave_up = (
+            name, opens_resume, reconnects, away, gave_up)
+        self.redial = redial  # Redial's table: the client dials, the server holds
+
+
+CLIENT = Role("client", opens_resume=True, reconnects=True, away="reconnecting",
+              gave_up="connection lost: could not reconnect within {grace:.0f} s", redial=Redial.CLIENT)
+SERVER = Role("server", opens_resume=False, reconnects=False, away="waiting for the client",
+              gave_up="the client did not come back within {grace:.0f} s", redial=Redial.SERVER)
 
 
 class _LinkState:
@@ -1634,31 +2421,13 @@ class _LinkState:
     def next_ping(self, keepalive):
         return max(self.heard, self.pinged) + keepalive
 
-
-class _Transfer:
-    """One file on its way, either way. done is the bytes the receiver has (acknowledged, for a sender); next, for
-    a sender, the offset of the next chunk to send."""
-
-    def __init__(self, file, outgoing, name="", size=0, sha256="", state="preparing"):
-        self.file, self.outgoing, self.name, self.size, self.sha256, self.state = (
-            file, outgoing, name, size, sha256, state)
-        self.done = self.next = 0
-        self.sent = 0  # for a sender, the most ever sent (an offer made again starts from what the receiver has)
-        self.most = 0  # for a sender, the most the receiver ever had: leaving waits only while that grows
-        self.started = self.start_done = None  # when bytes began to flow, and how many there were then
-        self.offered = False  # told the user (once; an offer goes again after every reconnection)
-        self.reason = None
-
-    @property
-    def active(self):
-        return self.state not in ("done", "refused", "cancelled")
-
-    def progress(self, now):
-        """Percent, and bytes a second since bytes began to flow (None until they have for a moment)."""
-        percent = 100 * self.done // self.size if self.size else 100
-        if self.started is None or now - self.started < 0.5:
-            return percent, None
-        return percent, (self.done - self.start_done) / (now - self.started)
+    def pinged_by_peer(self, now):
+        """A ping from the peer: one every keepalive is the rule, more than MAX_PINGS in a second an attack."""
+        if now - self.ping_second >= 1:
+            self.pings, self.ping_second = 0, now
+        self.pings += 1
+        if self.pings > MAX_PINGS:
+            raise RemoteProtocolError(f"more than {MAX_PINGS} pings in a second")
 
 
 def size_text(size):
@@ -1709,88 +2478,197 @@ HELP = ["/help          this list; /quit (or quit(), or Ctrl-D) leaves",
         "Alt-Enter (or Esc, then Enter) starts a new line in a message."]
 
 
+def resumed_notice(role, first, again, took_over, peer):
+    """What a Resume exchange tells the user, if anything: again is how many messages went again."""
+    if first:
+        return f"sent {again} message{'s' if again > 1 else ''} typed before the chat began" if again else None
+    if took_over:
+        resent = (f"; it is sent the {again} message{'s' if again != 1 else ''} the last one had not "
+                  "acknowledged") if again else ""
+        return f"a new client ({peer}) took the conversation over{resent}"
+    who = "reconnected to" if role.opens_resume else "the client reconnected from"
+    return f"{who} {peer}" + (f" ({again} sent again)" if again else "")
+
+
 def is_quit(line, interactive):
     """quit(), as the original scripts had it; /quit too, for a person."""
     return line.strip() == "quit()" or (interactive and line.strip() == "/quit")
 
 
-class Session:
-    """Every rule of one chat, without I/O: step(input, now) returns the actions to carry out, in order.
+class Messages:
+    """The messages of a chat, both ways, without I/O: numbered, shown once each and acknowledged cumulatively (v2,
+    through the Conversation), or paced one at a time for an original (legacy); what was typed and could not be
+    sent; and what was not delivered when the chat ends. It sends through the Outbox, which holds them back until
+    the conversation is live on a link."""
 
-    The rules, state by input (roles and formats differ by the attributes of CLIENT/SERVER and V2/LEGACY):
-
-    | state    | input                    | rule                                                                    |
-    |----------|--------------------------|-------------------------------------------------------------------------|
-    | any      | Attached                 | the new link replaces the old (closed); v2: STARTING, the client sends   |
-    |          |                          | its Resume; legacy: LIVE at once                                         |
-    | STARTING | Got Resume               | reply (server), send again what the peer lacks, LIVE; the banner, or     |
-    |          |                          | "reconnected", or "a new client took the conversation over"              |
-    | STARTING | Got Busy                 | end 1: the server is busy (nothing was announced or shown as sent)       |
-    | LIVE     | Typed                    | v2: send, show "Sent:"; legacy: warn first, then send paced, "Sent:"     |
-    | STARTING | Typed                    | queue it (shown "Queued:"); it goes when LIVE                            |
-    | AWAY     | Typed                    |                                                                          |
-    | LIVE     | Got Message              | show each id once, in order; acknowledge when Drained (cumulatively)     |
-    | any      | Got Ack                  | forget what it covers; when leaving and nothing is left, leave           |
-    | any      | Got Goodbye, then closed | end 0: the peer left                                                     |
-    | any      | closed without goodbye,  | v2 with a grace period: AWAY (the client dials, backing off; the server  |
-    |          | Failed (network), silent | holds); else end 1: connection lost                                      |
-    | any      | Failed (bad record)      | send an Alert (v2), close, end 3: security failure                       |
-    | any      | Got Alert                | end 3: the peer found one of our records bad                             |
-    | AWAY     | DialFailed               | network: back off and dial again; unknown/busy: ask the user (/reconnect)|
-    |          |                          | or end 1 in a pipe; authentication: warn; twice in a row: end 3          |
-    | AWAY     | Tick past the grace      | end 1                                                                    |
-    | any      | Tick                     | v2: ping a peer silent for `keepalive`; lost after three of them         |
-    | any      | Got Ping                 | answer Pong at once                                                      |
-    | LIVE     | /send, then FileReady    | offer the file; on Accept, chunks with at most WINDOW in flight, more as |
-    |          |                          | FileAcks come; on Done: "delivered"; on Refuse: "not delivered"          |
-    | LIVE     | Got Offer                | over --max-file-size: refuse; with a folder: open it, Accept; on a       |
-    |          |                          | terminal: ask (/accept, /decline); in a pipe: decline                    |
-    | LIVE     | Got Chunk                | in place: write it, FileAck it; the last: check, save, Done (or refuse); |
-    |          |                          | out of place: security failure                                           |
-    | STARTING | Got Resume (again)       | offer again what was on its way: the receiver answers where it stands;   |
-    |          |                          | a new client (or a restarted server): the files on their way abandoned   |
-    | any      | Leave                    | wait (bounded) for acknowledgements, paced sends and files that still    |
-    |          |                          | move; goodbye; end 0, or 1 listing what was not delivered                |
-    | any      | Interrupt                | cancel files, goodbye now; end with its code                             |
-    | ENDED    | anything                 | a link that arrives late is closed; nothing else                         |
-    """
-
-    def __init__(self, role, fmt, conversation, now, keepalive=KEEPALIVE, grace=RECONNECT_FOR,
-                 interactive=False, queued=(), receive_files=False, max_file_size=MAX_FILE_SIZE, send=()):
-        self.role, self.fmt, self.conversation = role, fmt, conversation
-        self.keepalive, self.dead_after = keepalive, keepalive * DEAD_AFTER
-        self.grace = grace if fmt.resumes else 0.0
-        self.interactive = interactive
-        self.phase = Phase.STARTING
-        self.now = now
-        self._link = None  # _LinkState of the current link
-        self._begun = False  # the chat has been LIVE once
-        self._away_since = self._next_dial = None
-        self._retry = FIRST_RETRY
-        self._dialing = self._asking = False
-        self._dial_kind = RESUME
-        self._auth_failures = 0
-        self._last_failure = None  # why the last reconnection attempt failed
+    def __init__(self, out, fmt, conversation, now, queued=()):
+        self.out, self.fmt, self.conversation = out, fmt, conversation
         self._ack_due = None  # the highest message id shown and not yet acknowledged
-        self._leave_by = None  # when leaving: the deadline
-        self._leave_notice = None  # when leaving: when to say what it waits for, if it still does
         self._paced = collections.deque()  # legacy messages waiting for their turn on the wire
         self._next_paced = now
         self.sent = 0  # messages handed to the connection (legacy's only count)
-        self._refused_lines = 0  # lines typed that could not be sent at all (too long, too many waiting)
-        self.receive_files, self.max_file_size = receive_files, max_file_size  # accept offers into a folder
-        self._outgoing, self._incoming = {}, {}  # file number -> _Transfer (ours, and the peer's numbering)
-        self._next_file = 0
-        self._progress = now  # when a file last moved (leaving waits for files while they move)
-        self._to_send = list(send)  # offered as soon as the chat begins
-        self._actions = []
+        self.refused = 0  # lines typed that could not be sent at all (too long, too many waiting)
         for text, timestamp in queued:  # typed before the chat existed: they go first
             if fmt.acknowledges:
                 self.conversation.new_message(text, timestamp)
             else:
                 self._paced.append(Message(len(self._paced), text, timestamp))
 
+    def typed(self, text, timestamp, now):
+        if not self.fmt.acknowledges:
+            return self._typed_legacy(text, timestamp, now)
+        if len(self.conversation.unacked) >= MAX_QUEUED:
+            return self._not_sent(f"{MAX_QUEUED} messages are waiting for the peer already")
+        try:
+            message = self.conversation.new_message(text, timestamp)
+        except LocalProtocolError as e:
+            return self._not_sent(e)
+        if self.out.live:
+            self.send(message)
+            self.out.show(sent_lines(text, timestamp))
+        else:
+            self.out.show(sent_lines(text, timestamp, "Queued") + ["(to be sent when the connection is back)"])
+
+    def _not_sent(self, why):
+        self.refused += 1
+        self.out.show([f"not sent: {why}"], "error")
+
+    def _typed_legacy(self, text, timestamp, now):
+        try:
+            check_message_text(text)
+        except LocalProtocolError as e:
+            return self._not_sent(e)
+        warnings = legacy_warnings(text)
+        if warnings:  # before it goes, as promised
+            self.out.show(["an original receiver will mangle this message: " + "; ".join(warnings)], "warning")
+        self._paced.append(Message(self.sent + len(self._paced), text, timestamp))
+        self.release(now)
+
+    def send(self, message):
+        if self.out.send(message):
+            self.conversation.put_on_wire(message.id)
+
+    def got(self, message):
+        if not self.fmt.acknowledges:
+            return self.out.show(verify_and_display(message))
+        if self.conversation.accept(message):  # each id shown once, in order
+            self.out.show(verify_and_display(message))
+        self._ack_due = self.conversation.expected_id - 1  # cumulative: everything shown so far
+
+    def acknowledge(self):
+        if self._ack_due is not None:
+            self.out.send(Ack(self._ack_due))
+            self._ack_due = None
+
+    def link_dropped(self):
+        self._ack_due = None  # the next link's Resume exchange says what arrived
+
+    def release(self, now):
+        """Legacy pacing: one message at a time, LEGACY_PACE apart, each in its own write."""
+        if self._paced and self.out.live and now >= self._next_paced:
+            message = self._paced.popleft()
+            self.send(message)
+            self.sent += 1
+            self.out.show(sent_lines(message.text, message.timestamp))
+            self._next_paced = now + self.fmt.pace
+
+    def next_wakeup(self):
+        return [self._next_paced] if self._paced and self.out.live else []
+
+    def waiting(self):
+        """(messages not acknowledged, legacy messages not yet sent): what leaving waits for."""
+        return len(self.conversation.unacked) if self.fmt.acknowledges else 0, len(self._paced)
+
+    def undelivered(self):
+        if not self.fmt.acknowledges:
+            return list(self._paced)
+        return list(self.conversation.unacked.values())
+
+    def ended(self):
+        self._paced.clear()
+
+    def left_behind(self, code, text, undelivered):
+        """The last line with the messages left behind; any makes a normal end a failure (1)."""
+        if undelivered:
+            sent_below = self.conversation.sent if self.fmt.acknowledges else -1  # legacy: only the paced are left
+            text, code = f"{text}; {undelivered_text(list(undelivered), sent_below)}", code or EXIT_NETWORK
+        if self.refused:
+            n = self.refused
+            text, code = f"{text}; {n} line{'s' if n > 1 else ''} typed could not be sent", code or EXIT_NETWORK
+        return code, text
+
+    def status(self):
+        if self.fmt.acknowledges:
+            n = len(self.conversation.unacked)
+            return [f"{n} undelivered", f"{n} pending"]
+        return [f"{self.sent} sent, delivery unknown", f"{self.sent} sent, unconfirmed", f"{self.sent} sent"]
+
+
+class Session:
+    """Every rule of one chat, without I/O: step(input, now) returns the actions to carry out, in order.
+
+    It coordinates small machines, each with a table of states, that share its Outbox (so actions keep their order)
+    and hold no reference to it or to one another: Transfers (files, both ways), Redial (an outage: the client
+    reconnecting, the server holding the conversation) and Leaving (the bounded wait when the user leaves). The
+    Session keeps the phase (Phase), the link, the messages (Conversation) and legacy pacing. Client and server, v2
+    and legacy, differ by the attributes of CLIENT/SERVER and V2/LEGACY.
+
+    What may arrive on a link, by phase (RECORDS; a test holds this table to it). In any other phase a record is
+    the peer's violation: an alert (v2), and the chat ends as a security failure (exit 3).
+
+    | record           | phases          | rule                                                                   |
+    |------------------|-----------------|------------------------------------------------------------------------|
+    | Resume           | STARTING        | reply (server), send again what the peer lacks, LIVE; the banner, or   |
+    |                  |                 | "reconnected", or "a new client took the conversation over"            |
+    | Busy             | STARTING        | (client) never let in: a script waits its turn, a person is told; let  |
+    |                  |                 | in before: another client won the conversation, the user is asked      |
+    | Message          | LIVE            | show each id once, in order; acknowledge when Drained (cumulatively)   |
+    | Ack              | LIVE            | forget the messages it covers                                          |
+    | Offer, Accept,   | LIVE            | Transfers (v2 only)                                                    |
+    | FileAck, Chunk,  |                 |                                                                        |
+    | Done, Refuse,    |                 |                                                                        |
+    | Cancel           |                 |                                                                        |
+    | Ping             | STARTING, LIVE  | answer Pong at once; more than MAX_PINGS in a second is a violation    |
+    | Pong             | STARTING, LIVE  | nothing more: anything heard is a sign of life                         |
+    | Goodbye          | STARTING, LIVE  | the close that follows is the peer leaving                             |
+    | Alert            | STARTING, LIVE  | end 3: the peer found one of our records bad                           |
+    | ConnectionClosed | STARTING, LIVE  | after a goodbye, end 0 (legacy: always); else lost: Redial, or end 1   |
+
+    The other inputs: Typed (Messages, or a command on a terminal); Attached (the new link replaces the old; v2:
+    STARTING, the client sends its Resume; legacy: LIVE at once); Drained (acknowledge what was shown); Failed (the
+    network's: lost; a bad record: alert, end 3; else end 4); Tick (keepalive, the Resume deadline, Redial, Leaving,
+    legacy pacing); Leave (Leaving); Interrupt (stop the files, goodbye, end now); DialFailed (Redial); File...
+    (Transfers). Once ENDED, a link that arrives late is closed and nothing else happens.
+    """
+
+    def __init__(self, role, fmt, conversation, now, keepalive=KEEPALIVE, grace=RECONNECT_FOR,
+                 interactive=False, queued=(), receive_files=False, max_file_size=MAX_FILE_SIZE, send=()):
+        self.role, self.fmt, self.conversation = role, fmt, conversation
+        self.keepalive, self.dead_after = keepalive, keepalive * DEAD_AFTER
+        self.interactive = interactive
+        self.now = now
+        self.out = Outbox()
+        self.messages = Messages(self.out, fmt, conversation, now, queued)
+        self.transfers = Transfers(self.out, interactive, receive_files, max_file_size)
+        self.transfers.progress_at = now
+        self.redial = Redial(self.out, role.redial, grace if fmt.resumes else 0.0, role.reconnects)
+        self.leaving = Leaving(self.out)
+        self.phase = Phase.STARTING
+        self._link = None  # _LinkState of the current link
+        self._last_peer = ""
+        self._begun = False  # the chat has been LIVE once
+        self._to_send = list(send)  # offered as soon as the chat begins
+
     # -- the interface
+
+    @property
+    def phase(self):
+        return self._phase
+
+    @phase.setter
+    def phase(self, phase):
+        self._phase = phase
+        self.out.live = phase is Phase.LIVE
 
     @property
     def link(self):
@@ -1802,41 +2680,36 @@ class Session:
 
     def step(self, event, now):
         """Take one input; the actions it calls for, in order."""
-        self.now = now
-        self._actions = []
+        self.now = self.transfers.now = self.redial.now = now
+        self.out.actions = []
         if self.phase is Phase.ENDED:
             if isinstance(event, Attached):
-                self._do(Close(event.link, False))
-            return self._actions
+                self.out.do(Close(event.link, False))
+            return self.out.take()
         try:
-            self._HANDLERS[type(event)](self, event)
+            self._INPUTS[type(event)](self, event)
+            if not self.ended and self.leaving.idle(self._waits()):
+                self._finish_leaving()
         except RemoteProtocolError as error:  # a record that passed its MAC but breaks a rule
             self._violation(error)
-        return self._actions
+        return self.out.take()
 
     def crash(self, error):
         """The shell's last resort when a rule itself raised (a bug): end the chat, closing its link."""
-        self._actions = []
+        self.out.actions = []
         self._end(EXIT_INTERNAL, describe(error))
-        return self._actions
+        return self.out.take()
 
     def next_wakeup(self):
         """When the next Tick is needed (monotonic seconds), or None."""
-        times = []
-        if self._link is not None and self.fmt.keepalive:
-            times += [self._link.next_ping(self.keepalive), self._link.heard + self.dead_after]
-        if self._link is not None and self.phase is Phase.STARTING:
-            times.append(self._link.attached + RESUME_DEADLINE)
-        if self.phase is Phase.AWAY:
-            times.append(self._away_since + self.grace)
-            if self.role.reconnects and not (self._dialing or self._asking):
-                times.append(self._next_dial)
-        if self._leave_by is not None:
-            times.append(self._leave_deadline())
-        if self._leave_notice is not None and not self.ended:
-            times.append(self._leave_notice)
-        if self._paced and self._link is not None and self.phase is Phase.LIVE:
-            times.append(self._next_paced)
+        if self.ended:
+            return None
+        times, link = [], self._link
+        if link is not None and self.fmt.keepalive:
+            times += [link.next_ping(self.keepalive), link.heard + self.dead_after]
+        if link is not None and self.phase is Phase.STARTING:
+            times.append(link.attached + RESUME_DEADLINE)
+        times += self.redial.next_wakeup() + self.leaving.next_wakeup(self._waits()) + self.messages.next_wakeup()
         return min(times) if times else None
 
     def status(self):
@@ -1845,176 +2718,80 @@ class Session:
         if self.phase is Phase.LIVE:
             state = [f"{self.fmt.name}, {self.fmt.security}", self.fmt.security]
         elif self.phase is Phase.AWAY:
-            doing = "type /reconnect" if self._asking else self.role.away
+            doing = "type /reconnect" if self.redial.state is Away.ASKING else self.role.away
             state = [f"connection lost, {doing}", f"lost, {doing}", "lost"]
         else:
             state = ["ended" if self.ended else "connecting"]
-        if self.fmt.acknowledges:
-            n = len(self.conversation.unacked)
-            count = [f"{n} undelivered", f"{n} pending"]
-        else:
-            count = [f"{self.sent} sent, delivery unknown", f"{self.sent} sent, unconfirmed", f"{self.sent} sent"]
-        fields = [[self._last_peer, ""], state, count, self._transfer_status(), ["quit() to leave", ""]]
-        return fields, (4, 0, 1, 2, 3)
+        files = self.transfers.status(self.now, self.phase is Phase.LIVE)
+        return [[self._last_peer, ""], state, self.messages.status(), files, ["quit() to leave", ""]], (4, 0, 1, 2, 3)
 
-    def _transfer_status(self):
-        moving = [t for t in (*self._outgoing.values(), *self._incoming.values())
-                  if t.state in ("sending", "receiving")]
-        if not moving:
-            return [""]
-        t = moving[0]
-        percent, rate = t.progress(self.now)
-        verb = "sending" if t.outgoing else "receiving"
-        name = visible(t.name)
-        more = f" (+{len(moving) - 1})" if len(moving) > 1 else ""
-        if self.phase is not Phase.LIVE:
-            return [f"{verb} {name} {percent}%, paused{more}", f"{verb} {percent}%, paused{more}", f"{percent}%"]
-        if rate:
-            left = (t.size - t.done) / rate if rate else 0
-            long = f"{verb} {name} {percent}%, {size_text(int(rate))}/s, {left:.0f} s left{more}"
-        else:
-            long = f"{verb} {name} {percent}%{more}"
-        return [long, f"{verb} {percent}%{more}", f"{percent}%"]
-
-    _last_peer = ""
-
-    # -- inputs
+    # -- what the user does
 
     def _typed(self, event):
         text = event.text
         if self.interactive and text.startswith("/") and not text.startswith("//"):
             return self._command(text[1:])  # a person's commands; a script's lines are messages, as they are
         text = text[1:] if self.interactive and text.startswith("//") else text
-        if not self.fmt.acknowledges:
-            return self._typed_legacy(text, event.timestamp)
-        if len(self.conversation.unacked) >= MAX_QUEUED:
-            return self._not_sent(f"{MAX_QUEUED} messages are waiting for the peer already")
-        try:
-            message = self.conversation.new_message(text, event.timestamp)
-        except LocalProtocolError as e:
-            return self._not_sent(e)
-        if self.phase is Phase.LIVE:
-            self._send(message)
-            self._show(sent_lines(text, event.timestamp))
-        else:
-            self._show(sent_lines(text, event.timestamp, "Queued") + ["(to be sent when the connection is back)"])
-
-    def _not_sent(self, why):
-        self._refused_lines += 1
-        self._show([f"not sent: {why}"], "error")
-
-    def _typed_legacy(self, text, timestamp):
-        try:
-            check_message_text(text)
-        except LocalProtocolError as e:
-            return self._not_sent(e)
-        warnings = legacy_warnings(text)
-        if warnings:  # before it goes, as promised
-            self._show(["an original receiver will mangle this message: " + "; ".join(warnings)], "warning")
-        self._paced.append(Message(self.sent + len(self._paced), text, timestamp))
-        self._release()
+        self.messages.typed(text, event.timestamp, self.now)
 
     def _command(self, text):
         name, _, argument = text.partition(" ")
         argument = argument.strip()
         if name in ("send", "accept", "decline") and not self.fmt.files:
-            return self._show([f"/{name}: --legacy has no files (the original scripts cannot receive them)"], "error")
+            return self.out.show([f"/{name}: --legacy has no files (the original scripts cannot receive them)"],
+                                 "error")
         if name == "send":
             if not argument:
-                return self._show(["/send PATH: say which file"], "error")
-            return self._send_file(typed_path(argument))
+                return self.out.show(["/send PATH: say which file"], "error")
+            return self.transfers.send(typed_path(argument))
         if name in ("accept", "decline"):
-            return self._answer_offer(name == "accept")
+            return self.transfers.answer(name == "accept")
         if name == "help":
             for line in HELP:
-                self._show([line], "notice")
+                self.out.show([line], "notice")
         elif name == "reconnect":
-            if not self._asking:
-                return self._show(["/reconnect: the connection is not waiting for you"], "error")
-            self._asking = False
-            self._dial(PASSPHRASE)
+            if self.redial.state is not Away.ASKING:
+                return self.out.show(["/reconnect: the connection is not waiting for you"], "error")
+            self.redial.move("reconnect")
         else:
-            self._show([f"unknown command /{name}: /help lists the commands (//text sends /text)"], "error")
+            self.out.show([f"unknown command /{name}: /help lists the commands (//text sends /text)"], "error")
+
+    def _leave(self, event):
+        self.leaving.move("leave", self.now, event.wait)
+        self.transfers.stop_incoming()  # what the peer is sending us is of no use once we go
+
+    def _interrupt(self, event):
+        self.transfers.stop_all()
+        self._goodbye()
+        self._end(event.code, "you left the chat (interrupted)", self.messages.undelivered())
+
+    # -- what the links do
 
     def _attached(self, event):
         if self._link is not None:
             self._drop_link()  # replaced by the new, authenticated one
         self._link = _LinkState(event.link, event.peer, event.how, self.now)
-        self._last_peer = event.peer
-        self._dialing = False
+        self.out.link, self._last_peer = event.link, event.peer
+        self.redial.move("attached", self._begun)
         if not self.fmt.resumes:
-            self._live()
-            return
+            return self._live()
         self.phase = Phase.STARTING
         if self.role.opens_resume:
-            self._send(self.conversation.resume_request())
+            self.out.send(self.conversation.resume_request())
 
     def _got(self, got):
         if self._link is None or got.link is not self._link.link:
             return  # from a link already replaced or closed
         self._link.heard = self.now
         event = got.event
-        if isinstance(event, Message):
-            if self.phase is not Phase.LIVE:
-                raise RemoteProtocolError("a message before the conversation resumed")
-            if not self.fmt.acknowledges:
-                return self._show(verify_and_display(event))
-            if self.conversation.accept(event):  # each id shown once, in order
-                self._show(verify_and_display(event))
-            self._ack_due = self.conversation.expected_id - 1  # cumulative: everything shown so far
-        elif isinstance(event, Ack):
-            if self.phase is not Phase.LIVE:
-                raise RemoteProtocolError("an acknowledgement before the conversation resumed")
-            self.conversation.acknowledged(event.id)
-            self._maybe_left()
-        elif isinstance(event, Resume):
-            if self.phase is not Phase.STARTING:
-                raise RemoteProtocolError("an unexpected Resume")
-            self._resumed(event)
-        elif type(event) in self._FILE_EVENTS:
-            if self.phase is not Phase.LIVE or not self.fmt.files:
-                raise RemoteProtocolError(f"an unexpected {type(event).__name__}")
-            self._FILE_EVENTS[type(event)](self, event)
-        elif isinstance(event, Ping):
-            if self.now - self._link.ping_second >= 1:
-                self._link.pings, self._link.ping_second = 0, self.now
-            self._link.pings += 1
-            if self._link.pings > MAX_PINGS:
-                raise RemoteProtocolError(f"more than {MAX_PINGS} pings in a second")
-            self._send(Pong())
-        elif isinstance(event, Goodbye):
-            self._link.goodbye = True
-        elif isinstance(event, Busy):
-            if self.phase is not Phase.STARTING or not self.role.opens_resume:
-                raise RemoteProtocolError("an unexpected busy record")
-            self._drop_link()
-            if not self._begun:
-                return self._wait_turn()
-            self.phase = Phase.AWAY  # lost the race for a held conversation to another client
-            self._refused(Refused("busy", REFUSALS[BUSY_REFUSAL]))
-        elif isinstance(event, Alert):
-            self._drop_link()
-            self._end(EXIT_SECURITY, f"security failure: the peer says {ALERTS[event.reason]}; the chat is closed")
-        elif isinstance(event, ConnectionClosed):
-            if self._link.goodbye:
-                self._peer_left()
-            elif not self.fmt.resumes:
-                self._end(EXIT_OK, "the peer closed the connection", self._undelivered())
-            else:
-                self._lost("the connection was closed without a goodbye")
-        elif not isinstance(event, Pong):
-            raise RemoteProtocolError(f"an unexpected {type(event).__name__}")
+        phases, rule = self.RECORDS.get(type(event), ((), None))
+        if self.phase not in phases or (rule is Session._got_file and not self.fmt.files):
+            raise RemoteProtocolError(f"an unexpected {type(event).__name__} (the chat is {self.phase.value})")
+        rule(self, event)
 
     def _drained(self, event):
-        if self._link is None or event.link is not self._link.link:
-            return
-        self._acknowledge()  # a lone message at once; what arrived together, with one acknowledgement
-
-    def _acknowledge(self):
-        if self._ack_due is not None:
-            self._send(Ack(self._ack_due))
-            self._ack_due = None
-
+        if self._link is not None and event.link is self._link.link:
+            self.messages.acknowledge()  # a lone message at once; what arrived together, with one acknowledgement
 
     def _failed(self, event):
         if self._link is None or event.link is not self._link.link:
@@ -2038,388 +2815,105 @@ class Session:
                 self._lost(f"no sign of the peer for {self.dead_after:.0f} s")
             elif now >= self._link.next_ping(self.keepalive):
                 self._link.pinged = now
-                self._send(Ping())
-        if self.phase is Phase.AWAY:
-            if now >= self._away_since + self.grace:
-                last = f" (the last attempt: {self._last_failure})" if self._last_failure else ""
-                self._end(EXIT_NETWORK, self.role.gave_up.format(grace=self.grace) + last, self._undelivered())
-            elif self.role.reconnects and not (self._dialing or self._asking) and now >= self._next_dial:
-                self._dial(self._dial_kind)
-        if self._leave_by is not None and now >= self._leave_deadline() and not self.ended:
-            self._finish_leaving()
-        elif self._leave_notice is not None and now >= self._leave_notice and not self.ended:
-            self._leave_notice = None
-            self._show([f"leaving: {self._leaving_for()}; Ctrl-C leaves now"], "notice")
-        self._release()
-
-    def _leaving_for(self):
-        waits = []
-        if self.fmt.acknowledges and self.conversation.unacked:
-            n = len(self.conversation.unacked)
-            waits.append(f"up to {self._leave_by - self.now:.0f} s for the peer to acknowledge {n} "
-                         f"message{'s' if n != 1 else ''}")
-        elif self._paced:
-            n = len(self._paced)
-            waits.append(f"for {n} message{'s' if n != 1 else ''} to go, one every {self.fmt.pace} s")
-        moving = [visible(t.name) for t in self._outgoing.values() if t.state == "sending"]
-        if moving:
-            waits.append(f"for file {', '.join(moving)} to arrive, while it moves")
-        elif any(t.active for t in self._outgoing.values()):
-            waits.append(f"up to {self._leave_by - self.now:.0f} s for the peer to take the files offered")
-        return "waiting " + " and ".join(waits) if waits else "waiting"
-
-    def _leave(self, event):
-        self._leave_by, self._leave_notice = self.now + event.wait, self.now + LEAVING_NOTICE
-        for t in self._incoming.values():  # what the peer is sending us is of no use once we go
-            if t.active:
-                self._stop_incoming(t, "cancelled")
-        self._maybe_left()
-
-    def _interrupt(self, event):
-        for t in self._outgoing.values():
-            if t.active:
-                self._stop_outgoing(t, "left")
-                t.state = "undelivered"
-        for t in self._incoming.values():
-            if t.active:
-                self._stop_incoming(t, "cancelled")
-        self._goodbye()
-        self._end(event.code, "you left the chat (interrupted)", self._undelivered())
+                self.out.send(Ping())
+        if self.redial.expired(now):
+            last = f" (the last attempt: {self.redial.last})" if self.redial.last else ""
+            gave_up = self.role.gave_up.format(grace=self.redial.grace)
+            self._end(EXIT_NETWORK, gave_up + last, self.messages.undelivered())
+        elif self.redial.due(now):
+            self.redial.move("due")
+        if not self.ended and self.leaving.tick(now, self._waits()):
+            return self._finish_leaving()
+        self.messages.release(now)
 
     def _dial_failed(self, event):
-        self._dialing = False
-        if self.phase is not Phase.AWAY:
-            return
-        error, kind, self._dial_kind = event.error, self._dial_kind, RESUME if self._begun else PASSPHRASE
-        self._last_failure = describe(error)
-        if isinstance(error, Refused) and error.reason == "busy" and not self._begun:
-            return self._wait_turn()
-        if isinstance(error, Refused):
-            return self._refused(error)
-        if isinstance(error, RemoteProtocolError) and not isinstance(error, TruncatedFrame):
-            self._auth_failures += 1
-            why = str(error) if "interfer" in str(error) else f"{error}; someone may be interfering"
-            if self._auth_failures >= AUTH_FAILURES:
-                return self._end(EXIT_SECURITY, f"stopped reconnecting: {self._auth_failures} reconnections in a row "
-                                 f"failed to authenticate (the last: {why})", self._undelivered())
-            self._show([f"a reconnection failed to authenticate: {why}"], "warning")
-        elif not isinstance(error, (NetworkError, OSError, TruncatedFrame)):
-            return self._end(EXIT_INTERNAL, describe(error))
-        if kind == PASSPHRASE and self.interactive:  # one passphrase handshake per deliberate request
-            self._asking = True
-            return self._show([f"the reconnection failed: {describe(error)}. /reconnect tries again."], "notice")
-        self._next_dial = self.now + self._retry
-        self._retry = min(self._retry * 2, LAST_RETRY)
+        if self.phase is Phase.AWAY:
+            self._away_unless(self.redial.failed(event.error, self._begun, self.interactive))
 
-    # -- files: offered with /send (or --send), accepted into a folder (--receive-dir) or with /accept
+    # -- the records, by phase: RECORDS below
 
-    def _send_file(self, path):
-        file, self._next_file = self._next_file, self._next_file + 1
-        self._outgoing[file] = _Transfer(file, True, name=path)
-        self._do(PrepareFile(file, path))
+    def _got_message(self, event):
+        self.messages.got(event)
 
-    def _file_ready(self, event):
-        t = self._outgoing.get(event.file)
-        if t is None or t.state != "preparing":
-            return
-        t.name, t.size, t.sha256, t.state = event.name, event.size, event.sha256, "ready"
-        self._progress = self.now
-        self._offer_ready()
+    def _got_ack(self, event):
+        self.conversation.acknowledged(event.id)
 
-    def _offer_ready(self):
-        """Offer the files ready to go, while fewer than MAX_OFFERED are on their way."""
-        if self.phase is not Phase.LIVE:
-            return
-        room = MAX_OFFERED - sum(t.state in ("offered", "sending") for t in self._outgoing.values())
-        for t in self._outgoing.values():
-            if room <= 0:
-                return
-            if t.state == "ready":
-                t.state, room = "offered", room - 1
-                self._offer(t)
+    def _got_resume(self, event):
+        self._resumed(event)
 
-    def _offer(self, t):
-        self._send(Offer(t.file, t.name, t.size, t.sha256))
-        if not t.offered:
-            t.offered = True
-            self._show([f"offering file {visible(t.name)} ({size_text(t.size)})"], "notice")
+    def _got_busy(self, event):
+        if not self.role.opens_resume:
+            raise RemoteProtocolError("a busy record from a client")
+        self._drop_link()
+        if not self._begun:
+            return self._away_unless(self.redial.wait_turn(self.interactive))
+        # Let in before: another client won the conversation the server held for us.
+        self._away_unless(self.redial.refused(Refused("busy", REFUSALS[BUSY_REFUSAL]), self.interactive))
 
-    def _got_offer(self, offer):
-        t = self._incoming.get(offer.file)
-        if t is not None:  # offered again after a reconnection: say where we stand
-            return self._restate(t)
-        if sum(t.active for t in self._incoming.values()) >= MAX_OFFERED:
-            raise RemoteProtocolError(f"more than {MAX_OFFERED} files offered at once")
-        finished = [file for file, t in self._incoming.items() if not t.active]
-        for file in finished[: max(0, len(finished) - KEPT_FINISHED + 1)]:
-            del self._incoming[file]
-        t = self._incoming[offer.file] = _Transfer(offer.file, False, safe_name(offer.name), offer.size, offer.sha256,
-                                                   state="asked")
-        shown = f"file {visible(t.name)} ({size_text(t.size)})"
-        if offer.size > self.max_file_size:
-            self._refuse(t, "too large")
-            self._show([f"refused {shown}: it is over --max-file-size ({size_text(self.max_file_size)})"], "notice")
-        elif self.receive_files:
-            self._open(t)
-        elif self.interactive:
-            self._show([f"the peer offers {shown}: /accept to save it, /decline not to"], "notice")
+    def _got_file(self, event):
+        self.transfers.record(event, self.now)
+
+    def _got_ping(self, event):
+        self._link.pinged_by_peer(self.now)
+        self.out.send(Pong())
+
+    def _got_pong(self, event):
+        pass  # heard: that is all a pong says
+
+    def _got_goodbye(self, event):
+        self._link.goodbye = True
+
+    def _got_alert(self, event):
+        self._drop_link()
+        self._end(EXIT_SECURITY, f"security failure: the peer says {ALERTS[event.reason]}; the chat is closed")
+
+    def _got_closed(self, event):
+        if self._link.goodbye:
+            self._peer_left()
+        elif not self.fmt.resumes:
+            self._end(EXIT_OK, "the peer closed the connection", self.messages.undelivered())
         else:
-            self._refuse(t, "declined")
-            self._show([f"declined {shown}: there is no --receive-dir to save it in"], "notice")
+            self._lost("the connection was closed without a goodbye")
 
-    def _answer_offer(self, accept):
-        asked = [t for t in self._incoming.values() if t.state == "asked"]
-        if not asked:
-            return self._show([f"/{'accept' if accept else 'decline'}: no file is offered"], "error")
-        t = asked[0]
-        if accept:
-            return self._open(t)
-        self._refuse(t, "declined")
-        self._show([f"declined file {visible(t.name)}"], "notice")
+    _BOTH = frozenset({Phase.STARTING, Phase.LIVE})  # a record comes only on the current link: never AWAY or ENDED
+    RECORDS = {
+        Resume: ({Phase.STARTING}, _got_resume),
+        Busy: ({Phase.STARTING}, _got_busy),
+        Message: ({Phase.LIVE}, _got_message),
+        Ack: ({Phase.LIVE}, _got_ack),
+        **dict.fromkeys((Offer, Accept, FileAck, Chunk, Done, Refuse, Cancel), ({Phase.LIVE}, _got_file)),
+        Ping: (_BOTH, _got_ping),
+        Pong: (_BOTH, _got_pong),
+        Goodbye: (_BOTH, _got_goodbye),
+        Alert: (_BOTH, _got_alert),
+        ConnectionClosed: (_BOTH, _got_closed),
+    }
 
-    def _open(self, t):
-        if sum(u.state in ("opening", "receiving", "verifying") for u in self._incoming.values()) >= MAX_OPEN_FILES:
-            t.state = "waiting"  # opened when one of those is done
-            return
-        t.state = "opening"
-        self._do(OpenFile(t.file, t.name, t.size))
-
-    def _open_waiting(self):
-        for t in self._incoming.values():
-            if t.state == "waiting":
-                self._open(t)
-                if t.state == "waiting":
-                    return
-
-    def _file_opened(self, event):
-        t = self._incoming.get(event.file)
-        if t is None or t.state != "opening":
-            return self._do(DiscardFile(event.file))
-        t.state, t.started, t.start_done = "receiving", self.now, 0
-        self._show([f"receiving file {visible(t.name)} ({size_text(t.size)})"], "notice")
-        if self._link is not None and self.phase is Phase.LIVE:
-            self._send(Accept(t.file, 0))
-        if t.size == 0:
-            self._verify(t)
-
-    def _restate(self, t):
-        if t.state == "receiving":
-            self._send(Accept(t.file, t.done))
-        elif t.state == "done":
-            self._send(Done(t.file))
-        elif t.state in ("refused", "cancelled"):
-            self._send(Refuse(t.file, t.reason or "cancelled"))
-
-    def _got_chunk(self, chunk):
-        t = self._incoming.get(chunk.file)
-        if t is not None and t.state in ("refused", "cancelled"):
-            return  # sent before the sender heard that we stopped
-        if t is None or t.state != "receiving" or chunk.offset != t.done or t.done + len(chunk.data) > t.size:
-            raise RemoteProtocolError("a file chunk out of place")
-        self._do(WriteFile(t.file, chunk.data))
-        t.done += len(chunk.data)
-        self._send(FileAck(t.file, t.done))  # at once, not when drained: the sender's next chunk overlaps ours
-        if t.done == t.size:
-            self._verify(t)
-
-    def _verify(self, t):
-        t.state = "verifying"
-        self._do(SaveFile(t.file, t.sha256, t.name))
-
-    def _file_saved(self, event):
-        t = self._incoming.get(event.file)
-        if t is None or t.state != "verifying":
-            return
-        t.state = "done"
-        if self._link is not None:
-            self._send(Done(t.file))
-        self._show([f"received file {visible(t.name)} ({t.size:,} bytes, sha256 {t.sha256[:12]}…) → "
-                     f"{visible(event.path)}"])
-        self._open_waiting()
-
-    def _file_failed(self, event):
-        if event.outgoing:
-            t = self._outgoing.get(event.file)
-            if t is None or not t.active:
-                return
-            if t.state == "preparing":
-                t.state = "cancelled"
-                return self._show([f"cannot send {visible(t.name)}: {event.detail}"], "error")
-            self._stop_outgoing(t, "unreadable")
-            self._show([f"stopped sending file {visible(t.name)}: {event.detail}"], "error")
-            return self._offer_ready()
-        t = self._incoming.get(event.file)
-        if t is None or not t.active:
-            return
-        self._refuse(t, event.reason)
-        self._show([f"file {visible(t.name)} not saved: {event.detail}"], "error")
-        self._open_waiting()
-
-    def _got_accept(self, accept):
-        t = self._outgoing.get(accept.file)
-        if t is None or accept.offset > t.size:
-            raise RemoteProtocolError("an acceptance of a file never offered, or past its end")
-        if t.state not in ("offered", "sending"):
-            return
-        if t.started is None:
-            t.started, t.start_done = self.now, accept.offset
-        t.state, t.done, t.next = "sending", accept.offset, accept.offset
-        self._moved(t)
-        self._pump()
-
-    def _got_fack(self, ack):
-        t = self._outgoing.get(ack.file)
-        if t is None or ack.offset > t.next:
-            raise RemoteProtocolError("an acknowledgement of file bytes never sent")
-        if t.state == "sending" and ack.offset > t.done:
-            t.done = ack.offset
-            self._moved(t)
-            self._pump()
-
-    def _moved(self, t):
-        if t.done > t.most:  # a receiver that starts over again and again is not progress
-            t.most, self._progress = t.done, self.now
-
-    def _got_done(self, done):
-        t = self._outgoing.get(done.file)
-        if t is None or t.sent < t.size:
-            raise RemoteProtocolError("a file reported whole before it was sent")
-        if t.state in ("offered", "sending"):  # offered again after a reconnection: it had arrived
-            t.state, t.done = "done", t.size
-            self._do(ReleaseFile(t.file))
-            self._show([f"delivered file {visible(t.name)}"])
-            self._offer_ready()
-            self._maybe_left()
-
-    def _got_refuse(self, refuse):
-        t = self._outgoing.get(refuse.file)
-        if t is None:
-            raise RemoteProtocolError("a refusal of a file never offered")
-        if t.active and t.state != "preparing":
-            t.state, t.reason = "refused", refuse.reason
-            self._do(ReleaseFile(t.file))
-            self._show([f"file {visible(t.name)} not delivered: the peer {REFUSALS_OF_FILES[refuse.reason]}"],
-                       "error" if refuse.reason == "failed verification" else "notice")
-            self._offer_ready()
-            self._maybe_left()
-
-    def _got_cancel(self, cancel):
-        t = self._incoming.get(cancel.file)
-        if t is None:
-            raise RemoteProtocolError("a cancellation of a file never offered")
-        if t.active:
-            self._discard(t, "cancelled")
-            self._show([f"transfer of file {visible(t.name)} abandoned: the peer {CANCELS_OF_FILES[cancel.reason]}"],
-                       "notice")
-            self._open_waiting()
-
-    _FILE_EVENTS = {Offer: _got_offer, Chunk: _got_chunk, Accept: _got_accept, FileAck: _got_fack, Done: _got_done,
-                    Refuse: _got_refuse, Cancel: _got_cancel}
-
-    def _pump(self):
-        """Send chunks of the files being sent, round the files, while each has less than WINDOW in flight."""
-        if self._link is None or self.phase is not Phase.LIVE:
-            return
-        for t in self._outgoing.values():
-            while t.state == "sending" and t.next < t.size and t.next - t.done < WINDOW:
-                length = min(CHUNK_SIZE, t.size - t.next)
-                self._send(ChunkOf(t.file, t.next, length))
-                t.next += length
-                t.sent = max(t.sent, t.next)
-
-    def _refuse(self, t, reason):
-        if t.state in ("receiving", "verifying", "opening"):
-            self._do(DiscardFile(t.file))
-        t.state, t.reason = "refused", reason
-        if self._link is not None:
-            self._send(Refuse(t.file, reason))
-
-    _stop_incoming = _refuse
-
-    def _discard(self, t, state):
-        if t.state in ("receiving", "verifying", "opening"):
-            self._do(DiscardFile(t.file))
-        t.state = state
-
-    def _stop_outgoing(self, t, reason):
-        if t.state not in ("preparing", "done"):
-            self._do(ReleaseFile(t.file))
-            if self._link is not None and t.state in ("offered", "sending"):
-                self._send(Cancel(t.file, reason))
-        t.state, t.reason = "cancelled", reason
-
-    def _abandon_files(self, why):
-        """A new peer, or the end: no transfer goes on; the user is told of each that was on its way."""
-        for t in (*self._outgoing.values(), *self._incoming.values()):
-            if t.active and t.state != "preparing":
-                if t.outgoing:
-                    self._do(ReleaseFile(t.file))
-                    t.state = "cancelled"
-                else:
-                    self._discard(t, "cancelled")
-                self._show([f"transfer of file {visible(t.name)} abandoned: {why}"], "notice")
-
-    _HANDLERS = {Typed: _typed, Attached: _attached, Got: _got, Drained: _drained, Failed: _failed, Tick: _tick,
-                 Leave: _leave, Interrupt: _interrupt, DialFailed: _dial_failed, FileReady: _file_ready,
-                 FileOpened: _file_opened, FileSaved: _file_saved, FileFailed: _file_failed}
+    _INPUTS = {Typed: _typed, Attached: _attached, Got: _got, Drained: _drained, Failed: _failed, Tick: _tick,
+               Leave: _leave, Interrupt: _interrupt, DialFailed: _dial_failed,
+               FileReady: lambda self, event: self.transfers.ready(event),
+               FileOpened: lambda self, event: self.transfers.opened(event),
+               FileSaved: lambda self, event: self.transfers.saved(event),
+               FileFailed: lambda self, event: self.transfers.failed(event)}
 
     # -- rules shared by several inputs
 
-    def _do(self, action):
-        self._actions.append(action)
-
-    def _show(self, lines, kind="chat"):
-        self._do(Show(lines, kind))
-
-    # What a link may carry before its Resume exchange is over. Anything else of the conversation waits for it, and
-    # is then said again by the exchange itself: messages sent again, a file offered again (the receiver restates
-    # where it stands: done, refused), what arrived acknowledged by the Resume.
-    _BEFORE_RESUME = (Resume, Ping, Pong, Alert, Goodbye, Busy)
-
-    def _send(self, event):
-        if self.phase is not Phase.LIVE and not isinstance(event, self._BEFORE_RESUME):
-            return
-        if type(event) is Message:
-            self.conversation.put_on_wire(event.id)
-        self._do(Send(self._link.link, event))
-
-    def _wait_turn(self):
-        """Turned away as busy before the chat began: a person is told; a script's client tries again, backing off,
-        within the grace period, with the passphrase it was started with (a sink serves one-shot clients one after
-        another, and several may come at once)."""
-        if self.interactive or not self.role.reconnects or self.grace <= 0:
-            return self._end(EXIT_NETWORK, REFUSALS[BUSY_REFUSAL])
-        if self._away_since is None:
-            self._away_since = self.now
-            self._show([f"{REFUSALS[BUSY_REFUSAL]}; trying again for up to {self.grace:.0f} s"], "notice")
-        self.phase, self._last_failure, self._dial_kind = Phase.AWAY, REFUSALS[BUSY_REFUSAL], PASSPHRASE
-        self._next_dial, self._retry = self.now + self._retry, min(self._retry * 2, LAST_RETRY)
-
-    def _refused(self, error):
-        """The server will not resume this conversation (unknown), or is busy: only the user may decide to offer
-        the passphrase again; a pipe has no one to ask."""
-        if not self.interactive:
-            return self._end(EXIT_NETWORK, f"{error}; not offering the passphrase again without you "
-                             "(start the client again to begin afresh)", self._undelivered())
-        self._asking = True
-        self._show([f"{error}."], "notice")
-        self._show(["Type /reconnect to connect again with the passphrase, or quit() to leave."], "notice")
-
     def _drop_link(self):
-        self._do(Close(self._link.link, False))
-        self._link = None
-        self._ack_due = None  # the next link's Resume exchange says what arrived
+        self.out.do(Close(self._link.link, False))
+        self._link = self.out.link = None
+        self.messages.link_dropped()
 
     def _live(self):
         first = not self._begun
         self.phase, self._begun = Phase.LIVE, True
-        self._link.resumed, self._away_since = True, None
+        self._link.resumed = True
+        self.redial.resumed()
         if first:
-            self._do(Live())
+            self.out.do(Live())
             for line in banner(self._link.peer, self.fmt, self.interactive):
-                self._show([line], "notice")
+                self.out.show([line], "notice")
             for path in self._to_send:
-                self._send_file(path)
+                self.transfers.send(path)
 
     def _resumed(self, peer):
         first = not self._begun
@@ -2427,141 +2921,86 @@ class Session:
             raise RemoteProtocolError("the server proved it holds the conversation, then said it did not")
         reply, again, took_over = self.conversation.on_resume(peer, server=not self.role.opens_resume)
         if reply is not None:
-            self._send(reply)
+            self.out.send(reply)
         self._live()
         for message in again:
-            self._send(message)
-        self._auth_failures, self._retry = 0, FIRST_RETRY
-        address = self._link.peer
-        if took_over or (self.role.opens_resume and not peer.resumed):  # numbering afresh: files too
-            self._abandon_files("a new client took the conversation over" if took_over else
-                                "the server no longer knew the conversation")
-            self._incoming.clear()
-        for t in self._outgoing.values():  # offered again: the receiver answers with where it stands
-            if t.state in ("offered", "sending"):
-                t.state, t.next = "offered", t.done
-                self._offer(t)
-        self._offer_ready()
-        if first:
-            if again:
-                self._show([f"sent {len(again)} message{'s' if len(again) > 1 else ''} typed before the chat began"],
-                           "notice")
-        elif took_over:
-            resent = (f"; it is sent the {len(again)} message{'s' if len(again) != 1 else ''} the last one had not "
-                      "acknowledged") if again else ""
-            self._show([f"a new client ({address}) took the conversation over{resent}"], "notice")
+            self.messages.send(message)
+        restarted = self.role.opens_resume and not peer.resumed
+        self.transfers.resumed("a new client took the conversation over" if took_over else  # numbering afresh
+                               "the server no longer knew the conversation" if restarted else None)
+        notice = resumed_notice(self.role, first, len(again), took_over, self._link.peer)
+        if notice:
+            self.out.show([notice], "notice")
+
+    def _away_unless(self, ending):
+        """Away while Redial goes on; or the end it gave."""
+        if ending is None:
+            self.phase = Phase.AWAY
         else:
-            who = "reconnected to" if self.role.opens_resume else "the client reconnected from"
-            resent = f" ({len(again)} sent again)" if again else ""
-            self._show([f"{who} {address}{resent}"], "notice")
-        self._maybe_left()
+            code, text, listed = ending
+            self._end(code, text, self.messages.undelivered() if listed else ())
 
     def _lost(self, reason):
         resumed = self._link.resumed
         self._drop_link()
-        if self.grace <= 0:
-            return self._end(EXIT_NETWORK, f"connection lost: {reason}", self._undelivered())
-        if not resumed and self._away_since is not None:
+        if self.redial.grace <= 0:
+            return self._end(EXIT_NETWORK, f"connection lost: {reason}", self.messages.undelivered())
+        if not resumed and self.redial.since is not None:
             # A reconnection that authenticated but failed before the conversation resumed on it: still the same
             # outage, with the same deadline and the backoff going on, not a new loss to announce (a man in the
             # middle who cuts each one so could otherwise keep us reconnecting, and saying so, for ever).
-            self.phase, self._last_failure = Phase.AWAY, reason
-            self._next_dial, self._retry = self.now + self._retry, min(self._retry * 2, LAST_RETRY)
-            return
+            self.phase = Phase.AWAY
+            return self.redial.move("cut", reason)
         if not self._begun:  # the first connection never got as far as the chat: nothing to resume
-            return self._end(EXIT_NETWORK, f"connection lost before the chat began: {reason}", self._undelivered())
-        self.phase, self._away_since = Phase.AWAY, self.now
-        self._next_dial, self._retry = self.now, FIRST_RETRY
+            return self._end(EXIT_NETWORK, f"connection lost before the chat began: {reason}",
+                             self.messages.undelivered())
+        self.phase = Phase.AWAY
         n = len(self.conversation.unacked)
-        self._show([f"connection lost: {reason}; {self.role.away} ({n} undelivered)"], "notice")
-        if self.role.reconnects and not self._dialing:
-            self._dial(RESUME)
+        self.out.show([f"connection lost: {reason}; {self.role.away} ({n} undelivered)"], "notice")
+        self.redial.move("lost")
 
     def _violation(self, error):
         if self._link is not None and self.fmt.signals:
-            self._send(Alert("integrity" if isinstance(error, IntegrityError) else "protocol"))
+            self.out.send(Alert("integrity" if isinstance(error, IntegrityError) else "protocol"))
         self._end(EXIT_SECURITY, f"{error}" if isinstance(error, NotAeschatPeer) else
                   f"security failure: {error}; the chat is closed")
 
     def _peer_left(self):
-        undelivered = self._undelivered()
+        undelivered = self.messages.undelivered()
         self._end(EXIT_NETWORK if undelivered else EXIT_OK, "the peer left the chat", undelivered)
 
-    def _maybe_left(self):
-        """When leaving, leave as soon as nothing is pending."""
-        pending = (self._paced or (self.fmt.acknowledges and self.conversation.unacked)
-                   or any(t.active for t in self._outgoing.values()))
-        if self._leave_by is not None and not pending and not self.ended:
-            self._finish_leaving()
-
-    def _leave_deadline(self):
-        """Messages and offers get FLUSH_TIMEOUT; a file on its way, as long as it keeps moving."""
-        if any(t.state == "sending" for t in self._outgoing.values()):
-            return max(self._leave_by, self._progress + FILE_STALL)
-        return self._leave_by
+    def _waits(self):
+        moving = tuple(visible(t.name) for t in self.transfers.moving)
+        return Waits(*self.messages.waiting(), self.fmt.pace, moving, bool(self.transfers.unfinished),
+                     self.transfers.progress_at)
 
     def _goodbye(self):
         """The last word on a link: what we have shown is acknowledged first (its Drained may not have come)."""
         if self._link is not None and self.fmt.signals:
-            self._acknowledge()
-            self._send(Goodbye())
+            self.messages.acknowledge()
+            self.out.send(Goodbye())
 
     def _finish_leaving(self):
-        for t in self._outgoing.values():
-            if t.active:
-                self._stop_outgoing(t, "left")
-                t.state = "undelivered"
+        self.transfers.stop_all()
         self._goodbye()
-        undelivered = self._undelivered()
+        undelivered = self.messages.undelivered()
         if self.fmt.acknowledges:
-            self._end(EXIT_NETWORK if undelivered else EXIT_OK, "you left the chat", undelivered)
-        else:
-            n = self.sent
-            self._end(EXIT_OK, f"you left the chat; sent {n} message{'s' if n != 1 else ''} "
-                      "(the legacy format cannot confirm delivery)")
-
-    def _undelivered(self):
-        if not self.fmt.acknowledges:
-            return list(self._paced)
-        return list(self.conversation.unacked.values())
+            return self._end(EXIT_NETWORK if undelivered else EXIT_OK, "you left the chat", undelivered)
+        n = self.messages.sent
+        self._end(EXIT_OK, f"you left the chat; sent {n} message{'s' if n != 1 else ''} "
+                  "(the legacy format cannot confirm delivery)")
 
     def _end(self, code, text, undelivered=()):
-        if undelivered:
-            sent_below = self.conversation.sent if self.fmt.acknowledges else -1  # legacy: only the paced are left
-            text = f"{text}; {undelivered_text(list(undelivered), sent_below)}"
-            code = code or EXIT_NETWORK
-        if self._refused_lines:
-            n = self._refused_lines
-            text = f"{text}; {n} line{'s' if n > 1 else ''} typed could not be sent"
-            code = code or EXIT_NETWORK
-        files = [t for t in self._outgoing.values() if t.active or t.state in ("undelivered", "refused")]
-        if files:
-            names = ", ".join(visible(t.name) for t in files[:5])
-            more = f" and {len(files) - 5} more" if len(files) > 5 else ""
-            text = f"{text}; {len(files)} file{'s' if len(files) > 1 else ''} not delivered: {names}{more}"
-            code = code or EXIT_NETWORK
-        self._abandon_files("the chat ended")
+        # The last line says what was left behind; anything left behind makes a normal end a failure (1).
+        code, text = self.transfers.left_behind(*self.messages.left_behind(code, text, undelivered))
+        self.transfers.abandon("the chat ended")
         if self._link is not None:
-            self._do(Close(self._link.link, True))  # after what is queued: a goodbye, an alert
-            self._link = None
+            self.out.do(Close(self._link.link, True))  # after what is queued: a goodbye, an alert
+            self._link = self.out.link = None
         self.phase = Phase.ENDED
-        self._leave_by = self._leave_notice = None
-        self._paced.clear()
-        self._do(End(code, text))
+        self.messages.ended()
+        self.out.do(End(code, text))
 
-    def _dial(self, kind):
-        self._dialing, self._dial_kind = True, kind
-        self._do(Dial(kind))
-
-    def _release(self):
-        """Legacy pacing: one message at a time, LEGACY_PACE apart, each in its own write."""
-        if self._paced and self._link is not None and self.phase is Phase.LIVE and self.now >= self._next_paced:
-            message = self._paced.popleft()
-            self._send(message)
-            self.sent += 1
-            self._show(sent_lines(message.text, message.timestamp))
-            self._next_paced = self.now + self.fmt.pace
-            self._maybe_left()
 
 
 HANDSHAKE_DEADLINE = 5.0  # seconds an unauthenticated client has for each of its steps (hello, confirmation)

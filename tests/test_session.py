@@ -744,7 +744,7 @@ def test_any_sequence_of_inputs_keeps_the_rules(role, fmt, interactive, inputs):
                 assert action.link in allowed, "a send to a link that is not the current one"
                 if isinstance(action.event, Resume):
                     resumed.add(action.link)
-                elif not isinstance(action.event, Session._BEFORE_RESUME) and fmt is V2:
+                elif not isinstance(action.event, common.Outbox.BEFORE_RESUME) and fmt is V2:
                     assert action.link in resumed, "the conversation's records before the Resume exchange"
         wake = run.session.next_wakeup()
         assert wake is None or wake > run.now or run(Tick()) != [] or run.session.next_wakeup() != wake, \
@@ -1122,7 +1122,7 @@ def test_a_receiver_remembers_only_the_latest_finished_files():
     run, link = receiver()  # a pipe: every offer declined
     for file in range(3 * common.KEPT_FINISHED):
         assert sends(run(Got(link, common.Offer(file, "x", 10, SHA)))) == [common.Refuse(file, "declined")]
-    assert len(run.session._incoming) <= common.KEPT_FINISHED
+    assert len(run.session.transfers.incoming) <= common.KEPT_FINISHED
 
 
 def test_a_file_over_the_limit_is_refused_before_anything_is_written():
@@ -1387,3 +1387,84 @@ def test_a_reset_is_logged_a_quiet_close_of_a_greeting_reader_is_not():
     door.knock("reset", hello=False, peer="192.0.2.9:9")
     door.apply(door.gate.failed("reset", "connection reset"))
     assert door.dropped == ["probe", "reset"] and door.log == ["192.0.2.9:9 dropped: connection reset"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The small machines' tables, whole; the records table against the Session's docstring
+
+
+@pytest.mark.parametrize("table, start", [(common.Redial.CLIENT, common.Away.UP), (common.Redial.SERVER, common.Away.UP),
+                                          (common.Leaving.TABLE, common.Going.STAYING)])
+def test_every_state_of_redial_and_leaving_is_reachable_and_every_pair_has_a_cell(table, start):
+    seen, todo = {start}, [start]
+    while todo:
+        state = todo.pop()
+        for name in table.inputs:
+            cell = table.cells[state, name]  # a KeyError here is a pair with no answer
+            assert cell != common.VIOLATION, "the peer cannot reach these machines: no cell may blame it"
+            if isinstance(cell, type(start)) and cell not in seen:
+                seen.add(cell)
+                todo.append(cell)
+    assert seen == set(table.rows)
+
+
+REDIAL_ARGS = {"lost": (), "cut": ("reset",), "due": (), "retry": (), "ask": (), "reconnect": (), "attached": (True,)}
+
+
+@pytest.mark.parametrize("role", [CLIENT, SERVER])
+def test_every_pair_of_redial_moves_as_its_cell_says(role):
+    for state in role.redial.rows:
+        for name in role.redial.inputs:
+            out = common.Outbox()
+            redial = common.Redial(out, role.redial, 300.0, role.reconnects)
+            redial.state, redial.since, redial.next_at = state, 10.0, 10.0
+            cell = role.redial.cells[state, name]
+            moved = redial.move(name, *REDIAL_ARGS[name])
+            dials = [a for a in out.take() if isinstance(a, Dial)]
+            assert moved == (cell != common.STAY)
+            assert redial.state is (state if cell == common.STAY else cell)
+            assert len(dials) == (redial.state is common.Away.DIALING and state is not common.Away.DIALING)
+
+
+def test_leaving_moves_as_its_table_says_and_tells_once():
+    out = common.Outbox()
+    leaving = common.Leaving(out)
+    waits = common.Waits(1, 0, 0.0, (), False, 0.0)
+    assert not leaving.tick(100.0, waits) and leaving.state is common.Going.STAYING
+    leaving.move("leave", 100.0, 10.0)
+    assert not leaving.tick(100.5, waits) and out.take() == []
+    assert not leaving.tick(101.0, waits) and leaving.state is common.Going.TOLD
+    assert shown(out.take(), "notice") == ["leaving: waiting up to 9 s for the peer to acknowledge 1 message; "
+                                           "Ctrl-C leaves now"]
+    assert not leaving.tick(105.0, waits) and out.take() == []
+    assert leaving.tick(110.0, waits) and leaving.state is common.Going.GONE
+    assert not leaving.tick(120.0, waits) and not leaving.idle(common.Waits(0, 0, 0.0, (), False, 0.0))
+
+
+def test_the_records_table_in_the_docstring_is_the_one_the_code_keeps():
+    entries = []  # [names, phases]: a row with phases starts one, a row without goes on with its first cell
+    for line in Session.__doc__.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if not line.strip().startswith("|") or len(cells) != 3 or cells[0] == "record" or cells[0].startswith("-"):
+            continue
+        names = [name.strip() for name in cells[0].split(",") if name.strip()]
+        if cells[1]:
+            entries.append([names, {common.Phase[p.strip()] for p in cells[1].split(",")}])
+        else:
+            entries[-1][0] += names
+    documented = {getattr(common, name): phases for names, phases in entries for name in names}
+    assert documented == {kind: set(phases) for kind, (phases, _) in Session.RECORDS.items()}
+
+
+@pytest.mark.parametrize("leave", [Leave(10), common.Interrupt(130)])
+def test_leaving_with_a_file_mid_send_releases_it_once_and_lists_it_once(leave):
+    """The defect the small machines fixed: a stopped file still counted as on its way, so the end released it a
+    second time and said "transfer of file X abandoned: the chat ended" before "1 file not delivered"."""
+    run, link = sender()
+    run(Got(link, common.Accept(0, 0)))
+    actions = run(leave)
+    if not ended(actions):
+        actions = run(Tick(), after=common.FILE_STALL + 1)
+    assert [a for a in actions if isinstance(a, common.ReleaseFile)] == [common.ReleaseFile(0)]
+    assert not any("abandoned" in line for line in shown(actions))
+    assert ended(actions)[1].endswith("1 file not delivered: report.pdf")
