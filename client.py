@@ -7,7 +7,10 @@ import argparse
 import sys
 import time
 
-import common
+if __package__:  # installed: aeschat.client and aeschat.server beside aeschat.common
+    from . import common
+else:  # python client.py (or server.py) from a checkout: common.py beside it
+    import common
 
 PROG = "aeschat-client"
 

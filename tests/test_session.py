@@ -1393,7 +1393,8 @@ def test_a_reset_is_logged_a_quiet_close_of_a_greeting_reader_is_not():
 # The small machines' tables, whole; the records table against the Session's docstring
 
 
-@pytest.mark.parametrize("table, start", [(common.Redial.CLIENT, common.Away.UP), (common.Redial.SERVER, common.Away.UP),
+@pytest.mark.parametrize("table, start", [(common.Redial.CLIENT, common.Away.UP),
+                                          (common.Redial.SERVER, common.Away.UP),
                                           (common.Leaving.TABLE, common.Going.STAYING)])
 def test_every_state_of_redial_and_leaving_is_reachable_and_every_pair_has_a_cell(table, start):
     seen, todo = {start}, [start]
