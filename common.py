@@ -9,10 +9,12 @@ The map, in layers, each using only those above it:
   5. Handshake     the v2 connection: greeting, SPAKE2 with the passphrase or a resumption secret, records
   6. Legacy        the original scripts' format (--legacy), behind the same interface
   7. Display       verify_and_display, what may reach a terminal, rows laid out so that no peer can forge one
-  8. Session       Conversation (what survives reconnects) and Session, the machine that holds every rule of
-                   a chat: events in, actions out; and Gate, the server's door (pending handshakes, guessing)
-  9. Shell         sockets and threads only: Link (a reader and a writer thread per connection), Chat (steps the
-                   machine under a lock, carries out its actions after), the client's dialling, the server's door
+  8. Session       Conversation (what survives reconnects); small machines with tables of states (Transfers,
+                   Redial, Leaving) and Messages, coordinated by Session, which holds the rules of a chat: inputs
+                   in, actions out; and Gate, the server's door (pending handshakes, guessing)
+  9. Shell         sockets and threads only, mapped in its header: Link (a reader and a writer thread per
+                   connection), Chat (steps the session under a lock, carries out its actions after), the client's
+                   dialling, the server's door
  10. UI            PlainUI for pipes, TerminalUI (prompt_toolkit, imported only on a terminal)
  11. Command line  arguments, passphrase intake, run()
 
@@ -48,6 +50,25 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from spake2.ed25519_basic import NotOnCurve
 
 __version__ = "2.0.0"
+
+__all__ = [
+    # What client.py and server.py use (a test keeps this list in step with them).
+    "BUSY", "BUSY_REFUSAL", "CLIENT", "DEFAULT_PORT", "EXIT_INTERRUPTED", "EXIT_NETWORK", "EXIT_TERMINATED",
+    "FIRST_RETRY", "LAST_RETRY", "LEGACY", "PASSPHRASE", "REFUSALS", "V2", "Chat", "Conversation", "Dialer", "Files",
+    "Server", "Session", "Terminated", "address", "argument_parser", "ask", "check_file_options", "describe",
+    "greeting", "legacy_warning", "make_ui", "passphrase_given", "port_number", "prompt_passphrase", "run", "run_chat",
+    # The error tree.
+    "AeschatError", "LocalProtocolError", "UsageError", "NetworkError", "Refused", "RemoteProtocolError",
+    "TruncatedFrame", "OutputFailed", "NotAeschatPeer", "AuthenticationError", "UnfinishedAuthentication",
+    "IntegrityError", "IllegalMove",
+    # The events: what a connection carries, what a session takes in and asks for, what the door asks for.
+    "Message", "Ack", "Resume", "Alert", "Ping", "Pong", "Goodbye", "Busy", "ConnectionClosed", "Offer", "Accept",
+    "FileAck", "Done", "Refuse", "Cancel", "Chunk", "HandshakeComplete", "HelloReceived", "ConfirmationReceived",
+    "Input", "Typed", "Attached", "Got", "Drained", "Failed", "Tick", "Leave", "Interrupt", "DialFailed", "FileReady",
+    "FileOpened", "FileSaved", "FileFailed",
+    "Action", "Send", "Show", "Close", "Dial", "Live", "ChunkOf", "PrepareFile", "OpenFile", "WriteFile", "SaveFile",
+    "DiscardFile", "ReleaseFile", "End", "Write", "Drop", "Admit", "Log",
+]
 
 # ===================================================================================================
 # 1. Errors: one tree, split by whose fault it is.
@@ -3304,6 +3325,38 @@ class Gate:
 # actions after releasing it, in order; a Link is one connection's reader and writer thread; the client dials,
 # the server's Door runs one selector loop over every connection its Gate has not yet admitted. Every thread
 # ends in guarded(), the one place where whatever escapes it becomes a single line, never a traceback.
+#
+# The threads, what each runs, and whether it steps a Session (always through Chat.step, under Chat.lock):
+#
+#   thread        runs                                   steps the session with          locks it takes
+#   main          the input loop: run_chat, Server.serve Typed, Leave, Interrupt         Chat.lock; Server.lock
+#                 (prompt_toolkit's event loop inside                                    (never while holding
+#                 TerminalUI.read_line)                                                  Chat.lock)
+#   clock         Chat._tick: sleeps until next_wakeup   Tick                            Chat.lock (its Condition)
+#   reader        Link._read, one per connection: recv,  Got, Drained, Failed            Chat.lock
+#                 open records
+#   writer        Link._write, one per connection:       FileFailed (a chunk that cannot Link._closed (its latest-
+#                 seal, sendall; reads a file's chunks   be read, through _post)         only records); Chat.lock
+#   close timer   Link._shutdown after CLOSE_GRACE       nothing                         Link._closed
+#   dial          Chat._redial: one reconnection         DialFailed, or Attached         Chat.lock
+#                 attempt (the client's)
+#   file          Chat._prepare and _save: hashing,      FileReady, FileSaved,           Chat.lock
+#                 checking, renaming                     FileFailed
+#   step          Chat._post: an input an action asked   FileOpened, FileFailed          Chat.lock
+#                 for (an action never steps the session
+#                 it came from, while its actions are carried out)
+#   door          Door.run (the server's): one selector  Attached (Server.admit ->       Server.lock, then
+#                 loop; the Gate decides                 Chat.attach)                    Chat.lock (Gate's
+#                                                                                        questions to Server)
+#   printer       PlainUI._print: writes what is shown   nothing                         none (a queue)
+#   stdin         PlainUI._read_stdin: reads lines       nothing (a queue the main       none
+#                                                        thread reads)
+#
+# Lock order: Server.lock, then Chat._acting, then Chat.lock, then Link._closed; never the other way. Chat._acting
+# (one thread at a time carries out actions, in order) is taken after a step releases Chat.lock, and takes it only
+# to pop the next action; an action that would step the session again goes through _post, to a thread of its own,
+# since _acting is held. No lock is held while a socket is read, a file touched or a line printed, and only
+# Chat._acting while an action is carried out (a Link's put and close never block).
 
 DEFAULT_PORT = 5555
 RECV_SIZE = 256 * 1024
