@@ -859,6 +859,7 @@ class ClientConnection(Connection):
             if not hmac.compare_digest(body, self._expected):
                 raise AuthenticationError("the server's key confirmation is wrong: the passphrases differ, "
                                           "or someone interfered with the connection")
+            self._frames.max_size = MAX_FRAME  # records may come now; until the server proved the secret, 64 bytes
             self.state = State.OPEN
             return HandshakeComplete()
         kind, rest = parse_handshake_frame(body)
@@ -876,7 +877,6 @@ class ClientConnection(Connection):
             raise AuthenticationError("the server's hello is from the wrong side (a reflected hello?)")
         mine, self._expected = self._derive(kind, self._spake, rest, self._hello + body)
         self._outgoing += frame(mine)
-        self._frames.max_size = MAX_FRAME
         self.state = State.CONFIRM
         return _CONSUMED
 
@@ -961,7 +961,6 @@ class ServerConnection(Connection):
         self._spake, message = started
         self._ours = PREFIX + self.kind + message
         self._outgoing += frame(self._ours)
-        self._frames.max_size = MAX_FRAME
         self.state = State.CONFIRM
 
     def derive(self):
@@ -979,6 +978,7 @@ class ServerConnection(Connection):
             self.state = State.CLOSED
             return False
         self._outgoing += frame(self._mine)
+        self._frames.max_size = MAX_FRAME  # records may come now; until the confirmation was checked, 64 bytes
         self.state = State.OPEN
         return True
 
@@ -1755,6 +1755,7 @@ class _Transfer:
         self.most = 0  # for a sender, the most the receiver ever had: leaving waits only while that grows
         self.started = self.start_done = None  # when bytes began to flow, and how many there were then
         self.offered = False  # told the user (once; an offer goes again after every reconnection)
+        self.restated = False  # for a receiver: answered an offer made again on this link (once per link)
         self.reason = None  # why it was refused or cancelled
 
     @property
@@ -1769,6 +1770,20 @@ class _Transfer:
         return percent, (self.done - self.start_done) / (now - self.started)
 
 
+def progress_field(t, others, now, live):
+    """A transfer's progress for the status line, in ever shorter forms: percent, rate and time left."""
+    percent, rate = t.progress(now)
+    verb = "sending" if t.outgoing else "receiving"
+    more = f" (+{others})" if others else ""
+    if not live:
+        return [f"{verb} {visible(t.name)} {percent}%, paused{more}", f"{verb} {percent}%, paused{more}", f"{percent}%"]
+    long = f"{verb} {visible(t.name)} {percent}%{more}"
+    if rate:
+        left = (t.size - t.done) / rate
+        long = f"{verb} {visible(t.name)} {percent}%, {size_text(int(rate))}/s, {left:.0f} s left{more}"
+    return [long, f"{verb} {percent}%{more}", f"{percent}%"]
+
+
 class Transfers:
     """Files, both ways, as two tables: what each input does to a file in each state. No I/O: the shell opens,
     hashes, reads, writes and saves when asked (PrepareFile, OpenFile, WriteFile, SaveFile, DiscardFile, ReleaseFile)
@@ -1779,13 +1794,14 @@ class Transfers:
 
     # Ours. ready: hashed; unreadable: cannot be read; offer: room among MAX_OFFERED; accept, fack, done, refuse: the
     # peer's records; stop: we leave; again: offered again after a reconnection; abandon: the chat ended or a new
-    # client took it over.
+    # client took it over. An accept answers an offer: one more while sending is ignored, or a peer could make us
+    # send the file again and again for a few bytes each time.
     OUTGOING = Table(Out, """
                 ready   unreadable  offer    accept   fack     done   refuse   stop       again    abandon
     PREPARING   READY   CANCELLED   .        !        !        !      !        CANCELLED  .        .
     READY       .       CANCELLED   OFFERED  !        !        !      !        CANCELLED  .        CANCELLED
     OFFERED     .       CANCELLED   .        SENDING  .        DONE   REFUSED  CANCELLED  OFFERED  CANCELLED
-    SENDING     .       CANCELLED   .        SENDING  SENDING  DONE   REFUSED  CANCELLED  OFFERED  CANCELLED
+    SENDING     .       CANCELLED   .        .        SENDING  DONE   REFUSED  CANCELLED  OFFERED  CANCELLED
     DONE        .       .           .        .        .        .      .        .          .        .
     REFUSED     .       .           .        .        .        .      .        .          .        .
     CANCELLED   .       .           .        .        .        .      .        .          .        .
@@ -1880,6 +1896,8 @@ class Transfers:
         if fresh:
             self.abandon(fresh)
             self.incoming.clear()
+        for t in self.incoming.values():
+            t.restated = False
         for t in list(self.outgoing.values()):
             self._out(t, "again")
         self.offer_ready()
@@ -1929,20 +1947,7 @@ class Transfers:
         """The status line's field for the first file moving, in ever shorter forms."""
         moving = [t for t in (*self.outgoing.values(), *self.incoming.values())
                   if t.state in (Out.SENDING, In.RECEIVING)]
-        if not moving:
-            return [""]
-        t = moving[0]
-        percent, rate = t.progress(now)
-        verb = "sending" if t.outgoing else "receiving"
-        more = f" (+{len(moving) - 1})" if len(moving) > 1 else ""
-        if not live:
-            return [f"{verb} {visible(t.name)} {percent}%, paused{more}", f"{verb} {percent}%, paused{more}",
-                    f"{percent}%"]
-        long = f"{verb} {visible(t.name)} {percent}%{more}"
-        if rate:
-            long = f"{verb} {visible(t.name)} {percent}%, {size_text(int(rate))}/s, {(t.size - t.done) / rate:.0f} " \
-                   f"s left{more}"
-        return [long, f"{verb} {percent}%{more}", f"{percent}%"]
+        return progress_field(moving[0], len(moving) - 1, now, live) if moving else [""]
 
     # -- the peer's records: every field checked before a table moves
 
@@ -1952,8 +1957,11 @@ class Transfers:
 
     def _got_offer(self, offer):
         t = self.incoming.get(offer.file)
-        if t is not None:  # offered again after a reconnection: say where we stand
-            return self._in(t, "offer")
+        if t is not None:  # offered again after a reconnection: say where we stand, once on each link
+            if not t.restated:
+                t.restated = True
+                self._in(t, "offer")
+            return
         if sum(t.active for t in self.incoming.values()) >= MAX_OFFERED:
             raise RemoteProtocolError(f"more than {MAX_OFFERED} files offered at once")
         finished = [file for file, t in self.incoming.items() if not t.active]
@@ -3025,35 +3033,50 @@ class Session:
 
 
 HANDSHAKE_DEADLINE = 5.0  # seconds an unauthenticated client has for each of its steps (hello, confirmation)
-CLIENT_HANDSHAKE_DEADLINE = 30.0  # a client waits longer: a server slowing down guesses may hold it back
-MAX_PENDING = 64  # connections handshaking at once; past it the one that has done least is dropped
-SPAKE2_PER_SECOND = 20  # the door's budget of SPAKE2 work (a few ms each): the live chat keeps its share of CPU
-SPAKE2_BURST = 4
+CLIENT_HANDSHAKE_DEADLINE = 30.0  # how long a client waits on us; a confirmation not checked by then is dropped
+MAX_PENDING = 64  # connections handshaking at once; past it, the one that stands lowest is dropped
+MAX_PENDING_PER_NETWORK = 8  # from one network: its ninth pushes out its own oldest, not someone else's
+# SPAKE2 work (about 5 ms for each half on CPython): in all, this many a second, fewer while a chat is on so that
+# it keeps its share of the CPU; and each network (a /24 or a /64) this many a second after a burst, so that the
+# networks a stranger floods from wait while one that knocks seldom goes first. A reconnection counts only in all.
+WORK_RATE, WORK_RATE_CHATTING, WORK_BURST = 50.0, 20.0, 8
+NETWORK_WORK_RATE, NETWORK_WORK_BURST = 0.5, 4
+# Passphrase checks for addresses that have not given the passphrase before (guesses, as far as the server can
+# tell): each network 5, then one a minute; all networks together 30, then one a second. SECURITY.md has the
+# arithmetic: a stranger with K networks gets at most min(K x 1,440, 86,400) a day, plus the bursts.
+NETWORK_GUESS_RATE, NETWORK_GUESS_BURST = 1 / 60, 5
+GUESS_RATE, GUESS_BURST = 1.0, 30
+ARRIVALS_HALF_LIFE = 60.0  # a network's count of recent connections halves in this time
+GUESS_REPORT = 60.0  # the server's user hears of wrong passphrases at most once in this time
+KEPT_NETWORKS = 4096  # networks and addresses remembered (the oldest are forgotten first)
 
 
-class GuessLimiter:
-    """Online guessing, slowed: passphrase confirmations are checked one at a time, and after failures the next
-    check waits 1, 2, 4, then at most 8 s. The count of failures decays (halving every HALF_LIFE seconds) rather
-    than resetting on a success, so a legitimate login in the middle of an attack does not open a burst."""
+class Bucket:
+    """A token bucket: refills at `rate` a second (rate may be a function of nothing, read at each refill), holds at
+    most `burst`."""
 
-    MAX_GUESS_INTERVAL = 8  # seconds: at worst 7.5 guesses a minute, a wait a real user can bear
-    HALF_LIFE = 60.0
+    def __init__(self, rate, burst, now=0.0):
+        self.rate, self.burst = rate, burst
+        self._tokens, self._at = float(burst), now
 
-    def __init__(self):
-        self._score, self._at = 0.0, 0.0
-        self.next_check = 0.0
+    def _rate(self):
+        return self.rate() if callable(self.rate) else self.rate
 
-    def failures(self, now):
-        return self._score * 0.5 ** ((now - self._at) / self.HALF_LIFE)
+    def level(self, now):
+        return min(self.burst, self._tokens + max(0.0, now - self._at) * self._rate())
 
-    def interval(self, now):
-        count = round(self.failures(now))
-        return 0 if count < 1 else min(2 ** (count - 1), self.MAX_GUESS_INTERVAL)
+    def ready(self, now):
+        return self.level(now) >= 1
 
-    def checked(self, now, ok):
-        if not ok:
-            self._score, self._at = self.failures(now) + 1, now
-        self.next_check = now + self.interval(now)
+    def take(self, now):
+        self._tokens, self._at = self.level(now) - 1, now
+
+    def give_back(self, now):
+        self._tokens, self._at = min(self.burst, self.level(now) + 1), now
+
+    def ready_at(self, now):
+        """When the next token is there."""
+        return now + max(0.0, 1 - self.level(now)) / self._rate()
 
 
 class Write(Action):
@@ -3076,64 +3099,102 @@ class Log(Action):
     __slots__ = ("line",)
 
 
-class _Pending:
-    __slots__ = ("key", "peer", "host", "network", "conn", "since", "stage", "heard")
+def network_of(host):
+    """The network an address belongs to, for budgets and turns: its /24 (IPv4) or /64 (IPv6), so that a stranger
+    with a range of addresses counts once, not once per address."""
+    import ipaddress
 
-    STAGES = ("hello", "confirm", "queued", "check")  # in the order they are dropped to make room
+    try:
+        address = ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
+        return host
+    if address.version == 6 and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    return str(ipaddress.ip_network(f"{address}/{24 if address.version == 4 else 64}", strict=False))
+
+
+class _Network:
+    """What the door remembers of a network: its budgets, and how often it knocked lately."""
+
+    def __init__(self, now):
+        self.work = Bucket(NETWORK_WORK_RATE, NETWORK_WORK_BURST, now)
+        self.guesses = Bucket(NETWORK_GUESS_RATE, NETWORK_GUESS_BURST, now)
+        self._arrivals, self._at = 0.0, now
+
+    def arrivals(self, now):
+        return self._arrivals * 0.5 ** ((now - self._at) / ARRIVALS_HALF_LIFE)
+
+    def standing(self, now):
+        """How much it knocked lately, in whole connections: fewer is better, and so are ties (no float order)."""
+        return round(self.arrivals(now))
+
+    def knocked(self, now):
+        self._arrivals, self._at = self.arrivals(now) + 1, now
+
+
+class _Pending:
+    __slots__ = ("key", "peer", "host", "network", "conn", "since", "stage", "heard", "derived")
+
+    STAGES = ("hello", "queued", "confirm", "check")  # waiting for its hello, for a turn, for its confirmation, checks
+    # What a connection at each stage is worth keeping when room is needed, lowest first: one that has sent nothing
+    # for a second (idle), one waiting for the SPAKE2 budget, a confirmation waiting for a guess, one just accepted
+    # (its hello is usually on its way), one we answered (SPAKE2 spent on it; its client computes).
+    IDLE, KEEP = 1.0, {"idle": 0, "queued": 1, "check": 2, "hello": 3, "confirm": 4}
+
+    def worth(self, now):
+        return self.KEEP["idle" if self.stage == "hello" and now - self.since >= self.IDLE else self.stage]
 
     def __init__(self, key, peer, conn, now):
         self.key, self.peer, self.conn, self.since, self.stage, self.heard = key, peer, conn, now, "hello", False
         self.host = peer.rsplit(":", 1)[0].strip("[]")
         self.network = network_of(self.host)
-
-
-def network_of(host):
-    """The network an address belongs to, for taking turns: its /24 (IPv4) or /64 (IPv6), so that an attacker with
-    a range of addresses takes one turn, not one per address."""
-    if ":" in host:
-        return ":".join(host.split(":")[:4])
-    return host.rsplit(".", 1)[0]
+        self.derived = False  # our half of SPAKE2 is finished
 
 
 class Gate:
     """The server's door, without I/O: every connection that has not yet authenticated, and the rules for them.
 
     - A connection is greeted at once (OPEN or BUSY, so that a client learns "busy" before asking for a
-      passphrase), and nothing is computed for it until its hello arrives.
-    - A hello with the passphrase while a chat with a connected client is on is refused as BUSY; a hello naming a
-      conversation the server does not hold is refused as UNKNOWN. While a client is connected, the others wait
-      their turn for the SPAKE2 budget (SPAKE2_PER_SECOND), so the live chat keeps its share of the CPU.
-    - The client's confirmation of a resumption is checked at once (its secret cannot be guessed). One with the
-      passphrase waits its turn at the GuessLimiter, addresses taking turns, and a failure is logged and refused.
-      Only a failed confirmation counts as a guess: never a connection that merely opens or closes.
-    - Each step of the client's (hello, confirmation) has HANDSHAKE_DEADLINE seconds. Past MAX_PENDING, or when
-      the process runs out of descriptors, connections are dropped to make room: first those that never sent a
-      hello, oldest first.
+      passphrase); nothing is computed for it until its hello arrives, and what is cheap is done at once: a
+      passphrase hello during a chat with a connected client is refused as BUSY, a resumption of a conversation
+      the server does not hold as UNKNOWN.
+    - The rest costs SPAKE2 and is done one piece at a time (work()), between which the door reads its sockets, so
+      a connection that closed meanwhile costs nothing. Each piece is taken in turn from what is eligible:
+      reconnections first, then addresses that gave the passphrase before, then networks that knocked least lately.
+      SPAKE2 work is budgeted in all and per network; passphrase checks of other addresses (guesses) in all and
+      per network, a check that succeeds giving its tokens back. A resumption's confirmation is checked at once
+      (its secret cannot be guessed), as is one from an address that gave the passphrase before (until it fails).
+    - Each step of the client's (hello, confirmation) has HANDSHAKE_DEADLINE seconds; a confirmation waiting for
+      its check, CLIENT_HANDSHAKE_DEADLINE. Past MAX_PENDING (or MAX_PENDING_PER_NETWORK from one network), or when
+      the process runs out of descriptors, the connection that stands lowest is dropped: from the network that
+      knocked most, one that never sent a hello, the oldest; a reconnection last.
+    - Wrong passphrases are logged as they start, then summed up once a minute.
 
     host answers two questions about the chats: status() -> OPEN or BUSY, secret_for(resume id) -> secret or None.
     """
 
     def __init__(self, passphrase, host, handshakes=True, entropy=os.urandom, max_pending=MAX_PENDING,
-                 deadline=HANDSHAKE_DEADLINE, budget=(SPAKE2_PER_SECOND, SPAKE2_BURST)):
+                 deadline=HANDSHAKE_DEADLINE, now=0.0):
         self.passphrase, self.host, self.handshakes, self.entropy = passphrase, host, handshakes, entropy
         self.max_pending, self.deadline = max_pending, deadline
-        self.rate, self.burst = budget
         self.pending = collections.OrderedDict()  # key -> _Pending, oldest first
         self._spare = None  # a SPAKE2 start for the passphrase, made while nothing else happens
-        self.limiter = GuessLimiter()
-        self._tokens, self._filled = float(self.burst), 0.0
-        self._last_turn = collections.OrderedDict()  # network -> when its last confirmation was checked
-        self._known = collections.OrderedDict()  # addresses that gave the passphrase before: they go first
+        self.work_budget = Bucket(lambda: WORK_RATE_CHATTING if self.host.status() == BUSY else WORK_RATE,
+                                  WORK_BURST, now)
+        self.guess_budget = Bucket(GUESS_RATE, GUESS_BURST, now)
+        self._networks = collections.OrderedDict()  # network -> _Network, least recently seen first
+        self._known = collections.OrderedDict()  # addresses that gave the passphrase (and have not failed since)
+        self._wrong, self._wrong_networks, self._report_at = 0, set(), None  # wrong passphrases not yet told
+
+    # -- what the door tells it
 
     def accepted(self, key, peer, now):
         if not self.handshakes:  # legacy: no handshake, nothing to wait for
             return [Admit(key, LegacyConnection(self.passphrase), None)]
-        actions = []
-        if len(self.pending) >= self.max_pending:
-            actions += self._shed(1, "too many connections at once")
         conn = ServerConnection(self.host.status(), entropy=self.entropy)
-        self.pending[key] = _Pending(key, peer, conn, now)
-        return actions + [Write(key, conn.data_to_send())]
+        pending = self.pending[key] = _Pending(key, peer, conn, now)
+        self._network(pending.network, now).knocked(now)
+        return [Write(key, conn.data_to_send())] + self._make_room(pending, now)
 
     def received(self, key, data, now):
         """Bytes from a pending connection (b"": it closed)."""
@@ -3148,7 +3209,7 @@ class Gate:
                 actions += self._on(pending, event, now)
         except RemoteProtocolError as e:
             actions += self._drop(pending, f"{pending.peer} dropped: {e}")
-        return actions + self._work(now)
+        return actions
 
     def failed(self, key, reason):
         """The connection failed (a reset): it goes, and the log says so."""
@@ -3156,6 +3217,7 @@ class Gate:
         return [] if pending is None else self._drop(pending, f"{pending.peer} dropped: {reason}")
 
     def tick(self, now):
+        """Deadlines, and the minute's report of wrong passphrases."""
         actions = []
         for pending in list(self.pending.values()):
             waited = now - pending.since
@@ -3165,26 +3227,82 @@ class Gate:
             elif waited >= CLIENT_HANDSHAKE_DEADLINE:  # waiting on us for longer than any client waits
                 actions += self._drop(pending, f"{pending.peer} dropped: its turn did not come within "
                                                f"{CLIENT_HANDSHAKE_DEADLINE:.0f} s")
-        return actions + self._work(now)
+        if self._report_at is not None and now >= self._report_at:
+            actions += self._report(now)
+        return actions
 
     def overloaded(self, now):
-        """The process is out of descriptors: make room, oldest idle connections first."""
+        """The process is out of descriptors: make room, a quarter of the pending, those that stand lowest first."""
         count = max(1, len(self.pending) // 4)
-        actions = self._shed(count, "out of file descriptors", quiet=True)
+        actions = [action for pending in self._lowest(now)[:count] for action in self._drop(pending, None)]
         if actions:
             actions.append(Log(f"out of file descriptors: dropped {len(actions)} pending connections to make room"))
         return actions
 
-    def next_wakeup(self):
-        times = []
+    def next_wakeup(self, now):
+        times = [self._report_at] if self._report_at is not None else []
         for pending in self.pending.values():
             limit = self.deadline if pending.stage in ("hello", "confirm") else CLIENT_HANDSHAKE_DEADLINE
             times.append(pending.since + limit)
-            if pending.stage == "check":
-                times.append(self.limiter.next_check)
-            elif pending.stage == "queued":
-                times.append(self._filled + (1 - self._tokens) / self.rate)
+            network = self._network(pending.network, now)
+            if pending.stage == "queued":
+                times.append(max(self.work_budget.ready_at(now), network.work.ready_at(now)))
+            elif pending.stage == "check":
+                times.append(max(self.guess_budget.ready_at(now), network.guesses.ready_at(now)))
         return min(times) if times else None
+
+    # -- the work, one piece at a time
+
+    def has_work(self, now):
+        return self._next_piece(now) is not None
+
+    def work(self, now):
+        """Do the next piece of SPAKE2 work that is eligible (one: the door reads its sockets in between)."""
+        piece = self._next_piece(now)
+        if piece is None:
+            return []
+        what, pending = piece
+        if what == "answer":
+            return self._answer(pending, now)
+        if what == "check":
+            return self._check(pending, now)
+        self.work_budget.take(now)  # an eager derive: done while the client computes its own half
+        return self._derive(pending)
+
+    def _next_piece(self, now):
+        checks = [p for p in self.pending.values() if p.stage == "check" and self._may_check(p, now)]
+        if checks:
+            return "check", min(checks, key=lambda p: self._turn(p, now))
+        if not self.work_budget.ready(now):
+            return None
+        queued = [p for p in self.pending.values() if p.stage == "queued" and (
+            p.conn.kind == RESUME or p.host in self._known or self._network(p.network, now).work.ready(now))]
+        if queued:
+            return "answer", min(queued, key=lambda p: self._turn(p, now))
+        answered = [p for p in self.pending.values() if p.stage == "confirm" and not p.derived]
+        return ("derive", answered[0]) if answered else None
+
+    def _turn(self, pending, now):
+        """The order of turns: reconnections, then addresses that gave the passphrase before, then the networks
+        that knocked least lately, then the oldest."""
+        return (pending.conn.kind != RESUME, pending.host not in self._known,
+                self._network(pending.network, now).standing(now), pending.since)
+
+    def _may_check(self, pending, now):
+        if pending.conn.kind == RESUME or pending.host in self._known:
+            return True
+        return self.guess_budget.ready(now) and self._network(pending.network, now).guesses.ready(now)
+
+    @property
+    def wants_spare(self):
+        return self.handshakes and self._spare is None
+
+    def spare(self):
+        """While the door is idle: start SPAKE2 for the next passphrase hello ahead of it (one at most, for no
+        connection in particular: nothing is computed for a connection before its hello)."""
+        if self.handshakes and self._spare is None:
+            spake = spake2.SPAKE2_B(normalize_passphrase(self.passphrase), idA=ID_A, idB=ID_B, entropy_f=self.entropy)
+            self._spare = (spake, spake.start())
 
     # -- inside
 
@@ -3202,60 +3320,17 @@ class Gate:
             pending.stage, pending.since = "queued", now
             return []
         if isinstance(event, ConfirmationReceived):
-            try:
-                conn.derive()
-            except RemoteProtocolError as e:
-                return self._drop(pending, f"{pending.peer} dropped: {e}")
             pending.stage, pending.since = "check", now
-            if conn.kind == RESUME:  # an unguessable secret: no limiter, no waiting
-                return self._check(pending, now)
             return []
         if isinstance(event, ConnectionClosed):
             if pending.stage == "confirm":
                 return self._drop(pending, f"{pending.peer} dropped: it closed the connection after our hello, "
                                            "without a key confirmation")
             # One that sent nothing at all is a client reading the greeting before it asks for a passphrase, or
-            # a port scan: nothing to tell.
-            return self._drop(pending, f"{pending.peer} dropped: it closed the connection" if pending.heard else None)
+            # a port scan: nothing to tell. One that closed while it waited for its turn cost nothing.
+            return self._drop(pending, f"{pending.peer} dropped: it closed the connection"
+                                       if pending.heard and pending.stage != "queued" else None)
         raise RemoteProtocolError(f"an unexpected {type(event).__name__} during the handshake")
-
-    def _work(self, now):
-        """Spend the SPAKE2 budget on hellos waiting for it, and check the confirmation whose turn it is."""
-        actions = []
-        self._tokens = min(self.burst, self._tokens + (now - self._filled) * self.rate)
-        self._filled = now
-        budgeted = self.host.status() == BUSY  # a chat with a connected client: its CPU comes first
-        while self._tokens >= 1 or not budgeted:
-            queued = [p for p in self.pending.values() if p.stage == "queued"]
-            if not queued:
-                break
-            pending = min(queued, key=lambda p: (p.conn.kind != RESUME, p.since))
-            self._tokens -= budgeted
-            actions += self._answer(pending, now)
-        while now >= self.limiter.next_check:
-            waiting = [p for p in self.pending.values() if p.stage == "check"]
-            if not waiting:
-                break
-            # An address that gave the passphrase before goes first; then networks take turns, and within one its
-            # addresses, so that guessers, from however many addresses, cannot keep a real user's confirmation
-            # behind theirs. (From the user's own address, a guesser is the user as far as anyone can tell.)
-            pending = min(waiting, key=lambda p: (p.host not in self._known, self._last_turn.get(p.network, -1.0),
-                                                  self._last_turn.get(p.host, -1.0), p.since))
-            self._remember(self._last_turn, pending.network, now)
-            self._remember(self._last_turn, pending.host, now)
-            actions += self._check(pending, now)
-        return actions
-
-    @property
-    def wants_spare(self):
-        return self.handshakes and self._spare is None
-
-    def spare(self):
-        """While the door is idle: start SPAKE2 for the next passphrase hello ahead of it (one at most, for no
-        connection in particular: nothing is computed for a connection before its hello)."""
-        if self.handshakes and self._spare is None:
-            spake = spake2.SPAKE2_B(normalize_passphrase(self.passphrase), idA=ID_A, idB=ID_B, entropy_f=self.entropy)
-            self._spare = (spake, spake.start())
 
     def _answer(self, pending, now):
         conn = pending.conn
@@ -3263,61 +3338,102 @@ class Gate:
         if secret is None:  # the conversation ended while the hello waited
             conn.refuse(UNKNOWN)
             return [Write(pending.key, conn.data_to_send())] + self._drop(pending, None)
+        self.work_budget.take(now)
+        if conn.kind == PASSPHRASE and pending.host not in self._known:
+            self._network(pending.network, now).work.take(now)
         started, self._spare = (self._spare, None) if conn.kind == PASSPHRASE else (None, self._spare)
         conn.answer(secret, started)
         pending.stage, pending.since = "confirm", now
         return [Write(pending.key, conn.data_to_send())]
 
-    def derive(self, now):
-        """After our hellos are written: finish SPAKE2 for them, while their clients finish theirs."""
-        actions = []
-        for pending in list(self.pending.values()):
-            if pending.stage == "confirm":
-                try:
-                    pending.conn.derive()
-                except RemoteProtocolError as e:
-                    actions += self._drop(pending, f"{pending.peer} dropped: {e}")
-        return actions
+    def _derive(self, pending):
+        try:
+            pending.conn.derive()
+        except RemoteProtocolError as e:
+            return self._drop(pending, f"{pending.peer} dropped: {e}")
+        pending.derived = True
+        return []
 
     def _check(self, pending, now):
         conn = pending.conn
-        ok = conn.check()
-        if conn.kind == PASSPHRASE:
-            self.limiter.checked(now, ok)
+        counted = conn.kind == PASSPHRASE and pending.host not in self._known
+        network = self._network(pending.network, now)
+        if counted:
+            self.guess_budget.take(now)
+            network.guesses.take(now)
+        try:
+            ok = conn.check()
+        except RemoteProtocolError as e:
+            return self._drop(pending, f"{pending.peer} dropped: {e}")
         if ok:
             del self.pending[pending.key]
             if conn.kind == PASSPHRASE:
                 self._remember(self._known, pending.host, now)
+            if counted:  # no guess: the budgets are for those who do not know the passphrase
+                self.guess_budget.give_back(now)
+                network.guesses.give_back(now)
             return [Write(pending.key, conn.data_to_send()), Admit(pending.key, conn, conn.kind)]
         conn.refuse(DENIED)
+        actions = [Write(pending.key, conn.data_to_send())]
         if conn.kind == RESUME:
-            line = f"failed resumption from {pending.peer}: someone may be interfering"
-        else:
-            failures, wait = self.limiter.failures(now), self.limiter.interval(now)
-            line = (f"failed passphrase attempt from {pending.peer} ({failures:.0f} recently; "
-                    f"the next check waits {wait} s)")
-        return [Write(pending.key, conn.data_to_send())] + self._drop(pending, line)
+            return actions + self._drop(pending, f"failed resumption from {pending.peer}: someone may be interfering")
+        self._known.pop(pending.host, None)  # it guessed: it waits its turn like any other from now on
+        return actions + self._drop(pending, None) + self._wrong_passphrase(pending, now)
+
+    def _wrong_passphrase(self, pending, now):
+        """The first wrong passphrase after a quiet minute is told at once; the rest of the minute, in one line."""
+        if self._report_at is None:
+            self._report_at = now + GUESS_REPORT
+            return [Log(f"failed passphrase attempt from {pending.peer} (further ones are counted and told once a "
+                        "minute)")]
+        self._wrong += 1
+        self._wrong_networks.add(pending.network)
+        return []
+
+    def _report(self, now):
+        if not self._wrong:
+            self._report_at = None
+            return []
+        n, k = self._wrong, len(self._wrong_networks)
+        self._wrong, self._wrong_networks, self._report_at = 0, set(), now + GUESS_REPORT
+        return [Log(f"{n} wrong passphrase{'s' if n != 1 else ''} from {k} network{'s' if k != 1 else ''} in the "
+                    f"last minute")]
 
     def _drop(self, pending, line):
         self.pending.pop(pending.key, None)
         return [Drop(pending.key, line)]
 
+    def _network(self, network, now):
+        known = self._networks.get(network)
+        if known is None:
+            known = _Network(now)
+        self._remember(self._networks, network, known)
+        return known
+
     @staticmethod
-    def _remember(table, key, value, most=4096):
-        """A bounded memory: the oldest entries go first."""
+    def _remember(table, key, value, most=KEPT_NETWORKS):
+        """A bounded memory: the least recently seen entries go first."""
         table.pop(key, None)
         table[key] = value
         while len(table) > most:
             table.popitem(last=False)
 
-    def _shed(self, count, reason, quiet=False):
-        # A reconnection goes last: it proves a secret no stranger can guess, so shedding it only helps one.
-        order = sorted(self.pending.values(), key=lambda p: (getattr(p.conn, "kind", None) == RESUME,
-                                                             _Pending.STAGES.index(p.stage), p.since))
-        actions = []
-        for pending in order[:count]:
-            actions += self._drop(pending, None if quiet else f"{pending.peer} dropped to make room: {reason}")
-        return actions
+    def _lowest(self, now):
+        """The pending connections in the order they are dropped to make room: from the networks that knocked most
+        lately, those worth least (_Pending.worth), the oldest; a reconnection and a known address last."""
+        return sorted(self.pending.values(), key=lambda p: (
+            p.conn.kind == RESUME, p.host in self._known, -self._network(p.network, now).standing(now),
+            p.worth(now), p.since))
+
+    def _make_room(self, newcomer, now):
+        lowest = self._lowest(now)
+        crowd = [p for p in lowest if p.network == newcomer.network]
+        if len(crowd) > MAX_PENDING_PER_NETWORK:
+            return self._drop(crowd[0], f"{crowd[0].peer} dropped to make room: too many connections from its "
+                                        "network at once")
+        if len(self.pending) > self.max_pending:
+            return self._drop(lowest[0], f"{lowest[0].peer} dropped to make room: too many connections at once")
+        return []
 
 
 # ===================================================================================================
@@ -3394,12 +3510,17 @@ class Link:
     # Records of which only the latest counts (acknowledgements are cumulative; any pong answers every ping):
     # at most one of each waits for the writer, so a peer that sends and never reads cannot make us pile them up.
     LATEST_ONLY = (Pong, Ack, FileAck)
+    # Other answers to the peer's records (to its offers: accepted, declined, where a transfer stands). A peer that
+    # reads ours sees a few wait at most; past this many, it sends requests and does not read the answers, and the
+    # link fails before it reads another (HTTP/2 servers close a connection whose control frames pile up so).
+    REPLIES, MAX_REPLIES = (Accept, Done, Refuse), 1000
 
     def __init__(self, chat, sock, conn, peer, coalesce=True, linger=True):
         self.chat, self.sock, self.conn, self.peer, self.coalesce = chat, sock, conn, peer, coalesce
         self.linger = linger  # a closing link waits for the peer's end (within CLOSE_GRACE) before closing
         self._outbox = queue.Queue()
         self._latest = {}  # (type, file) -> the latest such record, whose place in the outbox is that key
+        self._replies = 0  # REPLIES in the outbox
         self._closed = threading.Lock()
         self._is_closed = False
         self.closing = False  # a close was asked for
@@ -3414,7 +3535,10 @@ class Link:
         guarded(self._read, self._read_failed, "reader")
 
     def put(self, event):
-        if type(event) in self.LATEST_ONLY:
+        if type(event) in self.REPLIES:
+            with self._closed:
+                self._replies += 1
+        elif type(event) in self.LATEST_ONLY:
             key = (type(event), getattr(event, "file", None))
             with self._closed:
                 waiting = key in self._latest
@@ -3476,6 +3600,9 @@ class Link:
         # Whole records already buffered (they came with the handshake) are taken before the next recv.
         conn, step = self.conn, self.chat.step
         while True:
+            if self._replies > self.MAX_REPLIES:
+                raise RemoteProtocolError(f"the peer sends requests and does not read the answers ({self._replies} "
+                                          "wait for it)")
             event = conn.next_event()
             if event is None:
                 step(Drained(self))
@@ -3498,6 +3625,9 @@ class Link:
             if type(event) is tuple:
                 with self._closed:
                     event = self._latest.pop(event)
+            elif type(event) in self.REPLIES:
+                with self._closed:
+                    self._replies -= 1
             elif type(event) is ChunkOf:
                 event = self.chat.read_chunk(event)
             if event is not None:
@@ -3948,38 +4078,47 @@ class Door:
         self._paused_until = None
 
     def run(self):
+        """Read every socket that is ready, then do one piece of the Gate's work (a SPAKE2 half, a check), and
+        again: between two pieces the door always reads, so a flood of connections that close costs no SPAKE2."""
         self.listener.setblocking(False)
         self._selector.register(self.listener, self._read_events)
         while True:
-            wake = self.gate.next_wakeup()
-            for also in (self._paused_until, self._log_at + 1 / self.LOG_RATE if self._unlogged else None):
-                if also is not None:
-                    wake = also if wake is None else min(wake, also)
-            timeout = None if wake is None else max(0.0, wake - time.monotonic())
-            if self.gate.wants_spare:
-                timeout = 0.05 if timeout is None else min(timeout, 0.05)  # then, if nothing happens, a spare
-            ready = self._selector.select(timeout)
-            if not ready:
+            busy = self.gate.has_work(time.monotonic())
+            ready = self._selector.select(0 if busy else self._timeout())
+            if not ready and not busy:
                 self.gate.spare()
             for key, mask in ready:
-                sock = key.fileobj
-                try:
-                    if sock is self.listener:
-                        self._accept()
-                    else:
-                        if mask & self._write_events:
-                            self._flush(sock)
-                        if mask & self._read_events and sock in self._conns:
-                            self._read(sock)
-                except Exception as error:  # one connection's trouble, never the door's
-                    self.log(f"{self._conns.get(sock, ['?'])[0]} dropped: {describe(error)}")
-                    self._close(sock)
+                self._ready(key.fileobj, mask)
             if self._paused_until is not None and time.monotonic() >= self._paused_until:
                 self._paused_until = None
                 self._selector.register(self.listener, self._read_events)
             self._apply(self.gate.tick(time.monotonic()))
+            self._apply(self.gate.work(time.monotonic()))
             if self._unlogged:
                 self.log(None)
+
+    def _timeout(self):
+        now = time.monotonic()
+        wakes = [self.gate.next_wakeup(now), self._paused_until, self._log_at + 1 / self.LOG_RATE
+                 if self._unlogged else None]
+        wakes = [wake for wake in wakes if wake is not None]
+        timeout = max(0.0, min(wakes) - now) if wakes else None
+        if self.gate.wants_spare:  # then, if nothing happens meanwhile, a spare SPAKE2 start
+            timeout = 0.05 if timeout is None else min(timeout, 0.05)
+        return timeout
+
+    def _ready(self, sock, mask):
+        try:
+            if sock is self.listener:
+                self._accept()
+            else:
+                if mask & self._write_events:
+                    self._flush(sock)
+                if mask & self._read_events and sock in self._conns:
+                    self._read(sock)
+        except Exception as error:  # one connection's trouble, never the door's
+            self.log(f"{self._conns.get(sock, ['?'])[0]} dropped: {describe(error)}")
+            self._close(sock)
 
     def log(self, line):
         """Log a line, unless lines come faster than LOG_RATE a second: then count them, and say how many as soon
@@ -4046,11 +4185,6 @@ class Door:
         sock.close()
 
     def _apply(self, actions):
-        self._apply_now(actions)
-        if any(isinstance(action, Write) for action in actions):
-            self._apply_now(self.gate.derive(time.monotonic()))  # our hellos are out: now the other half
-
-    def _apply_now(self, actions):
         for action in actions:
             if isinstance(action, Log):
                 self.log(action.line)

@@ -160,8 +160,9 @@ class Proxy:
 class Attacker:
     """A v2 client built from the protocol core, every byte of which the test controls."""
 
-    def __init__(self, port, passphrase):
-        self.sock = socket.create_connection(("127.0.0.1", port))
+    def __init__(self, port, passphrase, source="127.0.0.1"):
+        """source: the address to connect from; across 127.0.0.0/8 it stands for another machine and network."""
+        self.sock = socket.create_connection(("127.0.0.1", port), source_address=(source, 0))
         self.conn = common.ClientConnection(passphrase)
         self.conversation = common.Conversation.new()
 

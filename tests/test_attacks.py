@@ -449,26 +449,24 @@ def test_ten_thousand_messages_each_way_at_once(spawn, score):
 # Online guessing
 
 
-def test_online_guessing_is_slowed_and_logged(spawn, score):
+def test_online_guessing_is_budgeted_per_network_and_logged(spawn, score):
     server, port = spawn("server")
     waits = []
-    for _ in range(4):
+    for _ in range(common.NETWORK_GUESS_BURST):  # a network's first five are answered at once
         started = time.monotonic()
-        attacker = Attacker(port, "a wrong guess")
-        with pytest.raises(common.AuthenticationError):
-            attacker.open(deadline=30)
+        wrong_guess(port, source="127.0.5.9")
         waits.append(time.monotonic() - started)
-        attacker.close()
-        server.expect(r"failed passphrase attempt from 127\.0\.0\.1:\d+")
-    for attempt, wait in enumerate(waits):
-        floor = 0 if attempt == 0 else 2 ** (attempt - 1)
-        assert wait >= floor - 0.2, waits
-    real = spawn("client", port)  # its turn comes seconds later: it is told why it waits
-    real.expect("aeschat-client: the server is checking the passphrase; after wrong guesses it checks one")
-    real.expect("authenticated and encrypted")
-    cap = common.GuessLimiter.MAX_GUESS_INTERVAL
-    score("Online guessing", "answers to wrong guesses came after " + ", ".join(f"{w:.1f}" for w in waits)
-          + f" s: at most 60 a minute after one failure, doubling as they repeat, to {60 / cap:.1f} a minute")
+    server.expect(r"failed passphrase attempt from 127\.0\.5\.9:\d+ \(further ones are counted and told once a "
+                  r"minute\)")
+    sixth = Attacker(port, "a sixth guess", source="127.0.5.9")
+    with pytest.raises((common.UnfinishedAuthentication, socket.timeout, common.NetworkError)):
+        sixth.open(deadline=3)  # the next from that network waits its minute (its client gives up first)
+    sixth.close()
+    real = spawn("client", port)  # another network, a first login: at once
+    real.expect("authenticated and encrypted", timeout=10)
+    score("Online guessing", f"one network's first {len(waits)} wrong guesses answered within {max(waits):.1f} s, "
+          "the sixth not within 3 s (one a minute from then on; 30 a day from all networks, then one a second); a "
+          "real client from another network served at once")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -495,8 +493,8 @@ def test_the_coverage_guided_fuzzer_finds_nothing_in_a_short_run(score):
 # The door: nothing a stranger without the passphrase does may cost a real client its turn
 
 
-def wrong_guess(port):
-    attacker = Attacker(port, "a wrong guess")
+def wrong_guess(port, source="127.0.0.1"):
+    attacker = Attacker(port, "a wrong guess", source)
     with pytest.raises(common.AuthenticationError):
         attacker.open(deadline=30)
     attacker.close()
@@ -520,17 +518,17 @@ def test_a_real_client_is_served_after_wrong_guesses_and_a_flood_of_bare_and_idl
     client.send("through\n")
     server.expect("Received: through  ☒")
     score("Door: wrong guesses, then bare and idle connections",
-          f"4 wrong guesses, then 100 idle and 100 bare connections: a real client served in {served:.1f} s "
-          f"(the guessing limit's wait after 4 failures is at most {common.GuessLimiter.MAX_GUESS_INTERVAL} s)")
+          f"4 wrong guesses, then 100 idle and 100 bare connections, all from the client's own address: a real "
+          f"client served in {served:.1f} s")
 
 
 def test_the_door_survives_running_out_of_descriptors(spawn, score):
     """Once, EMFILE killed the accept thread for good: the server looked alive and never served anyone again."""
     server, port = spawn("server", max_files=48)
     idle = []
-    with contextlib.suppress(OSError):
-        for _ in range(200):
-            idle.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+    with contextlib.suppress(OSError):  # from 200 networks: one network alone is held to a few at once
+        for k in range(200):
+            idle.append(socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(f"127.3.{k}.1", 0)))
     server.expect("out of file descriptors")
     started = time.monotonic()
     client = spawn("client", port)
@@ -542,32 +540,170 @@ def test_the_door_survives_running_out_of_descriptors(spawn, score):
         sock.close()
     assert "Traceback" not in "".join(line for _, line in server.seen)
     score("Door: out of descriptors", f"a server limited to 48 descriptors, {len(idle)} idle connections opened at "
-          f"it: it dropped the oldest and served a real client in {served:.1f} s")
+          f"it from 200 networks: it dropped the idle and served a real client in {served:.1f} s")
 
 
-def test_guesses_at_start_up_are_checked_one_at_a_time(spawn, score):
+def test_guesses_at_start_up_from_one_network_get_its_five_and_no_more(spawn, score):
     """Once, ~60 guesses sent together were all checked at start-up (and after every successful login)."""
     server, port = spawn("server")
-    guessers = [Attacker(port, f"guess {i}") for i in range(12)]
-    pool = ThreadPoolExecutor(max_workers=len(guessers))
+    guessers = [Attacker(port, f"guess {i}", source=f"127.0.7.{1 + i}") for i in range(12)]
+    answers = []
 
     def guess(attacker):
-        with contextlib.suppress(common.AeschatError, OSError):
-            attacker.open(deadline=30)
+        try:
+            attacker.open(deadline=4)
+        except common.UnfinishedAuthentication:  # no answer to its confirmation within its deadline
+            pass
+        except common.AuthenticationError:  # denied: checked, and wrong
+            answers.append(time.monotonic())
+        except (common.AeschatError, OSError):
+            pass
 
-    for attacker in guessers:
-        pool.submit(guess, attacker)
-    seen_at = []
-    for _ in range(3):
-        server.expect(r"failed passphrase attempt from 127\.0\.0\.1:\d+")
-        seen_at.append(time.monotonic())
-    first_second = sum(1 for t in seen_at if t - seen_at[0] < 0.9)
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=len(guessers)) as pool:
+        list(pool.map(guess, guessers))
     for attacker in guessers:
         attacker.close()
-    pool.shutdown(wait=False)
-    assert first_second == 1 and seen_at[2] - seen_at[1] >= 1.8 - 0.2
-    score("Door: guesses at start-up", f"{len(guessers)} wrong guesses sent together at a fresh server: "
-          f"{first_second} checked in the first second, then one after 1 s, one after 2 s more, and so on")
+    assert len(answers) == common.NETWORK_GUESS_BURST, answers
+    score("Door: guesses at start-up", f"{len(guessers)} wrong guesses sent together from one network: "
+          f"{len(answers)} checked within {max(answers) - started:.1f} s, the other {len(guessers) - len(answers)} "
+          "not (that network's next check is a minute away)")
+
+
+def flood(port, stop, sent, keep=None, threads=4):
+    """Hellos as fast as this machine sends them, from 127.1.K.x (256 networks, thousands of addresses), the same
+    precomputed hello every time: the stranger computes nothing. Each connection closes at once, or, with keep (a
+    list), stays open until the end."""
+    hello = common.ClientConnection("flood").data_to_send()
+
+    def run(offset):
+        i = offset
+        while not stop.is_set():
+            source = f"127.1.{i % 256}.{1 + (i // 256) % 250}"
+            i += threads
+            try:
+                sock = socket.create_connection(("127.0.0.1", port), timeout=2, source_address=(source, 0))
+                sock.sendall(hello)
+            except OSError:
+                continue
+            sent[0] += 1
+            if keep is None or len(keep) > 2000:
+                sock.close()
+            else:
+                keep.append(sock)
+
+    workers = [threading.Thread(target=run, args=(n,), daemon=True) for n in range(threads)]
+    for worker in workers:
+        worker.start()
+    return workers
+
+
+def test_fresh_network_guesses_do_not_lock_out_a_first_login(spawn, score):
+    """The outside round: one wrong guess every 2 s from a network never seen before (127.0.K.2) for 30-40 s, then
+    the real client, a first login from 127.0.0.1: not served in 30 s, twice. (Five minutes of it run in simulated
+    time in test_door.py; here the guesses come four times as fast, on real sockets.)"""
+    server, port = spawn("server")
+    stop, made = threading.Event(), threading.Condition()
+    guessed = [0]
+
+    def one_guess(k):  # it waits for its answer as long as a client does
+        with contextlib.suppress(common.AeschatError, OSError, AssertionError):
+            Attacker(port, f"guess {k}", source=f"127.0.{k}.2").open(deadline=common.CLIENT_HANDSHAKE_DEADLINE)
+
+    def guesses():
+        for k in range(1, 250):
+            if stop.is_set():
+                return
+            threading.Thread(target=one_guess, args=(k,), daemon=True).start()
+            with made:
+                guessed[0] += 1
+                made.notify_all()
+            time.sleep(0.5)  # the attack's own pace, not a wait for anything of ours
+
+    guesser = threading.Thread(target=guesses, daemon=True)
+    guesser.start()
+    served = []
+    try:
+        for rounds in (10, 20):  # twice, as in the finding, each after some seconds of guessing
+            with made:
+                assert made.wait_for(lambda: guessed[0] >= rounds, timeout=60)  # noqa: B023
+            started = time.monotonic()
+            client = spawn("client", port)
+            client.expect("authenticated and encrypted", timeout=10)
+            served.append(time.monotonic() - started)
+            client.send("made it\n")
+            server.expect("Received: made it  ☒")
+            client.close_stdin()
+            assert client.wait() == 0
+            server.expect("waiting for the next client")
+    finally:
+        stop.set()
+        guesser.join(timeout=10)
+    score("Door: guesses from a new network every time", f"a wrong guess every 0.5 s, each from a network never seen "
+          f"before: a real client's first login served in {max(served):.1f} s, twice (goal 10 s; five minutes of "
+          "one every 2 s, simulated in test_door.py, the same)")
+
+
+def test_a_hello_flood_at_full_rate_neither_starves_a_first_login_nor_a_reconnection(spawn, proxies, score):
+    """The outside round: ~148 connections a second from 127.1.K.x, each the same valid hello then closed: the
+    server spent all its CPU on SPAKE2 and the real client was not served in 35 s."""
+    server, client, proxy, port = through(spawn, proxies)
+    client.send("before the flood\n")
+    server.expect("Received: before the flood  ☒")
+    stop, sent = threading.Event(), [0]
+    workers = flood(port, stop, sent)
+    try:
+        time.sleep(2)  # the flood's own head start, not a wait for anything of ours
+        cut_at = time.monotonic()
+        proxy.relay(0).close(reset=True)
+        client.expect("reconnected to", timeout=10)
+        reconnected = time.monotonic() - cut_at
+        client.send("after the cut\n")
+        server.expect("Received: after the cut  ☒")
+        client.send("quit()\n")
+        assert client.wait() == 0
+        server.expect("waiting for the next client")
+        started = time.monotonic()
+        newcomer = spawn("client", port)
+        newcomer.expect("authenticated and encrypted", timeout=10)
+        served = time.monotonic() - started
+        rate = sent[0] / (time.monotonic() - cut_at + 2)
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join(timeout=5)
+    assert reconnected <= 2.0 and served <= 10.0
+    score("Door: a hello flood", f"{rate:.0f} connections a second from 256 networks, each the same precomputed "
+          f"hello then closed: a reconnection resumed in {reconnected:.1f} s (goal 2 s), a first login served in "
+          f"{served:.1f} s (goal 10 s)")
+
+
+def test_accepts_repeated_by_a_peer_never_make_the_sender_send_the_file_again(spawn, tmp_path, score):
+    """The outside round: a peer that knows the passphrase answered a 1 MiB offer with 300 accepts from offset 0:
+    the sender sealed 14.4 MiB (570 times what it received), and a message its user typed next reached the peer
+    23-28 s later."""
+    size = 1 << 20
+    (tmp_path / "big.bin").write_bytes(os.urandom(size))
+    server, port = spawn("server", "--send", tmp_path / "big.bin")
+    attacker = Attacker(port, PASSPHRASE).open()
+    while not isinstance(event := attacker.next_event(), common.Offer):
+        pass
+    burst = b"".join(attacker.record(common.Accept(event.file, 0)) for _ in range(300))
+    attacker.send_raw(burst)
+    server.send("typed during the burst\n")
+    typed_at, arrived, got = time.monotonic(), None, 0
+    while got < size:
+        event = attacker.next_event(deadline=20)
+        if isinstance(event, common.Chunk):
+            got += len(event.data)
+            attacker.send_raw(attacker.record(common.FileAck(event.file, event.offset + len(event.data))))
+        elif isinstance(event, common.Message) and arrived is None:
+            arrived = time.monotonic() - typed_at
+            attacker.send_raw(attacker.record(common.Ack(event.id)))
+    attacker.close()
+    assert arrived is not None and arrived <= 1.0 and got <= 2 * size
+    score("Accept amplification", f"300 accepts of a 1 MiB file ({len(burst):,} bytes) from a peer that knows the "
+          f"passphrase: {got / size:.2f}x the file sent, and a message typed meanwhile reached it in {arrived:.2f} s")
 
 
 ODD_RECORDS = {  # each inside a record whose MAC is valid: from a peer that knows the passphrase

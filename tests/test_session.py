@@ -4,7 +4,6 @@ In the manner of magic-wormhole's test_machines: each test builds a machine, fee
 checks the exact actions. No sockets, threads or sleeps.
 """
 
-import os
 
 import pytest
 from hypothesis import given, settings
@@ -459,6 +458,22 @@ def test_a_terminal_client_asks_before_offering_the_passphrase_once_per_request(
     assert run(Typed("/reconnect", TS)) == [Dial(PASSPHRASE)]
 
 
+def test_a_reconnect_asked_for_makes_one_passphrase_attempt_and_never_another_on_its_own():
+    """The outside round: after /reconnect, a passphrase handshake that authenticated and was cut before the Resume
+    made the client dial with the passphrase again 0.5 s later, by itself: one more guess for a man in the middle."""
+    run = away_client(interactive=True)
+    run(DialFailed(common.Refused("unknown", common.REFUSALS[common.UNKNOWN])))
+    assert run(Typed("/reconnect", TS)) == [Dial(PASSPHRASE)]
+    link = run.link()
+    run(Attached(link, "192.0.2.7:5555", PASSPHRASE))  # it authenticated: the handshake gave a new secret
+    run(Got(link, ConnectionClosed()))  # cut before the Resume
+    dials = [a for _ in range(20) for a in run(Tick(), after=1) if isinstance(a, Dial)]
+    assert dials and all(dial == Dial(RESUME) for dial in dials)
+    actions = run(DialFailed(common.Refused("unknown", common.REFUSALS[common.UNKNOWN])))
+    assert any("/reconnect" in line for line in shown(actions, "notice"))  # the server forgot it: ask the user
+    assert not any(isinstance(a, Dial) for a in run(Tick(), after=60))
+
+
 def test_failed_authentication_while_reconnecting_is_told_and_twice_in_a_row_stops():
     run = away_client()
     unfinished = common.UnfinishedAuthentication("the server closed the connection after our key confirmation")
@@ -751,258 +766,6 @@ def test_any_sequence_of_inputs_keeps_the_rules(role, fmt, interactive, inputs):
             "a tick is due and does nothing: the clock would spin"
         if run.session.ended:
             assert all(isinstance(a, Close) for a in run(Tick(), 1))
-
-
-# ---------------------------------------------------------------------------------------------------
-# The Gate: the server's door
-
-
-class Host:
-    def __init__(self, status=common.OPEN, secrets=None):
-        self.state, self.secrets = status, secrets or {}
-
-    def status(self):
-        return self.state
-
-    def secret_for(self, resume_id):
-        return self.secrets.get(resume_id)
-
-
-class Door:
-    """A Gate and the client connections knocking at it, each side's bytes delivered by hand."""
-
-    def __init__(self, passphrase="pw", host=None, **kwargs):
-        self.now = 5000.0
-        self.gate = common.Gate(passphrase, host or Host(), **kwargs)
-        self.clients, self.log, self.admitted, self.dropped = {}, [], [], []
-
-    def knock(self, key, passphrase="pw", peer=None, kind=PASSPHRASE, resume_id=b"", hello=True):
-        client = common.ClientConnection(passphrase, kind, resume_id)
-        self.clients[key] = client
-        self.apply(self.gate.accepted(key, peer or f"192.0.2.1:{1000 + len(self.clients)}", self.now))
-        if hello:
-            self.apply(self.gate.received(key, client.data_to_send(), self.now))
-        return client
-
-    def confirm(self, key):
-        """The client answers what the gate sent it (its hello) with its confirmation."""
-        client = self.clients[key]
-        assert client.next_event() is None
-        data = client.data_to_send()
-        assert data, "the client has nothing to confirm yet"
-        self.apply(self.gate.received(key, data, self.now))
-
-    def tick(self, after=0.0):
-        self.now += after
-        self.apply(self.gate.tick(self.now))
-
-    def apply(self, actions):
-        for action in actions:
-            if isinstance(action, common.Write):
-                self.clients[action.key].receive_data(action.data)
-            elif isinstance(action, common.Drop):
-                self.dropped.append(action.key)
-                if action.line:
-                    self.log.append(action.line)
-            elif isinstance(action, common.Admit):
-                self.admitted.append(action.key)
-            elif isinstance(action, common.Log):
-                self.log.append(action.line)
-
-    def outcome(self, key):
-        """What the client made of the gate's answer to its confirmation."""
-        try:
-            return self.clients[key].next_event()
-        except common.AeschatError as e:
-            return type(e).__name__
-
-
-def test_the_gate_greets_at_once_and_computes_nothing_before_a_hello():
-    door = Door()
-    door.knock("a", hello=False)
-    pending = door.gate.pending["a"]
-    assert pending.stage == "hello" and not hasattr(pending.conn, "_mine")
-    assert door.clients["a"].next_event() is None and door.clients["a"].greeting == common.OPEN
-
-
-def test_a_right_passphrase_is_admitted():
-    door = Door()
-    door.knock("a")
-    door.confirm("a")
-    assert door.admitted == ["a"] and door.outcome("a") == common.HandshakeComplete()
-
-
-def test_a_wrong_passphrase_is_refused_and_logged():
-    door = Door()
-    door.knock("a", passphrase="nope", peer="192.0.2.66:4444")
-    door.confirm("a")
-    assert door.dropped == ["a"] and door.outcome("a") == "AuthenticationError"
-    assert door.log == ["failed passphrase attempt from 192.0.2.66:4444 (1 recently; the next check waits 1 s)"]
-
-
-def test_bare_connections_after_wrong_guesses_cost_a_real_client_nothing():
-    """Defect: every accepted socket booked a guess slot; 4 wrong guesses then 100 bare connects locked a real
-    client out for minutes. Now only a failed confirmation counts."""
-    door = Door()
-    for i in range(4):
-        door.knock(f"guess{i}", passphrase="wrong")
-        door.confirm(f"guess{i}")
-        door.tick(after=10)
-    for i in range(100):
-        door.knock(f"bare{i}", hello=False)
-        door.apply(door.gate.received(f"bare{i}", b"", door.now))  # connect and close
-    door.knock("real")
-    door.confirm("real")
-    door.tick(after=8)  # at most the limiter's longest interval
-    assert "real" in door.admitted
-
-
-def test_guesses_arriving_together_at_start_up_are_checked_one_at_a_time_and_slowed():
-    """Defect: ~60 guesses at start-up were all checked at once."""
-    door = Door(budget=(1000, 100))
-    for i in range(60):
-        door.knock(f"g{i}", passphrase=f"guess {i}", peer=f"192.0.2.66:{2000 + i}")
-    start = door.now
-    for i in range(60):
-        door.confirm(f"g{i}")
-    checked_at = [start]  # the first, at once
-    for _ in range(120):
-        before = sum("failed passphrase attempt" in line for line in door.log)
-        door.tick(after=0.25)
-        checked_at += [door.now] * (sum("failed passphrase attempt" in line for line in door.log) - before)
-    gaps = [b - a for a, b in zip(checked_at, checked_at[1:])]
-    assert gaps[:4] == [1, 2, 4, 8] and all(gap == 8 for gap in gaps[4:])
-    assert len(checked_at) == 6  # in the 30 s a client waits; the rest were dropped unchecked
-    assert all(key in door.dropped for key in door.clients)
-
-
-def test_a_success_does_not_reset_the_guessing_limit_it_decays():
-    limiter = common.GuessLimiter()
-    for t in range(4):
-        limiter.checked(float(t), ok=False)
-    limiter.checked(4.0, ok=True)
-    assert limiter.interval(4.0) == 8  # a legitimate login in the middle of an attack opens no burst
-    assert limiter.interval(4.0 + 2 * common.GuessLimiter.HALF_LIFE) == 1
-    assert limiter.interval(4.0 + 5 * common.GuessLimiter.HALF_LIFE) == 0
-
-
-@pytest.mark.parametrize("real", ["198.51.100.5:7777", "192.0.2.7:7777"])  # another network; a neighbour
-def test_addresses_take_turns_so_a_guesser_cannot_queue_ahead_of_a_real_user(real):
-    door = Door(budget=(1000, 100))
-    door.knock("first", passphrase="wrong", peer="192.0.2.66:1")
-    door.confirm("first")  # fails: the next check waits 1 s
-    for i in range(10):
-        door.knock(f"g{i}", passphrase="wrong", peer=f"192.0.2.66:{10 + i}")
-        door.confirm(f"g{i}")
-    door.knock("real", peer=real)
-    door.confirm("real")
-    door.tick(after=1)
-    assert door.admitted == ["real"]
-
-
-def test_a_passphrase_hello_during_a_live_chat_is_refused_busy_without_spake2():
-    host = Host(status=common.BUSY)  # the greeting's status: a client is connected
-    door = Door(host=host)
-    door.knock("a")
-    assert door.dropped == ["a"] and door.outcome("a") == "Refused"
-    assert "turned away" in door.log[0]
-
-
-def test_a_resumption_naming_an_unknown_conversation_is_refused_unknown():
-    door = Door()
-    door.knock("a", kind=RESUME, resume_id=os.urandom(16), passphrase=os.urandom(32))
-    assert door.outcome("a") == "Refused" and "does not hold" in door.log[0]
-
-
-def test_a_resumption_is_checked_at_once_even_while_guesses_are_being_slowed():
-    resume_id, secret = os.urandom(16), os.urandom(32)
-    door = Door(host=Host(secrets={resume_id: secret}))
-    for i in range(3):
-        door.knock(f"g{i}", passphrase="wrong")
-        door.confirm(f"g{i}")
-    client = common.ClientConnection(secret, RESUME, resume_id)
-    door.clients["back"] = client
-    door.apply(door.gate.accepted("back", "192.0.2.1:9", door.now))
-    door.apply(door.gate.received("back", client.data_to_send(), door.now))
-    door.confirm("back")
-    assert "back" in door.admitted and door.outcome("back") == common.HandshakeComplete()
-
-
-def test_a_wrong_resumption_secret_is_logged_as_interference():
-    resume_id = os.urandom(16)
-    door = Door(host=Host(secrets={resume_id: os.urandom(32)}))
-    door.knock("a", kind=RESUME, resume_id=resume_id, passphrase=os.urandom(32), peer="192.0.2.8:8")
-    door.confirm("a")
-    assert door.log == ["failed resumption from 192.0.2.8:8: someone may be interfering"]
-
-
-def test_each_step_of_a_handshake_has_its_deadline():
-    door = Door()
-    door.knock("silent", hello=False)
-    door.knock("no confirmation")
-    door.tick(after=common.HANDSHAKE_DEADLINE)
-    assert set(door.dropped) == {"silent", "no confirmation"}
-    assert all("no aeschat handshake within 5 s" in line for line in door.log)
-
-
-def test_a_client_that_closes_after_our_hello_is_logged():
-    door = Door()
-    door.knock("a", peer="192.0.2.8:8")
-    door.apply(door.gate.received("a", b"", door.now))
-    assert door.log == ["192.0.2.8:8 dropped: it closed the connection after our hello, without a key confirmation"]
-
-
-def test_room_is_made_by_dropping_idle_connections_first():
-    door = Door(max_pending=4)
-    door.knock("real")  # mid-handshake: hello answered
-    for i in range(3):
-        door.knock(f"idle{i}", hello=False)
-    door.knock("newest", hello=False)
-    assert door.dropped == ["idle0"] and "real" in door.gate.pending
-
-
-def test_a_reconnection_is_dropped_last_to_make_room():
-    """A stranger fills the door with wrong guesses waiting their turn, then knocks once more while a client's
-    reconnection waits for its confirmation: a guess goes, not the client (it was, and the client was told that
-    someone may be interfering, and stopped after two)."""
-    resume_id, secret = os.urandom(16), os.urandom(32)
-    door = Door(host=Host(secrets={resume_id: secret}), max_pending=8)
-    for i in range(8):  # the first is checked at once; seven wait
-        door.knock(f"guess{i}", passphrase="wrong", peer=f"198.51.100.{i}:4000")
-        door.confirm(f"guess{i}")
-    assert len(door.gate.pending) == 7
-    door.knock("client", kind=RESUME, resume_id=resume_id, passphrase=secret, peer="192.0.2.7:5000")
-    door.knock("bare", hello=False, peer="198.51.100.200:4000")
-    assert "client" in door.gate.pending and "client" not in door.dropped
-    door.confirm("client")
-    assert door.admitted == ["client"]
-
-
-def test_out_of_descriptors_drops_a_quarter_of_the_pending_idle_first():
-    door = Door()
-    door.knock("real")
-    for i in range(11):
-        door.knock(f"idle{i}", hello=False)
-    door.apply(door.gate.overloaded(door.now))
-    assert door.dropped == ["idle0", "idle1", "idle2"]
-    assert door.log == ["out of file descriptors: dropped 3 pending connections to make room"]
-
-
-def test_spake2_work_is_budgeted_while_a_client_is_connected_and_resumptions_go_first():
-    resume_id, secret = os.urandom(16), os.urandom(32)
-    host = Host(secrets={resume_id: secret})
-    door = Door(host=host, budget=(10, 2))
-    for i in range(6):
-        door.knock(f"idle{i}", kind=RESUME, resume_id=resume_id, passphrase=secret)
-    assert all(p.stage == "confirm" for p in door.gate.pending.values())  # no chat on: no budget to keep
-    host.state = common.BUSY
-    door = Door(host=host, budget=(10, 2))
-    for i in range(6):
-        door.knock(f"h{i}", kind=RESUME, resume_id=resume_id, passphrase=secret)
-    answered = [k for k, p in door.gate.pending.items() if p.stage == "confirm"]
-    assert answered == ["h0", "h1"]  # the burst; the rest wait for the budget
-    door.tick(after=0.1)  # one more token
-    assert [k for k, p in door.gate.pending.items() if p.stage == "confirm"] == ["h0", "h1", "h2"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1338,55 +1101,12 @@ def test_a_ping_storm_is_a_security_failure():
     assert ended(run(Got(link, Ping())))[0] == EXIT_SECURITY
 
 
-def test_an_address_that_gave_the_passphrase_before_goes_first_and_networks_take_turns():
-    door = Door(budget=(1000, 100))
-    door.knock("before", peer="198.51.100.5:1000")
-    door.confirm("before")  # a real user, once
-    door.knock("first", passphrase="wrong", peer="192.0.2.66:1")
-    door.confirm("first")  # fails: the next check waits 1 s
-    for i in range(10):  # guesses from ten addresses of one network, and from ten networks
-        door.knock(f"same{i}", passphrase="wrong", peer=f"192.0.2.{100 + i}:{10 + i}")
-        door.confirm(f"same{i}")
-        door.knock(f"other{i}", passphrase="wrong", peer=f"203.0.{i}.1:{10 + i}")
-        door.confirm(f"other{i}")
-    door.knock("back", peer="198.51.100.5:2000")
-    door.confirm("back")
-    door.tick(after=1)
-    assert door.admitted == ["before", "back"]  # the returning user jumps the queue of guesses
-    door.tick(after=2)
-    door.tick(after=4)
-    turns = [key for key in door.dropped if key.startswith(("same", "other"))]
-    assert turns == ["other0", "other1"]  # the network of ten addresses had its turn: the others go next
-
-
 def test_legacy_has_no_files():
     run = Run(fmt=LEGACY, interactive=True)
     link = run.link()
     run(Attached(link, "192.0.2.7:5555", None))
     actions = run(Typed("/send /etc/hostname", TS))
     assert sends(actions) == [] and "--legacy has no files" in shown(actions, "error")[0]
-
-
-def test_a_spare_start_made_while_idle_serves_the_next_passphrase_hello():
-    door = Door()
-    assert door.gate.wants_spare
-    door.gate.spare()
-    spare = door.gate._spare
-    door.knock("a", hello=False)
-    assert door.gate._spare is spare  # nothing computed for a connection before its hello
-    door.apply(door.gate.received("a", door.clients["a"].data_to_send(), door.now))
-    assert door.gate._spare is None and door.gate.wants_spare
-    door.confirm("a")
-    assert door.admitted == ["a"] and door.outcome("a") == common.HandshakeComplete()
-
-
-def test_a_reset_is_logged_a_quiet_close_of_a_greeting_reader_is_not():
-    door = Door()
-    door.knock("probe", hello=False)
-    door.apply(door.gate.received("probe", b"", door.now))  # read the greeting, closed: a client's probe
-    door.knock("reset", hello=False, peer="192.0.2.9:9")
-    door.apply(door.gate.failed("reset", "connection reset"))
-    assert door.dropped == ["probe", "reset"] and door.log == ["192.0.2.9:9 dropped: connection reset"]
 
 
 # ---------------------------------------------------------------------------------------------------

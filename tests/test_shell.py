@@ -50,8 +50,9 @@ def opened_pair():
     return client, server
 
 
-def live_chat_with_a_peer_that_reads_nothing():
-    """A client's chat, live over one end of a socketpair with small buffers; the other end never reads."""
+def live_chat_with_a_peer_that_reads_nothing(with_peer=False):
+    """A client's chat, live over one end of a socketpair with small buffers; the other end never reads. with_peer:
+    the peer's connection too, to send it records."""
     ours, theirs = socket.socketpair()
     for sock, option in ((ours, socket.SO_SNDBUF), (theirs, socket.SO_RCVBUF)):
         sock.setsockopt(socket.SOL_SOCKET, option, 4096)
@@ -61,7 +62,7 @@ def live_chat_with_a_peer_that_reads_nothing():
     theirs.sendall(server.seal(Resume("ab" * 16, 0, 0, True)))
     assert chat.begun.wait(5)
     [link] = chat._links
-    return chat, link, ours, theirs
+    return (chat, link, ours, theirs, server) if with_peer else (chat, link, ours, theirs)
 
 
 def test_a_closing_link_whose_peer_reads_nothing_is_shut_after_its_grace():
@@ -150,3 +151,22 @@ def test_a_client_arriving_as_the_chat_on_ends_gets_a_new_chat():
         assert isinstance(client.next_event(), Resume)  # the new chat speaks to its client
     assert first.done.wait(5) and not first.active
     host.chat.leave()
+
+
+def test_a_peer_that_makes_requests_and_reads_no_answer_is_cut_off_with_bounded_memory():
+    """Each offer from the peer gets an answer (in a pipe, a refusal); a peer that offered and never read once piled
+    the answers up without end."""
+    chat, link, _, theirs, peer = live_chat_with_a_peer_that_reads_nothing(with_peer=True)
+    theirs.setblocking(False)
+    sent = 0
+    while not chat.done.is_set() and sent < 20_000:
+        try:
+            theirs.sendall(peer.seal(common.Offer(sent, "x", 1, "ab" * 32)))
+        except BlockingIOError:  # our reader stopped reading: the wait for the end is on
+            break
+        sent += 1
+    assert chat.done.wait(10), f"still on after {sent} offers"
+    code, text = chat.outcome
+    assert code == common.EXIT_SECURITY and "does not read the answers" in text
+    assert link._replies <= common.Link.MAX_REPLIES + 1 and sent < 2 * common.Link.MAX_REPLIES
+    theirs.close()

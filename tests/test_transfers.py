@@ -297,3 +297,25 @@ def test_after_a_reconnection_a_file_on_its_way_is_offered_again_from_what_the_r
     assert sends(take(transfers)) == [Offer(0, "report.pdf", 100_000, SHA)]  # told once: no second "offering"
     transfers.record(Accept(0, 32768), 2.0)
     assert sends(take(transfers))[0] == ChunkOf(0, 32768, 16384)
+
+
+def test_an_accept_repeated_while_sending_makes_us_send_nothing_again():
+    """The outside round: 300 accepts of file 0 from offset 0 made the sender seal 900 chunks, 570 times what it
+    received, and a message typed next waited 23 s behind them."""
+    transfers = sent_to(Out.SENDING)
+    for _ in range(300):
+        transfers.record(Accept(0, 0), 2.0)
+    assert take(transfers) == []
+    transfers.record(FileAck(0, 16384), 2.0)
+    assert sends(take(transfers)) == [ChunkOf(0, 49152, 16384)]  # only what the window lets go next
+
+
+def test_an_offer_made_again_is_answered_once_on_each_link():
+    transfers = received_to(In.RECEIVING)
+    for _ in range(100):
+        transfers.record(Offer(0, "x.bin", 20_000, SHA), 1.0)
+    assert sends(take(transfers)) == [Accept(0, 0)]
+    transfers.resumed(None)  # a new link: the sender offers again, and is answered again, once
+    transfers.record(Offer(0, "x.bin", 20_000, SHA), 1.0)
+    transfers.record(Offer(0, "x.bin", 20_000, SHA), 1.0)
+    assert sends(take(transfers)) == [Accept(0, 0)]
