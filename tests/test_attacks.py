@@ -706,6 +706,24 @@ def test_accepts_repeated_by_a_peer_never_make_the_sender_send_the_file_again(sp
           f"passphrase: {got / size:.2f}x the file sent, and a message typed meanwhile reached it in {arrived:.2f} s")
 
 
+def test_the_frame_limit_stays_64_bytes_until_the_confirmation_is_checked(spawn, score):
+    """Once, the server raised it to 512 KiB as it answered a hello: 64 pending handshakes could hold 32 MiB."""
+    server, port = spawn("server")
+    sock = socket.create_connection(("127.0.0.1", port))
+    conn = common.ClientConnection("not the passphrase")
+    sock.sendall(conn.data_to_send())
+    sock.settimeout(10)
+    while conn.state is not common.State.CONFIRM:  # the greeting, then the server's hello: our confirmation is due
+        conn.receive_data(sock.recv(4096))
+        assert conn.next_event() is None
+    sock.sendall(common.LENGTH.pack(65) + bytes(65))  # in place of the confirmation: a frame one byte too long
+    server.expect(r"dropped: frame of 65 bytes is over the limit of 64")
+    assert sock.recv(4096) == b""  # closed, before a byte of it was kept
+    sock.close()
+    score("Frame limit before authentication", "a frame of 65 bytes in place of a key confirmation: refused at its "
+          "length (the limit stays 64 bytes until the confirmation is checked; 512 KiB after)")
+
+
 ODD_RECORDS = {  # each inside a record whose MAC is valid: from a peer that knows the passphrase
     "conv a lone surrogate": ("resume", '{"type":"resume","conv":"' + "\\ud800" * 32 + '","next":0,"base":0,'
                                         '"resumed":false}'),
