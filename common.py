@@ -3037,10 +3037,11 @@ CLIENT_HANDSHAKE_DEADLINE = 30.0  # how long a client waits on us; a confirmatio
 MAX_PENDING = 64  # connections handshaking at once; past it, the one that stands lowest is dropped
 MAX_PENDING_PER_NETWORK = 8  # from one network: its ninth pushes out its own oldest, not someone else's
 # SPAKE2 work (about 5 ms for each half on CPython): in all, this many a second, fewer while a chat is on so that
-# it keeps its share of the CPU; and each network (a /24 or a /64) this many a second after a burst, so that the
-# networks a stranger floods from wait while one that knocks seldom goes first. A reconnection counts only in all.
+# it keeps its share of the CPU; and each network (a /24 or a /64) this many a second after a burst, so that one
+# network cannot take it all (turns already go to the networks that knock seldom). A reconnection, and an address
+# that gave the passphrase before, count only in all.
 WORK_RATE, WORK_RATE_CHATTING, WORK_BURST = 50.0, 20.0, 8
-NETWORK_WORK_RATE, NETWORK_WORK_BURST = 0.5, 4
+NETWORK_WORK_RATE, NETWORK_WORK_BURST = 1.0, 8
 # Passphrase checks for addresses that have not given the passphrase before (guesses, as far as the server can
 # tell): each network 5, then one a minute; all networks together 30, then one a second. SECURITY.md has the
 # arithmetic: a stranger with K networks gets at most min(K x 1,440, 86,400) a day, plus the bursts.

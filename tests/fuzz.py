@@ -9,8 +9,11 @@ and saves it as crash-*; `python tests/fuzz.py crash-...` replays it.
 
 import contextlib
 import sys
+from pathlib import Path
 
 import atheris
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # common.py, from the checkout
 
 with atheris.instrument_imports():
     import pyaes

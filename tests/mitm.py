@@ -107,8 +107,9 @@ class Relay:
 
 
 class Proxy:
-    def __init__(self, target_port, hook=None):
-        self.target_port = target_port
+    def __init__(self, target_port, hook=None, source="127.0.0.1"):
+        """source: the address the proxy connects to the server from (another network, across 127.0.0.0/8)."""
+        self.target_port, self.source = target_port, source
         self.hook = hook or (lambda relay, direction, index, frame: [frame])
         self.byte_by_byte = False
         self.down = False  # the network is out: new connections are closed at once
@@ -132,7 +133,7 @@ class Proxy:
 
     def _connect(self, client):
         try:
-            server = socket.create_connection(("127.0.0.1", self.target_port))
+            server = socket.create_connection(("127.0.0.1", self.target_port), source_address=(self.source, 0))
         except OSError:
             client.close()
             return

@@ -32,8 +32,8 @@ SECRET = "the eagle lands at dawn ✓"
 def proxies():
     made = []
 
-    def _make(port, hook=None):
-        made.append(Proxy(port, hook))
+    def _make(port, hook=None, source="127.0.0.1"):
+        made.append(Proxy(port, hook, source))
         return made[-1]
 
     yield _make
@@ -285,8 +285,8 @@ def test_server_stream_cut_at_every_byte_of_the_handshake(spawn, proxies, score)
     offsets = list(range(greeting + hello + confirm + 1))
 
     def one(cut):
-        proxy = proxies(port)
-        proxy.cut_after = {S2C: cut}
+        proxy = proxies(port, source=f"127.4.{cut}.1")  # each from a network of its own: one network that opens
+        proxy.cut_after = {S2C: cut}  # handshake after handshake and finishes none is held to one every second
         client = Proc(["client.py", "127.0.0.1", proxy.port, "--no-reconnect"])
         try:
             code = client.wait(timeout=common.CLIENT_HANDSHAKE_DEADLINE + 10)
