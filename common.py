@@ -2717,7 +2717,7 @@ class Session:
             return self.out.take()
         try:
             self._INPUTS[type(event)](self, event)
-            if not self.ended and self.leaving.idle(self._waits()):
+            if self.leaving.waiting and not self.ended and self.leaving.idle(self._waits()):
                 self._finish_leaving()
         except RemoteProtocolError as error:  # a record that passed its MAC but breaks a rule
             self._violation(error)
@@ -2738,7 +2738,9 @@ class Session:
             times += [link.next_ping(self.keepalive), link.heard + self.dead_after]
         if link is not None and self.phase is Phase.STARTING:
             times.append(link.attached + RESUME_DEADLINE)
-        times += self.redial.next_wakeup() + self.leaving.next_wakeup(self._waits()) + self.messages.next_wakeup()
+        times += self.redial.next_wakeup() + self.messages.next_wakeup()
+        if self.leaving.waiting:
+            times += self.leaving.next_wakeup(self._waits())
         return min(times) if times else None
 
     def status(self):
@@ -2851,7 +2853,7 @@ class Session:
             self._end(EXIT_NETWORK, gave_up + last, self.messages.undelivered())
         elif self.redial.due(now):
             self.redial.move("due")
-        if not self.ended and self.leaving.tick(now, self._waits()):
+        if self.leaving.waiting and not self.ended and self.leaving.tick(now, self._waits()):
             return self._finish_leaving()
         self.messages.release(now)
 
