@@ -465,8 +465,8 @@ def test_online_guessing_is_budgeted_per_network_and_logged(spawn, score):
     real = spawn("client", port)  # another network, a first login: at once
     real.expect("authenticated and encrypted", timeout=10)
     score("Online guessing", f"one network's first {len(waits)} wrong guesses answered within {max(waits):.1f} s, "
-          "the sixth not within 3 s (one a minute from then on; from all networks together 30 at once, then one a second); a "
-          "real client from another network served at once")
+          "the sixth not within 3 s (one a minute from then on; from all networks together 30 at once, then one a "
+          "second); a real client from another network served at once")
 
 
 # ---------------------------------------------------------------------------------------------------
