@@ -43,3 +43,11 @@ def test_all_names_what_the_programs_use_and_every_event_type():
     assert used - {"py"} <= set(common.__all__)
     assert events <= set(common.__all__)
     assert all(hasattr(common, name) for name in common.__all__) and len(set(common.__all__)) == len(common.__all__)
+
+
+def test_ci_runs_the_readmes_test_command_exactly():
+    """A newcomer pastes the README's command into a fresh shell; CI runs that very line."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    command = re.search(r"Run the tests.*?\n\n    (.+?)\n", readme, re.S).group(1)
+    assert command.startswith("python3 -m venv .venv && ")
+    assert command in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()

@@ -41,7 +41,7 @@ LINK = "link1"
 def machine(live=True, **kwargs):
     out = Outbox()
     out.link, out.live = LINK, live
-    return Transfers(out, **kwargs)
+    return Transfers(out, chunk_size=16384, **kwargs)  # CPython's: the same figures on every runtime
 
 
 def take(transfers):
@@ -148,8 +148,8 @@ def sent_to(state):
         for record in steps[state]:
             transfers.record(record, 1.0)
         if state is Out.DONE:
-            for offset in range(0, 100_000, common.CHUNK_SIZE):
-                transfers.record(FileAck(0, min(offset + common.CHUNK_SIZE, 100_000)), 1.0)
+            for offset in range(0, 100_000, 16384):
+                transfers.record(FileAck(0, min(offset + 16384, 100_000)), 1.0)
             transfers.record(Done(0), 1.0)
     take(transfers)
     return transfers
@@ -307,7 +307,7 @@ def test_an_accept_repeated_while_sending_makes_us_send_nothing_again():
         transfers.record(Accept(0, 0), 2.0)
     assert take(transfers) == []
     transfers.record(FileAck(0, 16384), 2.0)
-    assert sends(take(transfers)) == [ChunkOf(0, 49152, 16384)]  # only what the window lets go next
+    assert sends(take(transfers)) == [ChunkOf(0, 65536, 16384)]  # only what the window lets go next
 
 
 def test_an_offer_made_again_is_answered_once_on_each_link():
