@@ -82,7 +82,7 @@ def _main():
                                  max_file_size=args.max_file_size, send=args.send)
         chat = common.Chat(ui, session, dial, common.Files(args.receive_dir or "."))
         chat.attach(sock, conn, peer, common.PASSPHRASE)
-        return common.run_chat(chat)
+        return common.run_chat(chat, args.wait)
 
 
 def main():

@@ -32,6 +32,7 @@ import errno
 import hashlib
 import hmac
 import json
+import math
 import os
 import queue
 import re
@@ -63,11 +64,12 @@ __all__ = [
     "IntegrityError", "IllegalMove",
     # The events: what a connection carries, what a session takes in and asks for, what the door asks for.
     "Message", "Ack", "Resume", "Alert", "Ping", "Pong", "Goodbye", "Busy", "ConnectionClosed", "Offer", "Accept",
-    "FileAck", "Done", "Refuse", "Cancel", "Chunk", "HandshakeComplete", "HelloReceived", "ConfirmationReceived",
+    "FileAck", "Done", "Refuse", "Cancel", "Chunk", "FolderOffer", "Exec", "FolderEntry", "HandshakeComplete",
+    "HelloReceived", "ConfirmationReceived",
     "Input", "Typed", "Attached", "Got", "Drained", "Failed", "Tick", "Leave", "Interrupt", "DialFailed", "FileReady",
-    "FileOpened", "FileSaved", "FileFailed",
+    "FileOpened", "FileSaved", "FileFailed", "FileNote",
     "Action", "Send", "Show", "Close", "Dial", "Live", "ChunkOf", "PrepareFile", "OpenFile", "WriteFile", "SaveFile",
-    "DiscardFile", "ReleaseFile", "End", "Write", "Drop", "Admit", "Log",
+    "DiscardFile", "ReleaseFile", "Progress", "End", "Write", "Drop", "Admit", "Log",
 ]
 
 # ===================================================================================================
@@ -443,6 +445,20 @@ class Chunk(_Event):
     __slots__ = ("file", "offset", "data")
 
 
+class FolderOffer(_Event):
+    """(sender) A folder, sent as one stream of entries (FolderParser) and otherwise as a file is: its name, how many
+    files it holds and their bytes, the stream's size, and the SHA-256 of its entries' headers (each file's own
+    SHA-256 is in its header)."""
+
+    __slots__ = ("file", "name", "files", "bytes", "size", "sha256")
+
+
+class Exec(_Event):
+    """(sender) The file just offered is executable: bits are its execute bits (some of 0o111)."""
+
+    __slots__ = ("file", "bits")
+
+
 REFUSALS_OF_FILES = {"declined": "declined it", "too large": "refused it as too large",
                      "no space": "has no room for it", "unwritable": "could not write it",
                      "failed verification": "found it damaged (its SHA-256 did not match) and discarded it",
@@ -538,6 +554,12 @@ def _one_of(names):
     return check
 
 
+def _exec_bits(value):
+    if type(value) is not int or not 0 < value <= 0o111 or value & ~0o111:
+        raise ValueError("not execute bits")
+    return value
+
+
 def _file_name(value):
     if type(value) is not str or not value:
         raise ValueError("not a file name")
@@ -562,6 +584,9 @@ PAYLOADS = {
     "done": (Done, (("file", _number),)),
     "refuse": (Refuse, (("file", _number), ("reason", _one_of(REFUSALS_OF_FILES)))),
     "cancel": (Cancel, (("file", _number), ("reason", _one_of(CANCELS_OF_FILES)))),
+    "folder": (FolderOffer, (("file", _number), ("name", _file_name), ("files", _number), ("bytes", _number),
+                             ("size", _number), ("sha256", _matching(_HEX64)))),
+    "exec": (Exec, (("file", _number), ("bits", _exec_bits))),
     "ping": (Ping, ()),
     "pong": (Pong, ()),
     "bye": (Goodbye, ()),
@@ -629,6 +654,85 @@ def decode_payload(data):
     if cls is Message:
         values = [values[0], values[2], values[1], values[3]]  # the wire's order to Message's
     return cls(*values)
+
+
+# A folder goes as one stream of bytes, offered (FolderOffer), accepted, sent in chunks and acknowledged as a file's
+# bytes are. The stream is its entries in turn: a header, then (for a file) the file's bytes. A header:
+ENTRY = struct.Struct("!cHQ32sH")  # kind (b"f" a file, b"d" a folder), permission bits, size, SHA-256, path length
+MAX_PATH = 4096  # bytes of an entry's path, as on Linux
+MAX_DEPTH = 64  # folders within folders
+
+
+class FolderEntry(_Event):
+    """One entry of a folder's stream: kind b"f" or b"d", permission bits, size, SHA-256 (raw), path parts."""
+
+    __slots__ = ("kind", "mode", "size", "sha256", "parts")
+
+
+def folder_header(kind, mode, size, sha256, path):
+    """The header of one entry; path is relative, its parts joined by "/"."""
+    raw = path.encode("utf-8")
+    return ENTRY.pack(kind, mode & 0o777, size, sha256, len(raw)) + raw
+
+
+def folder_path(raw):
+    """An entry's path as its parts; anything that is not a relative path of plain names is the peer's doing."""
+    try:
+        path = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise RemoteProtocolError("a folder entry's path is not UTF-8") from None
+    parts = path.split("/")
+    if not 0 < len(raw) <= MAX_PATH or len(parts) > MAX_DEPTH or any(p in ("", ".", "..") or "\x00" in p
+                                                                        for p in parts):
+        raise RemoteProtocolError("a folder entry's path is not a relative path of names")
+    return tuple(parts)
+
+
+class FolderParser:
+    """A folder's stream as it arrives, in any segmentation. feed(data) returns what it made of it, in order:
+    FolderEntry, then a file's bytes (bytes), then None once an entry is whole. Anything malformed raises
+    RemoteProtocolError, before a byte of it is used: another kind, a size past the stream's end, a bad path.
+    manifest is the SHA-256 of every header so far: the offer's sha256, once the stream is whole."""
+
+    def __init__(self, size):
+        self.left = size  # bytes of the stream still to come
+        self._buffer = bytearray()
+        self._file_left = 0  # bytes of the current file still to come
+        self.manifest = hashlib.sha256()
+
+    def feed(self, data):
+        if len(data) > self.left:
+            raise RemoteProtocolError("a folder's stream went past its size")
+        out, view = [], memoryview(data)
+        while view:
+            if self._file_left:
+                piece, view = view[: self._file_left], view[self._file_left :]
+                self._file_left -= len(piece)
+                self.left -= len(piece)
+                out.append(bytes(piece))
+                if not self._file_left:
+                    out.append(None)
+                continue
+            # A header: its fixed part, then its path (of at most 64 KiB: the length is two bytes).
+            whole = ENTRY.size + (ENTRY.unpack_from(self._buffer)[4] if len(self._buffer) >= ENTRY.size else 0)
+            piece, view = view[: whole - len(self._buffer)], view[whole - len(self._buffer) :]
+            self._buffer += piece
+            self.left -= len(piece)
+            if len(self._buffer) >= ENTRY.size and len(self._buffer) == ENTRY.size + ENTRY.unpack_from(self._buffer)[4]:
+                out += self._entry()
+        if not self.left and (self._buffer or self._file_left):
+            raise RemoteProtocolError("a folder's stream ended in the middle of an entry")
+        return out
+
+    def _entry(self):
+        kind, mode, size, sha256, _ = ENTRY.unpack_from(self._buffer)
+        header, self._buffer = bytes(self._buffer), bytearray()
+        if kind not in (b"f", b"d") or (kind == b"d" and size) or size > self.left:
+            raise RemoteProtocolError("a folder entry of another kind, or larger than the stream")
+        self.manifest.update(header)
+        self._file_left = size
+        entry = FolderEntry(kind, mode & 0o777, size, sha256, folder_path(header[ENTRY.size :]))
+        return [entry] if size else [entry, None]
 
 
 TAG_SIZE = 32
@@ -1527,9 +1631,13 @@ class Tick(Input):
 
 
 class Leave(Input):
-    """The user leaves (quit(), end of input): deliver what is pending, within wait seconds."""
+    """The user leaves (quit(), end of input): deliver what is pending, within wait seconds; answers is how long the
+    peer has to answer the files offered (None: as long as it stays connected, for a script's --send)."""
 
-    __slots__ = ("wait",)
+    __slots__ = ("wait", "answers")
+
+    def __init__(self, wait, answers=FLUSH_TIMEOUT):
+        super().__init__(wait, answers)
 
 
 class Interrupt(Input):
@@ -1545,9 +1653,13 @@ class DialFailed(Input):
 
 
 class FileReady(Input):
-    """(sender) The file to offer is open: its name to give, size and SHA-256."""
+    """(sender) What to offer is ready: its name to give, size and SHA-256; for a folder, (files, bytes) of it; a
+    file's execute bits; lines to show (what a folder's walk could not read, or skipped)."""
 
-    __slots__ = ("file", "name", "size", "sha256")
+    __slots__ = ("file", "name", "size", "sha256", "folder", "bits", "notes")
+
+    def __init__(self, file, name, size, sha256, folder=None, bits=0, notes=()):
+        super().__init__(file, name, size, sha256, folder, bits, tuple(notes))
 
 
 class FileOpened(Input):
@@ -1557,9 +1669,19 @@ class FileOpened(Input):
 
 
 class FileSaved(Input):
-    """(receiver) The file's SHA-256 matched and it is in place at path."""
+    """(receiver) The file's SHA-256 matched and it is in place at path; or the folder is made there, problems
+    naming its files that could not be saved."""
 
-    __slots__ = ("file", "path")
+    __slots__ = ("file", "path", "problems")
+
+    def __init__(self, file, path, problems=()):
+        super().__init__(file, path, tuple(problems))
+
+
+class FileNote(Input):
+    """(sender) Part of what goes could not be read (a folder's file changed meanwhile): lines to show."""
+
+    __slots__ = ("file", "lines")
 
 
 class FileFailed(Input):
@@ -1614,9 +1736,13 @@ class PrepareFile(Action):
 
 
 class OpenFile(Action):
-    """(receiver) Check the room for size bytes and open a temporary file; then FileOpened or FileFailed."""
+    """(receiver) Check the room for size bytes and open a temporary file (or, for a folder of `folder` files, make
+    the folder); then FileOpened or FileFailed."""
 
-    __slots__ = ("file", "name", "size")
+    __slots__ = ("file", "name", "size", "folder")
+
+    def __init__(self, file, name, size, folder=None):
+        super().__init__(file, name, size, folder)
 
 
 class WriteFile(Action):
@@ -1624,15 +1750,25 @@ class WriteFile(Action):
 
 
 class SaveFile(Action):
-    """(receiver) Check the SHA-256 and put the file in place under name; then FileSaved or FileFailed."""
+    """(receiver) Check the SHA-256 and put the file in place under name with these execute bits; then FileSaved
+    or FileFailed."""
 
-    __slots__ = ("file", "sha256", "name")
+    __slots__ = ("file", "sha256", "name", "bits")
+
+    def __init__(self, file, sha256, name, bits=0):
+        super().__init__(file, sha256, name, bits)
 
 
 class DiscardFile(Action):
     """(receiver) Remove the temporary file."""
 
     __slots__ = ("file",)
+
+
+class Progress(Action):
+    """A transfer got a percent further: for an interface without a status line (a bar, or a line per 10%)."""
+
+    __slots__ = ("what", "outgoing", "percent", "done", "size", "rate")
 
 
 class ReleaseFile(Action):
@@ -1780,6 +1916,19 @@ class _Transfer:
         self.offered = False  # told the user (once; an offer goes again after every reconnection)
         self.restated = False  # for a receiver: answered an offer made again on this link (once per link)
         self.reason = None  # why it was refused or cancelled
+        self.folder = None  # for a folder: (its files, their bytes)
+        self.bits = 0  # a file's execute bits
+        self.shown_percent = -1  # the last progress told
+
+    @property
+    def kind(self):
+        return "folder" if self.folder else "file"
+
+    def described(self):
+        if self.folder:
+            files, total = self.folder
+            return f"folder {visible(self.name)} ({files:,} file{'s' if files != 1 else ''}, {size_text(total)})"
+        return f"file {visible(self.name)} ({size_text(self.size)})"
 
     @property
     def active(self):
@@ -1791,6 +1940,25 @@ class _Transfer:
         if self.started is None or now - self.started < 0.5:
             return percent, None
         return percent, (self.done - self.start_done) / (now - self.started)
+
+
+def progressed(out, t, now):
+    """A Progress action when a transfer reached another whole percent."""
+    percent, rate = t.progress(now)
+    if percent != t.shown_percent:
+        t.shown_percent = percent
+        out.do(Progress(t.described(), t.outgoing, percent, t.done, t.size, rate))
+
+
+def listed(transfers, what):
+    """ "2 files not delivered: a.txt, b.txt", each name once (a name sent twice: "a.txt (2x)"), at most five."""
+    counts = collections.Counter(f"{t.kind}\0{t.name}" for t in transfers)
+    kinds = {t.kind for t in transfers}
+    noun = kinds.pop() if len(kinds) == 1 else "file or folder"
+    n = len(transfers)
+    names = [visible(key.split("\0", 1)[1]) + (f" ({c}x)" if c > 1 else "") for key, c in list(counts.items())[:5]]
+    more = f" and {len(counts) - 5} more" if len(counts) > 5 else ""
+    return f"{n} {noun}{'s' if n != 1 else ''} {what}: {', '.join(names)}{more}"
 
 
 def progress_field(t, others, now, live):
@@ -1807,11 +1975,10 @@ def progress_field(t, others, now, live):
     return [long, f"{verb} {percent}%{more}", f"{percent}%"]
 
 
-class Transfers:
-    """Files, both ways, as two tables: what each input does to a file in each state. No I/O: the shell opens,
-    hashes, reads, writes and saves when asked (PrepareFile, OpenFile, WriteFile, SaveFile, DiscardFile, ReleaseFile)
-    and says how it went (FileReady, FileOpened, FileSaved, FileFailed). The peer's records come through record(),
-    which checks every field before a table moves."""
+class Sending:
+    """Our files, each in its own state (Out) in one table: prepared by the shell, offered (at most MAX_OFFERED on
+    their way), sent in chunks with at most a window in flight as the peer acknowledges them, and finished: done,
+    refused, or cancelled. No I/O: the shell prepares, reads and releases when asked."""
 
     NOUN = "file"
 
@@ -1819,7 +1986,7 @@ class Transfers:
     # peer's records; stop: we leave; again: offered again after a reconnection; abandon: the chat ended or a new
     # client took it over. An accept answers an offer: one more while sending is ignored, or a peer could make us
     # send the file again and again for a few bytes each time.
-    OUTGOING = Table(Out, """
+    TABLE = Table(Out, """
                 ready   unreadable  offer    accept   fack     done   refuse   stop       again    abandon
     PREPARING   READY   CANCELLED   .        !        !        !      !        CANCELLED  .        .
     READY       .       CANCELLED   OFFERED  !        !        !      !        CANCELLED  .        CANCELLED
@@ -1830,37 +1997,17 @@ class Transfers:
     CANCELLED   .       .           .        .        .        .      .        .          .        .
     """, prefix="_our_")
 
-    # The peer's. offer: offered again (after a reconnection); accept, decline: the user's answer (or the folder's);
-    # open: room among MAX_OPEN_FILES; opened, saved, failed: the shell's; chunk, cancel: the peer's; whole: the last
-    # byte is written; stop: we leave; abandon: the chat ended or a new client took it over.
-    INCOMING = Table(In, """
-              offer   accept  decline open    opened    chunk     whole     saved failed  cancel    stop    abandon
-    ASKED     .       WAITING REFUSED .       discard   !         .         .     REFUSED CANCELLED REFUSED CANCELLED
-    WAITING   .       .       .       OPENING discard   !         .         .     REFUSED CANCELLED REFUSED CANCELLED
-    OPENING   .       .       .       .       RECEIVING !         .         .     REFUSED CANCELLED REFUSED CANCELLED
-    RECEIVING restate .       .       .       discard   RECEIVING VERIFYING .     REFUSED CANCELLED REFUSED CANCELLED
-    VERIFYING .       .       .       .       discard   !         .         DONE  REFUSED CANCELLED REFUSED CANCELLED
-    DONE      restate .       .       .       discard   !         .         .     .       .         .       .
-    REFUSED   restate .       .       .       discard   .         .         .     .       .         .       .
-    CANCELLED restate .       .       .       discard   .         .         .     .       .         .       .
-    """, prefix="_their_")
 
-    def __init__(self, out, interactive=False, receive_files=False, max_file_size=MAX_FILE_SIZE, chunk_size=CHUNK_SIZE):
-        self.out, self.interactive = out, interactive
+    def __init__(self, out, chunk_size=CHUNK_SIZE, strict=False):
+        self.out, self.strict = out, strict  # strict: a script's (see left_behind)
         self.chunk_size, self.window = chunk_size, WINDOW_CHUNKS * chunk_size
-        self.receive_files, self.max_file_size = receive_files, max_file_size  # accept offers into a folder
-        self.outgoing, self.incoming = {}, {}  # file number -> _Transfer (ours, and the peer's numbering)
+        self.outgoing = {}  # file number -> _Transfer
         self._next_file = 0
         self.progress_at = None  # when a file of ours last got further than it ever had
         self.now = 0.0
 
     def _out(self, t, name, *args):
-        return self.OUTGOING.move(self, t, name, *args)
-
-    def _in(self, t, name, *args):
-        return self.INCOMING.move(self, t, name, *args)
-
-    # -- what the session asks
+        return self.TABLE.move(self, t, name, *args)
 
     def send(self, path):
         """/send or --send: the shell prepares the file, then FileReady (or FileFailed)."""
@@ -1873,38 +2020,17 @@ class Transfers:
         if t is not None and self._out(t, "ready", event):
             self.offer_ready()
 
-    def failed(self, event):
-        if event.outgoing:
-            t = self.outgoing.get(event.file)
-            if t is not None and self._out(t, "unreadable", event.detail):
-                self.offer_ready()
-        else:
-            t = self.incoming.get(event.file)
-            if t is not None and self._in(t, "failed", event.reason, event.detail):
-                self._open_waiting()
+    def unreadable(self, event):
+        t = self.outgoing.get(event.file)
+        if t is not None and self._out(t, "unreadable", event.detail):
+            self.offer_ready()
 
-    def opened(self, event):
-        t = self.incoming.get(event.file)
-        if t is None:
-            return self.out.do(DiscardFile(event.file))
-        self._in(t, "opened")
-
-    def saved(self, event):
-        t = self.incoming.get(event.file)
-        if t is not None and self._in(t, "saved", event.path):
-            self._open_waiting()
-
-    def answer(self, accept):
-        """/accept or /decline: the oldest file the peer offered that is not answered."""
-        asked = [t for t in self.incoming.values() if t.state is In.ASKED]
-        if not asked:
-            return self.out.show([f"/{'accept' if accept else 'decline'}: no file is offered"], "error")
-        t = asked[0]
-        if accept:
-            self._in(t, "accept")
-            return self._open_waiting()
-        self._in(t, "decline", "declined")
-        self.out.show([f"declined file {visible(t.name)}"], "notice")
+    def note(self, event):
+        t = self.outgoing.get(event.file)
+        if t is not None:
+            for line in event.lines:
+                self.out.show([f"{t.kind} {visible(t.name)}: cannot read {visible(line)} any more: it goes damaged, "
+                               "and the peer will not save it"], "error")
 
     def offer_ready(self):
         """Offer the files ready to go, while fewer than MAX_OFFERED are on their way (and the chat is live)."""
@@ -1914,38 +2040,19 @@ class Transfers:
         for t in [t for t in self.outgoing.values() if t.state is Out.READY][: max(room, 0)]:
             self._out(t, "offer")
 
-    def resumed(self, fresh):
-        """The conversation resumed on a new link: offer again what was on its way (the receiver answers with where
-        it stands). fresh is why the numbering starts afresh (a new client, a restarted server), or None."""
-        if fresh:
-            self.abandon(fresh)
-            self.incoming.clear()
-        for t in self.incoming.values():
-            t.restated = False
+    def again(self):
+        """A new link: offer again what was on its way (the receiver answers with where it stands)."""
         for t in list(self.outgoing.values()):
             self._out(t, "again")
         self.offer_ready()
 
-    def stop_incoming(self):
-        """We are leaving: what the peer sends us is of no use any more."""
-        for t in list(self.incoming.values()):
-            self._in(t, "stop")
-
-    def stop_all(self):
-        """We leave now: our files are cancelled (and listed as not delivered), the peer's refused."""
+    def stop(self):
         for t in list(self.outgoing.values()):
             self._out(t, "stop")
-        self.stop_incoming()
 
     def abandon(self, why):
-        """A new peer, or the end: no transfer goes on; the user is told of each that was on its way."""
-        for t in [*self.outgoing.values(), *self.incoming.values()]:
-            if t.outgoing:
-                self._out(t, "abandon", why)
-            else:
-                self._in(t, "abandon", why)
-
-    # -- what the session needs to know
+        for t in list(self.outgoing.values()):
+            self._out(t, "abandon", why)
 
     @property
     def unfinished(self):
@@ -1957,60 +2064,21 @@ class Transfers:
         return [t for t in self.outgoing.values() if t.state is Out.SENDING]
 
     def left_behind(self, code, text):
-        """The last line with our files that did not arrive: unfinished, refused, or stopped because we left (not
-        the unreadable, nor those abandoned on the way: the user was told at the time)."""
-        files = [t for t in self.outgoing.values()
-                 if t.active or t.state is Out.REFUSED or (t.state is Out.CANCELLED and t.reason == "left")]
-        if not files:
-            return code, text
-        more = f" and {len(files) - 5} more" if len(files) > 5 else ""
-        names = ", ".join(visible(t.name) for t in files[:5]) + more
-        return code or EXIT_NETWORK, f"{text}; {len(files)} file{'s' if len(files) > 1 else ''} not delivered: {names}"
+        """The last line, with our files that did not arrive. Declined is the peer's choice: listed as such, and an
+        error only for a script (strict), whose --send promises exit 1 unless every file was saved. Not delivered:
+        unfinished, refused otherwise, or stopped because we left (not the unreadable, nor those abandoned on the
+        way: the user was told at the time)."""
+        ours = list(self.outgoing.values())
+        declined = [t for t in ours if t.state is Out.REFUSED and t.reason == "declined"]
+        lost = [t for t in ours if t.active or (t.state is Out.REFUSED and t.reason != "declined")
+                or (t.state is Out.CANCELLED and t.reason == "left")]
+        if declined:
+            text, code = f"{text}; {listed(declined, 'declined by the peer')}", code or (EXIT_NETWORK * self.strict)
+        if lost:
+            text, code = f"{text}; {listed(lost, 'not delivered')}", code or EXIT_NETWORK
+        return code, text
 
-    def status(self, now, live):
-        """The status line's field for the first file moving, in ever shorter forms."""
-        moving = [t for t in (*self.outgoing.values(), *self.incoming.values())
-                  if t.state in (Out.SENDING, In.RECEIVING)]
-        return progress_field(moving[0], len(moving) - 1, now, live) if moving else [""]
-
-    # -- the peer's records: every field checked before a table moves
-
-    def record(self, event, now):
-        self.now = now
-        self._RECORDS[type(event)](self, event)
-
-    def _got_offer(self, offer):
-        t = self.incoming.get(offer.file)
-        if t is not None:  # offered again after a reconnection: say where we stand, once on each link
-            if not t.restated:
-                t.restated = True
-                self._in(t, "offer")
-            return
-        if sum(t.active for t in self.incoming.values()) >= MAX_OFFERED:
-            raise RemoteProtocolError(f"more than {MAX_OFFERED} files offered at once")
-        finished = [file for file, t in self.incoming.items() if not t.active]
-        for file in finished[: max(0, len(finished) - KEPT_FINISHED + 1)]:
-            del self.incoming[file]
-        t = self.incoming[offer.file] = _Transfer(offer.file, False, In.ASKED, safe_name(offer.name), offer.size,
-                                                  offer.sha256)
-        shown = f"file {visible(t.name)} ({size_text(t.size)})"
-        if offer.size > self.max_file_size:
-            self._in(t, "decline", "too large")
-            self.out.show([f"refused {shown}: it is over --max-file-size ({size_text(self.max_file_size)})"], "notice")
-        elif self.receive_files:
-            self._in(t, "accept")
-            self._open_waiting()
-        elif self.interactive:
-            self.out.show([f"the peer offers {shown}: /accept to save it, /decline not to"], "notice")
-        else:
-            self._in(t, "decline", "declined")
-            self.out.show([f"declined {shown}: there is no --receive-dir to save it in"], "notice")
-
-    def _got_chunk(self, chunk):
-        t = self.incoming.get(chunk.file)
-        if t is None:
-            raise RemoteProtocolError("a file chunk out of place")
-        self._in(t, "chunk", chunk)
+    # -- the peer's answers: every field checked before the table moves
 
     def _got_accept(self, accept):
         t = self.outgoing.get(accept.file)
@@ -2038,34 +2106,33 @@ class Transfers:
         if self._out(t, "refuse", refuse.reason):
             self.offer_ready()
 
-    def _got_cancel(self, cancel):
-        t = self.incoming.get(cancel.file)
-        if t is None:
-            raise RemoteProtocolError("a cancellation of a file never offered")
-        if self._in(t, "cancel", cancel.reason):
-            self._open_waiting()
+    RECORDS = {Accept: _got_accept, FileAck: _got_fack, Done: _got_done, Refuse: _got_refuse}
 
-    _RECORDS = {Offer: _got_offer, Chunk: _got_chunk, Accept: _got_accept, FileAck: _got_fack, Done: _got_done,
-                Refuse: _got_refuse, Cancel: _got_cancel}
-
-    # -- the rules of our files: _on_<input>(t, the state it was in, ...)
+    # -- the rules: _our_<input>(t, the state it was in, ...)
 
     def _our_ready(self, t, old, event):
-        t.name, t.size, t.sha256 = event.name, event.size, event.sha256
+        t.name, t.size, t.sha256, t.folder, t.bits = event.name, event.size, event.sha256, event.folder, event.bits
         self.progress_at = self.now
+        for note in event.notes:
+            self.out.show([f"{t.kind} {visible(t.name)}: {note}"], "error" if note.startswith("cannot") else "notice")
 
     def _our_unreadable(self, t, old, detail):
         t.reason = "unreadable"
         if old is Out.PREPARING:
             return self.out.show([f"cannot send {visible(t.name)}: {detail}"], "error")
         self._release(t, old, "unreadable")
-        self.out.show([f"stopped sending file {visible(t.name)}: {detail}"], "error")
+        self.out.show([f"stopped sending {t.kind} {visible(t.name)}: {detail}"], "error")
 
     def _our_offer(self, t, old):
-        self.out.send(Offer(t.file, t.name, t.size, t.sha256))
+        if t.folder:
+            self.out.send(FolderOffer(t.file, t.name, *t.folder, t.size, t.sha256))
+        else:
+            self.out.send(Offer(t.file, t.name, t.size, t.sha256))
+            if t.bits:
+                self.out.send(Exec(t.file, t.bits))
         if not t.offered:
             t.offered = True
-            self.out.show([f"offering file {visible(t.name)} ({size_text(t.size)})"], "notice")
+            self.out.show([f"offering {t.described()}"], "notice")
 
     def _our_accept(self, t, old, offset):
         if t.started is None:
@@ -2083,12 +2150,12 @@ class Transfers:
     def _our_done(self, t, old):
         t.done = t.size
         self.out.do(ReleaseFile(t.file))
-        self.out.show([f"delivered file {visible(t.name)}"])
+        self.out.show([f"delivered {t.kind} {visible(t.name)}"])
 
     def _our_refuse(self, t, old, reason):
         t.reason = reason
         self.out.do(ReleaseFile(t.file))
-        self.out.show([f"file {visible(t.name)} not delivered: the peer {REFUSALS_OF_FILES[reason]}"],
+        self.out.show([f"{t.kind} {visible(t.name)} not delivered: the peer {REFUSALS_OF_FILES[reason]}"],
                       "error" if reason == "failed verification" else "notice")
 
     def _our_stop(self, t, old):
@@ -2102,7 +2169,7 @@ class Transfers:
     def _our_abandon(self, t, old, why):
         t.reason = "abandoned"
         self.out.do(ReleaseFile(t.file))
-        self.out.show([f"transfer of file {visible(t.name)} abandoned: {why}"], "notice")
+        self.out.show([f"transfer of {t.kind} {visible(t.name)} abandoned: {why}"], "notice")
 
     def _release(self, t, old, reason):
         """Close our file; tell the peer, if it had the offer."""
@@ -2114,6 +2181,7 @@ class Transfers:
     def _moved(self, t):
         if t.done > t.most:  # a receiver that starts over again and again is not progress
             t.most, self.progress_at = t.done, self.now
+        progressed(self.out, t, self.now)
 
     def _pump(self):
         """Send chunks of the files being sent, round the files, while each has less than its window in flight."""
@@ -2126,18 +2194,149 @@ class Transfers:
                 t.next += length
                 t.sent = max(t.sent, t.next)
 
-    # -- the rules of the peer's files
+
+class Receiving:
+    """The peer's files, each in its own state (In) in one table: offered, answered (by the user, or at once: a
+    folder to receive into, a pipe that declines), written a few at a time (MAX_OPEN_FILES), checked and saved. No
+    I/O: the shell opens, writes, saves and discards when asked."""
+
+    NOUN = "file"
+
+    # The peer's. offer: offered again (after a reconnection); accept, decline: the user's answer (or the folder's);
+    # open: room among MAX_OPEN_FILES; opened, saved, failed: the shell's; chunk, cancel: the peer's; whole: the last
+    # byte is written; stop: we leave; abandon: the chat ended or a new client took it over.
+    TABLE = Table(In, """
+              offer   accept  decline open    opened    chunk     whole     saved failed  cancel    stop    abandon
+    ASKED     .       WAITING REFUSED .       discard   !         .         .     REFUSED CANCELLED REFUSED CANCELLED
+    WAITING   .       .       .       OPENING discard   !         .         .     REFUSED CANCELLED REFUSED CANCELLED
+    OPENING   .       .       .       .       RECEIVING !         .         .     REFUSED CANCELLED REFUSED CANCELLED
+    RECEIVING restate .       .       .       discard   RECEIVING VERIFYING .     REFUSED CANCELLED REFUSED CANCELLED
+    VERIFYING .       .       .       .       discard   !         .         DONE  REFUSED CANCELLED REFUSED CANCELLED
+    DONE      restate .       .       .       discard   !         .         .     .       .         .       .
+    REFUSED   restate .       .       .       discard   .         .         .     .       .         .       .
+    CANCELLED restate .       .       .       discard   .         .         .     .       .         .       .
+    """, prefix="_their_")
+
+
+    def __init__(self, out, interactive=False, receive_files=False, max_file_size=MAX_FILE_SIZE):
+        self.out, self.interactive = out, interactive
+        self.receive_files, self.max_file_size = receive_files, max_file_size  # accept offers into a folder
+        self.incoming = {}  # file number (the peer's) -> _Transfer
+        self.now = 0.0
+
+    def _in(self, t, name, *args):
+        return self.TABLE.move(self, t, name, *args)
+
+    def failed(self, event):
+        t = self.incoming.get(event.file)
+        if t is not None and self._in(t, "failed", event.reason, event.detail):
+            self._open_waiting()
+
+    def opened(self, event):
+        t = self.incoming.get(event.file)
+        if t is None:
+            return self.out.do(DiscardFile(event.file))
+        self._in(t, "opened")
+
+    def saved(self, event):
+        t = self.incoming.get(event.file)
+        if t is not None and self._in(t, "saved", event.path, event.problems):
+            self._open_waiting()
+
+    def answer(self, accept):
+        """/accept or /decline: the oldest file the peer offered that is not answered."""
+        asked = [t for t in self.incoming.values() if t.state is In.ASKED]
+        if not asked:
+            return self.out.show([f"/{'accept' if accept else 'decline'}: no file is offered"], "error")
+        t = asked[0]
+        if accept:
+            self._in(t, "accept")
+            return self._open_waiting()
+        self._in(t, "decline", "declined")
+        self.out.show([f"declined file {visible(t.name)}"], "notice")
+
+    def again(self, fresh):
+        """A new link: answer an offer made again once more; a fresh numbering forgets the files of the last."""
+        if fresh:
+            self.abandon(fresh)
+            self.incoming.clear()
+        for t in self.incoming.values():
+            t.restated = False
+
+    def stop(self):
+        """We are leaving: what the peer sends us is of no use any more."""
+        for t in list(self.incoming.values()):
+            self._in(t, "stop")
+
+    def abandon(self, why):
+        for t in list(self.incoming.values()):
+            self._in(t, "abandon", why)
+
+    # -- the peer's offers and bytes: every field checked before the table moves
+
+    def _got_offer(self, offer):
+        t = self.incoming.get(offer.file)
+        if t is not None:  # offered again after a reconnection: say where we stand, once on each link
+            if not t.restated:
+                t.restated = True
+                self._in(t, "offer")
+            return
+        if sum(t.active for t in self.incoming.values()) >= MAX_OFFERED:
+            raise RemoteProtocolError(f"more than {MAX_OFFERED} files offered at once")
+        finished = [file for file, t in self.incoming.items() if not t.active]
+        for file in finished[: max(0, len(finished) - KEPT_FINISHED + 1)]:
+            del self.incoming[file]
+        t = self.incoming[offer.file] = _Transfer(offer.file, False, In.ASKED, safe_name(offer.name), offer.size,
+                                                  offer.sha256)
+        if type(offer) is FolderOffer:
+            t.folder = (offer.files, offer.bytes)
+        shown = t.described()
+        if offer.size > self.max_file_size:
+            self._in(t, "decline", "too large")
+            self.out.show([f"refused {shown}: it is over --max-file-size ({size_text(self.max_file_size)})"], "notice")
+        elif self.receive_files:
+            self._in(t, "accept")
+            self._open_waiting()
+        elif self.interactive:
+            self.out.show([f"the peer offers {shown}: /accept to save it, /decline not to"], "notice")
+        else:
+            self._in(t, "decline", "declined")
+            self.out.show([f"declined {shown}: there is no --receive-dir to save it in"], "notice")
+
+    def _got_chunk(self, chunk):
+        t = self.incoming.get(chunk.file)
+        if t is None:
+            raise RemoteProtocolError("a file chunk out of place")
+        self._in(t, "chunk", chunk)
+
+    def _got_cancel(self, cancel):
+        t = self.incoming.get(cancel.file)
+        if t is None:
+            raise RemoteProtocolError("a cancellation of a file never offered")
+        if self._in(t, "cancel", cancel.reason):
+            self._open_waiting()
+
+    def _got_exec(self, record):
+        t = self.incoming.get(record.file)
+        if t is None or t.folder:
+            raise RemoteProtocolError("execute bits for a file never offered")
+        if t.active:
+            t.bits = record.bits
+
+    RECORDS = {Offer: _got_offer, FolderOffer: _got_offer, Exec: _got_exec, Chunk: _got_chunk, Cancel: _got_cancel}
+
+    # -- the rules: _their_<input>(t, the state it was in, ...)
 
     def _their_decline(self, t, old, reason):
         t.reason = reason
         self.out.send(Refuse(t.file, reason))
 
     def _their_open(self, t, old):
-        self.out.do(OpenFile(t.file, t.name, t.size))
+        self.out.do(OpenFile(t.file, t.name, t.size, t.folder[0] if t.folder else None))
 
     def _their_opened(self, t, old):
         t.started, t.start_done = self.now, 0
-        self.out.show([f"receiving file {visible(t.name)} ({size_text(t.size)})"], "notice")
+        self.out.show([f"receiving {t.described()}"], "notice")
         self.out.send(Accept(t.file, 0))
         if t.size == 0:
             self._in(t, "whole")
@@ -2147,25 +2346,33 @@ class Transfers:
             raise RemoteProtocolError("a file chunk out of place")
         self.out.do(WriteFile(t.file, chunk.data))
         t.done += len(chunk.data)
+        progressed(self.out, t, self.now)
         self.out.send(FileAck(t.file, t.done))  # at once, not when drained: the sender's next chunk overlaps ours
         if t.done == t.size:
             self._in(t, "whole")
 
     def _their_whole(self, t, old):
-        self.out.do(SaveFile(t.file, t.sha256, t.name))
+        self.out.do(SaveFile(t.file, t.sha256, t.name, t.bits))
 
-    def _their_saved(self, t, old, path):
+    def _their_saved(self, t, old, path, problems):
         self.out.send(Done(t.file))
-        self.out.show([f"received file {visible(t.name)} ({t.size:,} bytes, sha256 {t.sha256[:12]}…) → "
-                       f"{visible(path)}"])
+        if t.folder:
+            files = t.folder[0] - len(problems)
+            self.out.show([f"received folder {visible(t.name)} ({files:,} file{'s' if files != 1 else ''}, "
+                           f"{size_text(t.folder[1])}) → {visible(path)}"])
+            for problem in problems:
+                self.out.show([f"not saved from folder {visible(t.name)}: {problem}"], "error")
+        else:
+            self.out.show([f"received file {visible(t.name)} ({t.size:,} bytes, sha256 {t.sha256[:12]}…) → "
+                           f"{visible(path)}"])
 
     def _their_failed(self, t, old, reason, detail):
         self._refuse(t, old, reason)
-        self.out.show([f"file {visible(t.name)} not saved: {detail}"], "error")
+        self.out.show([f"{t.kind} {visible(t.name)} not saved: {detail}"], "error")
 
     def _their_cancel(self, t, old, reason):
         self._discard(t, old)
-        self.out.show([f"transfer of file {visible(t.name)} abandoned: the peer {CANCELS_OF_FILES[reason]}"],
+        self.out.show([f"transfer of {t.kind} {visible(t.name)} abandoned: the peer {CANCELS_OF_FILES[reason]}"],
                       "notice")
 
     def _their_stop(self, t, old):
@@ -2173,7 +2380,7 @@ class Transfers:
 
     def _their_abandon(self, t, old, why):
         self._discard(t, old)
-        self.out.show([f"transfer of file {visible(t.name)} abandoned: {why}"], "notice")
+        self.out.show([f"transfer of {t.kind} {visible(t.name)} abandoned: {why}"], "notice")
 
     def _refuse(self, t, old, reason):
         self._discard(t, old)
@@ -2199,6 +2406,100 @@ class Transfers:
         busy = sum(t.state in HOLDING for t in self.incoming.values())
         for t in [t for t in self.incoming.values() if t.state is In.WAITING][: max(MAX_OPEN_FILES - busy, 0)]:
             self._in(t, "open")
+
+
+class Transfers:
+    """Files, both ways: Sending (ours) and Receiving (the peer's), each a table of its own; this routes the
+    session's inputs and the peer's records to them, and answers for both."""
+
+    OUTGOING, INCOMING = Sending.TABLE, Receiving.TABLE
+
+    def __init__(self, out, interactive=False, receive_files=False, max_file_size=MAX_FILE_SIZE, chunk_size=CHUNK_SIZE):
+        self.out, self.sending = out, Sending(out, chunk_size, strict=not interactive)
+        self.receiving = Receiving(out, interactive, receive_files, max_file_size)
+        self.outgoing, self.incoming = self.sending.outgoing, self.receiving.incoming
+
+    @property
+    def now(self):
+        return self.sending.now
+
+    @now.setter
+    def now(self, now):
+        self.sending.now = self.receiving.now = now
+
+    def send(self, path):
+        self.sending.send(path)
+
+    def ready(self, event):
+        self.sending.ready(event)
+
+    def failed(self, event):
+        (self.sending.unreadable if event.outgoing else self.receiving.failed)(event)
+
+    def opened(self, event):
+        self.receiving.opened(event)
+
+    def saved(self, event):
+        self.receiving.saved(event)
+
+    def note(self, event):
+        self.sending.note(event)
+
+    def answer(self, accept):
+        self.receiving.answer(accept)
+
+    def resumed(self, fresh):
+        """The conversation resumed on a new link: what was on its way goes on from where the receiver stands.
+        fresh is why the numbering starts afresh (a new client, a restarted server), or None."""
+        if fresh:
+            self.sending.abandon(fresh)
+        self.receiving.again(fresh)
+        self.sending.again()
+
+    def stop_incoming(self):
+        """We are leaving: what the peer sends us is of no use any more."""
+        self.receiving.stop()
+
+    def stop_all(self):
+        """We leave now: our files are cancelled (and listed as not delivered), the peer's refused."""
+        self.sending.stop()
+        self.receiving.stop()
+
+    def abandon(self, why):
+        """A new peer, or the end: no transfer goes on; the user is told of each that was on its way."""
+        self.sending.abandon(why)
+        self.receiving.abandon(why)
+
+    @property
+    def unfinished(self):
+        return self.sending.unfinished
+
+    @property
+    def moving(self):
+        return self.sending.moving
+
+    @property
+    def progress_at(self):
+        return self.sending.progress_at
+
+    @progress_at.setter
+    def progress_at(self, when):
+        self.sending.progress_at = when
+
+    def left_behind(self, code, text):
+        return self.sending.left_behind(code, text)
+
+    def status(self, now, live):
+        """The status line's field for the first file moving, in ever shorter forms."""
+        moving = [t for t in (*self.outgoing.values(), *self.incoming.values())
+                  if t.state in (Out.SENDING, In.RECEIVING)]
+        return progress_field(moving[0], len(moving) - 1, now, live) if moving else [""]
+
+    def record(self, event, now):
+        """A record of the peer's about files: an offer or bytes (Receiving), an answer to ours (Sending)."""
+        self.now = now
+        machine = self.receiving if type(event) in Receiving.RECORDS else self.sending
+        machine.RECORDS[type(event)](machine, event)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -2366,9 +2667,10 @@ class Going(enum.Enum):
     GONE = "gone"  # the session says goodbye and ends
 
 
-class Waits(collections.namedtuple("Waits", "messages paced pace moving files progress")):
+class Waits(collections.namedtuple("Waits", "messages paced pace moving files unanswered progress")):
     """What leaving waits for, at a moment: messages not acknowledged, legacy messages not yet sent (and their pace),
-    the names of our files on their way, whether any of ours is unfinished, and when one last got further."""
+    the names of our files on their way, whether any of ours is unfinished, whether the peer has yet to answer one,
+    and when one last got further."""
 
     __slots__ = ()
 
@@ -2396,6 +2698,7 @@ class Leaving:
         self.out = out
         self.state = Going.STAYING
         self.by = self.notice_at = None
+        self.answers_by = math.inf
 
     def move(self, name, *args):
         return self.TABLE.move(self, self, name, *args)
@@ -2405,8 +2708,10 @@ class Leaving:
         return self.state in (Going.WAITING, Going.TOLD)
 
     def deadline(self, waits):
-        """Messages and offers get FLUSH_TIMEOUT; a file on its way, as long as it keeps moving."""
-        return max(self.by, waits.progress + FILE_STALL) if waits.moving else self.by
+        """Messages get FLUSH_TIMEOUT; a file on its way, as long as it keeps moving; an offer not yet answered, as
+        long as the leaving allows (a script's --send waits for a person; inf, where there is no bound)."""
+        deadline = max(self.by, waits.progress + FILE_STALL) if waits.moving else self.by
+        return max(deadline, self.answers_by) if waits.unanswered else deadline
 
     def idle(self, waits):
         """Whether it is time to go because nothing is waited for any more (asked after every input)."""
@@ -2425,10 +2730,12 @@ class Leaving:
     def next_wakeup(self, waits):
         if not self.waiting:
             return []
-        return [self.deadline(waits)] + ([self.notice_at] if self.state is Going.WAITING else [])
+        times = [self.deadline(waits)] + ([self.notice_at] if self.state is Going.WAITING else [])
+        return [t for t in times if t != math.inf]
 
-    def _on_leave(self, _, old, now, wait):
+    def _on_leave(self, _, old, now, wait, answers):
         self.by, self.notice_at = now + wait, now + LEAVING_NOTICE
+        self.answers_by = math.inf if answers is None else now + answers
 
     def _on_notice(self, _, old, now, waits):
         self.out.show([f"leaving: {self.words(now, waits)}; Ctrl-C leaves now"], "notice")
@@ -2442,9 +2749,11 @@ class Leaving:
             n = waits.paced
             parts.append(f"for {n} message{'s' if n != 1 else ''} to go, one every {waits.pace} s")
         if waits.moving:
-            parts.append(f"for file {', '.join(waits.moving)} to arrive, while it moves")
+            parts.append(f"for {', '.join(waits.moving)} to arrive, while it moves")
+        elif waits.unanswered and self.answers_by == math.inf:
+            parts.append("for the peer to answer the files offered")
         elif waits.files:
-            parts.append(f"up to {self.by - now:.0f} s for the peer to take the files offered")
+            parts.append(f"up to {self.deadline(waits) - now:.0f} s for the peer to take the files offered")
         return "waiting " + " and ".join(parts) if parts else "waiting"
 
 
@@ -2677,7 +2986,9 @@ class Session:
     |                  |                 | in before: another client won the conversation, the user is asked      |
     | Message          | LIVE            | show each id once, in order; acknowledge when Drained (cumulatively)   |
     | Ack              | LIVE            | forget the messages it covers                                          |
-    | Offer, Accept,   | LIVE            | Transfers (v2 only)                                                    |
+    | Offer,           | LIVE            | Transfers (v2 only)                                                    |
+    | FolderOffer,     |                 |                                                                        |
+    | Exec, Accept,    |                 |                                                                        |
     | FileAck, Chunk,  |                 |                                                                        |
     | Done, Refuse,    |                 |                                                                        |
     | Cancel           |                 |                                                                        |
@@ -2813,7 +3124,7 @@ class Session:
             self.out.show([f"unknown command /{name}: /help lists the commands (//text sends /text)"], "error")
 
     def _leave(self, event):
-        self.leaving.move("leave", self.now, event.wait)
+        self.leaving.move("leave", self.now, event.wait, event.answers)
         self.transfers.stop_incoming()  # what the peer is sending us is of no use once we go
 
     def _interrupt(self, event):
@@ -2894,9 +3205,6 @@ class Session:
     def _got_ack(self, event):
         self.conversation.acknowledged(event.id)
 
-    def _got_resume(self, event):
-        self._resumed(event)
-
     def _got_busy(self, event):
         if not self.role.opens_resume:
             raise RemoteProtocolError("a busy record from a client")
@@ -2933,11 +3241,12 @@ class Session:
 
     _BOTH = frozenset({Phase.STARTING, Phase.LIVE})  # a record comes only on the current link: never AWAY or ENDED
     RECORDS = {
-        Resume: ({Phase.STARTING}, _got_resume),
+        Resume: ({Phase.STARTING}, lambda self, event: self._got_resume(event)),
         Busy: ({Phase.STARTING}, _got_busy),
         Message: ({Phase.LIVE}, _got_message),
         Ack: ({Phase.LIVE}, _got_ack),
-        **dict.fromkeys((Offer, Accept, FileAck, Chunk, Done, Refuse, Cancel), ({Phase.LIVE}, _got_file)),
+        **dict.fromkeys((Offer, FolderOffer, Exec, Accept, FileAck, Chunk, Done, Refuse, Cancel),
+                        ({Phase.LIVE}, _got_file)),
         Ping: (_BOTH, _got_ping),
         Pong: (_BOTH, _got_pong),
         Goodbye: (_BOTH, _got_goodbye),
@@ -2947,10 +3256,9 @@ class Session:
 
     _INPUTS = {Typed: _typed, Attached: _attached, Got: _got, Drained: _drained, Failed: _failed, Tick: _tick,
                Leave: _leave, Interrupt: _interrupt, DialFailed: _dial_failed,
-               FileReady: lambda self, event: self.transfers.ready(event),
-               FileOpened: lambda self, event: self.transfers.opened(event),
-               FileSaved: lambda self, event: self.transfers.saved(event),
-               FileFailed: lambda self, event: self.transfers.failed(event)}
+               **{kind: lambda self, event, name=name: getattr(self.transfers, name)(event) for kind, name in (
+                   (FileReady, "ready"), (FileOpened, "opened"), (FileSaved, "saved"), (FileFailed, "failed"),
+                   (FileNote, "note"))}}
 
     # -- rules shared by several inputs
 
@@ -2971,7 +3279,7 @@ class Session:
             for path in self._to_send:
                 self.transfers.send(path)
 
-    def _resumed(self, peer):
+    def _got_resume(self, peer):
         first = not self._begun
         if self.role.opens_resume and self._link.how == RESUME and not peer.resumed:
             raise RemoteProtocolError("the server proved it holds the conversation, then said it did not")
@@ -3026,8 +3334,10 @@ class Session:
         self._end(EXIT_NETWORK if undelivered else EXIT_OK, "the peer left the chat", undelivered)
 
     def _waits(self):
-        moving = tuple(visible(t.name) for t in self.transfers.moving)
-        return Waits(*self.messages.waiting(), self.fmt.pace, moving, bool(self.transfers.unfinished),
+        moving = tuple(f"{t.kind} {visible(t.name)}" for t in self.transfers.moving)
+        unfinished = self.transfers.unfinished
+        unanswered = any(t.state in (Out.PREPARING, Out.READY, Out.OFFERED) for t in unfinished)
+        return Waits(*self.messages.waiting(), self.fmt.pace, moving, bool(unfinished), unanswered,
                      self.transfers.progress_at)
 
     def _goodbye(self):
@@ -3698,105 +4008,356 @@ class Link:
 _O_NONBLOCK, _O_NOFOLLOW, _O_BINARY = (getattr(os, name, 0) for name in ("O_NONBLOCK", "O_NOFOLLOW", "O_BINARY"))
 
 
+def current_umask():
+    """The process's umask: from /proc where the system shows it, else set and put back (at start-up, before any
+    thread could create a file meanwhile)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration), open("/proc/self/status") as status:
+        return int(next(line for line in status if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+UMASK = current_umask()
+
+
+def received_mode(bits):
+    """A received file's permissions: the umask's for a new file, with the sender's execute bits (never setuid,
+    setgid or sticky)."""
+    return (0o666 | (bits & 0o111)) & ~UMASK
+
+
+def claim(folder, name, make):
+    """Make name in folder (make(path) must fail with FileExistsError if it is taken), or name (1).ext, ... never
+    over what is there; returns the path made."""
+    for number in range(10_000):
+        target = os.path.join(folder, numbered(name, number))
+        try:
+            make(target)
+            return target
+        except FileExistsError:
+            continue
+    raise OSError(errno.EEXIST, "too many files of that name")
+
+
+class Incoming:
+    """A file being received: a hidden temporary file in its folder, hashed as it is written, put in place under a
+    name that takes nothing's place only once its SHA-256 matched."""
+
+    def __init__(self, folder):
+        self.folder, self.digest = folder, hashlib.sha256()
+        self.temporary = os.path.join(folder, f".aeschat-{os.urandom(8).hex()}.part")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_BINARY
+        self._descriptor = os.open(self.temporary, flags, 0o600)
+
+    def write(self, data):
+        self.digest.update(data)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._descriptor, view) :]
+
+    def save(self, sha256, name):
+        """Check the SHA-256 (hex or raw), then put the file in place as name, name (1).ext, ..."""
+        self._close()
+        try:
+            expected = sha256 if isinstance(sha256, str) else sha256.hex()
+            if not hmac.compare_digest(self.digest.hexdigest(), expected):
+                raise ValueError("its SHA-256 did not match what the sender announced")
+            return claim(self.folder, name, self._move)
+        except BaseException:
+            self.discard()
+            raise
+
+    def _move(self, target):
+        # Claim the name (O_EXCL: never an existing file, nor a link), then move the file onto it.
+        os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW, 0o600))
+        try:
+            os.replace(self.temporary, target)
+        except OSError:
+            os.unlink(target)
+            raise
+
+    def finish_mode(self, path, bits):
+        with contextlib.suppress(OSError):  # a system without modes keeps its own
+            os.chmod(path, received_mode(bits))
+
+    def _close(self):
+        if self._descriptor is not None:
+            os.close(self._descriptor)
+            self._descriptor = None
+
+    def discard(self):
+        self._close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.temporary)
+
+
+class FolderReader:
+    """A folder to send: walked once (its regular files and empty folders, in order; links and anything else
+    skipped and named, never followed), each file hashed, then its stream read at any offset (a file that cannot be
+    read any more, or got shorter, goes as zeros: the receiver's check of its SHA-256 refuses it)."""
+
+    def __init__(self, root):
+        self.root, self.entries, self.starts, self.skipped, self.damaged = root, [], [], [], []
+        self.files = self.bytes = self.size = 0
+        self.manifest = hashlib.sha256()
+        self._open = (None, None)  # (index, handle) of the file being read
+        self._walk()
+
+    def _walk(self):
+        for top, folders, names in os.walk(self.root, onerror=self._unreadable):
+            folders.sort()
+            relative = os.path.relpath(top, self.root)
+            base = "" if relative == "." else relative.replace(os.sep, "/") + "/"
+            for folder in list(folders):
+                if os.path.islink(os.path.join(top, folder)):
+                    folders.remove(folder)  # never followed (os.walk does not, but says nothing either)
+                    self.skipped.append(base + folder)
+            if not folders and not names and base:
+                self._add(b"d", 0o755, 0, bytes(32), base[:-1], None)
+            for name in sorted(names):
+                self._file(os.path.join(top, name), base + name)
+
+    def _file(self, path, relative):
+        try:
+            info = os.lstat(path)
+            if not stat.S_ISREG(info.st_mode):
+                return self.skipped.append(relative)
+            digest, size = hashlib.sha256(), 0
+            with open(path, "rb") as f:
+                while block := f.read(1 << 20):
+                    digest.update(block)
+                    size += len(block)
+        except OSError as e:
+            return self._unreadable(e, relative)
+        self.files, self.bytes = self.files + 1, self.bytes + size
+        self._add(b"f", info.st_mode, size, digest.digest(), relative, path)
+
+    def _unreadable(self, error, relative=None):
+        self.damaged.append(f"{relative or getattr(error, 'filename', '?')}: {describe(error)}")
+
+    def _add(self, kind, mode, size, sha256, relative, path):
+        header = folder_header(kind, mode, size, sha256, relative)
+        self.manifest.update(header)
+        self.entries.append((self.size, header, path, size))
+        self.starts.append(self.size)
+        self.size += len(header) + size
+
+    def read(self, offset, length):
+        import bisect
+
+        out, index = bytearray(), bisect.bisect_right(self.starts, offset) - 1
+        while len(out) < length and 0 <= index < len(self.entries):
+            start, header, path, size = self.entries[index]
+            at = offset + len(out) - start
+            if at < len(header):
+                out += header[at : at + length - len(out)]
+            else:
+                out += self._content(index, at - len(header), min(length - len(out), size - (at - len(header))))
+            if offset + len(out) >= start + len(header) + size:
+                index += 1
+        return bytes(out)
+
+    def _content(self, index, at, length):
+        held, handle = self._open
+        try:
+            if held != index:
+                self.close()
+                handle = open(self.entries[index][2], "rb")  # noqa: SIM115 -- read piece by piece until close()
+                self._open = (index, handle)
+            handle.seek(at)
+            data = handle.read(length)
+        except OSError as e:
+            data = b""
+            self._note(index, describe(e))
+        if len(data) < length:
+            self._note(index, "it got shorter while it was being sent")
+        return data + bytes(length - len(data))
+
+    def _note(self, index, why):
+        note = f"{self.entries[index][1][ENTRY.size:].decode('utf-8', 'replace')}: {why}"
+        if note not in self.damaged:
+            self.damaged.append(note)
+
+    def close(self):
+        handle = self._open[1]
+        if handle is not None:
+            handle.close()
+        self._open = (None, None)
+
+
+class FolderWriter:
+    """A folder being received: a new folder under the receiving one (a name that takes nothing's place), and each
+    entry of its stream made inside it as it arrives: a folder at once, a file into a temporary file put in place
+    once its SHA-256 matched. Nothing is written outside it: every part of every path is made safe as a file's name
+    is, and every folder on the way is one this writer made (private to this user until the end)."""
+
+    MAX_FOLDERS = 100_000  # folders a stream may make; files are held to the offer's count
+
+    def __init__(self, parent, name, size, files):
+        self.parent, self.files_offered = parent, files
+        self.parser = FolderParser(size)
+        self.root = claim(parent, safe_name(name), lambda path: os.mkdir(path, 0o700))
+        self._made = {(): self.root}  # path parts as sent -> the folder made for them
+        self._entry = self._file = None
+        self.saved, self.problems, self._folders = 0, [], 0
+
+    def write(self, data):
+        for item in self.parser.feed(data):
+            if isinstance(item, FolderEntry):
+                self._begin(item)
+            elif item is None:
+                self._end()
+            elif self._file is not None:
+                self._file.write(item)
+
+    def _begin(self, entry):
+        self._entry = entry
+        if entry.kind == b"d":
+            self._folder(entry.parts)
+            return
+        if self.saved + len(self.problems) >= self.files_offered:
+            raise RemoteProtocolError("a folder's stream holds more files than it was offered with")
+        self._file = Incoming(self._folder(entry.parts[:-1]))
+
+    def _end(self):
+        entry, incoming, self._entry, self._file = self._entry, self._file, None, None
+        if incoming is None:
+            return
+        shown = "/".join(entry.parts)
+        try:
+            path = incoming.save(entry.sha256, safe_name(entry.parts[-1]))
+            incoming.finish_mode(path, entry.mode)
+            self.saved += 1
+        except ValueError:
+            self.problems.append(f"{visible(shown)}: it changed or was damaged on the way (its SHA-256 did not match)")
+        except OSError as e:
+            self.problems.append(f"{visible(shown)}: {describe(e)}")
+
+    def _folder(self, parts):
+        """The folder made for these parts as sent (making it and those on the way as needed)."""
+        if parts in self._made:
+            return self._made[parts]
+        parent = self._folder(parts[:-1])
+        self._folders += 1
+        if self._folders > self.MAX_FOLDERS:
+            raise RemoteProtocolError("a folder's stream makes too many folders")
+        made = self._made[parts] = claim(parent, safe_name(parts[-1]), lambda path: os.mkdir(path, 0o700))
+        return made
+
+    def finish(self, sha256):
+        """The stream is whole: check its headers against the offer; the folders get the umask's permissions."""
+        if not hmac.compare_digest(self.parser.manifest.hexdigest(), sha256):
+            self.problems.append("the folder's list of entries did not match what the sender announced")
+        for folder in self._made.values():
+            with contextlib.suppress(OSError):
+                os.chmod(folder, 0o777 & ~UMASK)
+        return self.root
+
+    def discard(self):
+        """Given up: the file half-written goes; the folder stays only if something was saved in it."""
+        if self._file is not None:
+            self._file.discard()
+            self._file = None
+        for folder in sorted(self._made.values(), key=len, reverse=True):
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)  # only the empty ones go
+
+
 class Files:
-    """The files of a chat on disk: those we send (opened, hashed, read a chunk at a time) and those we receive
-    (a hidden temporary file in the folder, hashed as it is written, put in place under a name that takes
-    nothing's place only once its SHA-256 matched)."""
+    """The files of a chat on disk, each by its number: what we send (a file, kept open so that a rename does not
+    change what goes, or a FolderReader) and what we receive (an Incoming file, or a FolderWriter)."""
 
     SPARE = 16 * 2**20  # room left free on the disk beyond a file we accept
 
     def __init__(self, folder="."):
         self.folder = folder
-        self._sending = {}  # file -> open file
-        self._receiving = {}  # file -> [descriptor, temporary path, hash, name]
+        self._sending = {}  # file -> open file, or FolderReader
+        self._receiving = {}  # file -> Incoming, or FolderWriter
 
     def prepare(self, path):
-        """(name to give, size, SHA-256) of a file to send; it stays open, so a rename does not change what goes."""
+        """What to offer for a path: (what to read, name, size, SHA-256, (files, bytes) of a folder or None,
+        execute bits, notes to show)."""
+        path = os.path.expanduser(path)
+        name = os.path.basename(os.path.normpath(os.path.abspath(path))) or "file"
+        if os.path.isdir(path) and not os.path.islink(path):
+            reader = FolderReader(path)
+            notes = [f"cannot read {visible(damaged)}" for damaged in reader.damaged]
+            if reader.skipped:
+                more = f" and {len(reader.skipped) - 5} more" if len(reader.skipped) > 5 else ""
+                notes.append("skipped, being links or not files (never followed): "
+                             f"{', '.join(visible(s) for s in reader.skipped[:5])}{more}")
+            reader.damaged = []
+            return reader, name, reader.size, reader.manifest.hexdigest(), (reader.files, reader.bytes), 0, notes
+        handle, size, sha256, bits = self._prepare_file(path)
+        return handle, name, size, sha256, None, bits, []
+
+    def _prepare_file(self, path):
         try:  # without blocking: a named pipe would wait for a writer for ever
-            descriptor = os.open(os.path.expanduser(path), os.O_RDONLY | _O_NONBLOCK | _O_BINARY)
+            descriptor = os.open(path, os.O_RDONLY | _O_NONBLOCK | _O_BINARY)
         except OSError as e:
             raise UsageError(describe(e)) from None
         handle = os.fdopen(descriptor, "rb")  # kept open for the transfer, closed by release()
         try:
-            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
-                raise UsageError("not a regular file")
+            info = os.fstat(handle.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise UsageError("not a regular file or folder")
             digest = hashlib.sha256()
             while block := handle.read(1 << 20):
                 digest.update(block)
-            size = handle.tell()
+            return handle, handle.tell(), digest.hexdigest(), info.st_mode & 0o111
         except (OSError, UsageError) as e:
             handle.close()
             raise UsageError(describe(e)) from None
-        name = os.path.basename(os.path.normpath(path)) or "file"
-        return handle, name, size, digest.hexdigest()
 
-    def keep(self, file, handle):
-        self._sending[file] = handle
+    def keep(self, file, source):
+        self._sending[file] = source
 
     def read(self, file, offset, length):
-        handle = self._sending[file]
+        """length bytes from offset of what file number `file` sends, and notes of what could not be read."""
+        source = self._sending[file]
+        if isinstance(source, FolderReader):
+            data, notes, source.damaged = source.read(offset, length), source.damaged, []
+            return data, notes
         if hasattr(os, "pread"):
-            data = os.pread(handle.fileno(), length, offset)
+            data = os.pread(source.fileno(), length, offset)
         else:  # Windows: no pread; one writer thread reads a file, so seeking first is safe
-            handle.seek(offset)
-            data = handle.read(length)
+            source.seek(offset)
+            data = source.read(length)
         if len(data) != length:
             raise OSError(errno.EIO, "the file became shorter while it was being sent")
-        return data
+        return data, []
 
     def release(self, file):
-        handle = self._sending.pop(file, None)
-        if handle is not None:
-            handle.close()
+        source = self._sending.pop(file, None)
+        if source is not None:
+            source.close()
 
-    def open(self, file, size):
-        """A hidden temporary file in the folder, once there is room for size bytes and more."""
+    def open(self, file, size, name, folder):
+        """Where to receive: a temporary file, or (a folder of `folder` files) a new folder, once there is room."""
         import shutil
 
         if shutil.disk_usage(self.folder).free < size + self.SPARE:
             raise OSError(errno.ENOSPC, "not enough free space")
-        temporary = os.path.join(self.folder, f".aeschat-{os.urandom(8).hex()}.part")
-        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_BINARY, 0o600)
-        self._receiving[file] = [descriptor, temporary, hashlib.sha256()]
+        self._receiving[file] = (FolderWriter(self.folder, name, size, folder) if folder is not None
+                                 else Incoming(self.folder))
 
     def write(self, file, data):
-        descriptor, _, digest = self._receiving[file]
-        digest.update(data)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(descriptor, view) :]
+        self._receiving[file].write(data)
 
-    def save(self, file, sha256, name):
-        """Check the SHA-256, then put the file in place as name, or name (1).ext, ... never over another."""
-        descriptor, temporary, digest = self._receiving.pop(file)
-        os.close(descriptor)
-        try:
-            if not hmac.compare_digest(digest.hexdigest(), sha256):
-                raise ValueError("its SHA-256 did not match what the sender announced")
-            for number in range(10_000):
-                target = os.path.join(self.folder, numbered(name, number))
-                try:  # claim the name (O_EXCL: never an existing file, nor a link), then move the file onto it
-                    os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-                except FileExistsError:
-                    continue
-                try:
-                    os.replace(temporary, target)
-                except OSError:
-                    os.unlink(target)
-                    raise
-                return target
-            raise OSError(errno.EEXIST, "too many files of that name")
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
-            raise
+    def save(self, file, sha256, name, bits):
+        """Put what was received in place; returns (its path, what could not be saved in a folder)."""
+        target = self._receiving.pop(file)
+        if isinstance(target, FolderWriter):
+            return target.finish(sha256), target.problems
+        path = target.save(sha256, name)
+        target.finish_mode(path, bits)
+        return path, []
 
     def discard(self, file):
-        entry = self._receiving.pop(file, None)
-        if entry is not None:
-            os.close(entry[0])
-            with contextlib.suppress(OSError):
-                os.unlink(entry[1])
+        target = self._receiving.pop(file, None)
+        if target is not None:
+            target.discard()
 
     def close(self):
         for file in list(self._receiving):
@@ -3890,6 +4451,8 @@ class Chat:
             guarded(lambda: self._redial(action.kind), lambda e: self.step(DialFailed(e)), "dial")
         elif kind is Live:
             self.begun.set()
+        elif kind is Progress:
+            self.ui.progress(action)
         elif kind in self._FILE_ACTIONS:
             self._FILE_ACTIONS[kind](self, action)
         elif kind is End:
@@ -3903,11 +4466,11 @@ class Chat:
     def _prepare(self, action):
         def run():
             try:
-                handle, name, size, sha256 = self.files.prepare(action.path)
-            except UsageError as e:
-                return self.step(FileFailed(action.file, True, "unreadable", f"{e}"))
-            self.files.keep(action.file, handle)
-            self.step(FileReady(action.file, name, size, sha256))
+                source, *ready = self.files.prepare(action.path)
+            except (UsageError, OSError) as e:
+                return self.step(FileFailed(action.file, True, "unreadable", describe(e)))
+            self.files.keep(action.file, source)
+            self.step(FileReady(action.file, *ready))
 
         guarded(run, self._crashed, "file")
 
@@ -3917,7 +4480,7 @@ class Chat:
 
     def _open(self, action):
         try:
-            self.files.open(action.file, action.size)
+            self.files.open(action.file, action.size, action.name, action.folder)
         except OSError as e:
             return self._post(FileFailed(action.file, False, "no space" if e.errno == errno.ENOSPC else "unwritable",
                                          describe(e)))
@@ -3929,16 +4492,19 @@ class Chat:
         except (OSError, KeyError) as e:
             self.files.discard(action.file)
             self._post(FileFailed(action.file, False, "unwritable", describe(e)))
+        except RemoteProtocolError as e:  # a folder's stream that is not one: refused, the chat goes on
+            self.files.discard(action.file)
+            self._post(FileFailed(action.file, False, "failed verification", f"{e}"))
 
     def _save(self, action):
         def run():
             try:
-                path = self.files.save(action.file, action.sha256, action.name)
+                path, problems = self.files.save(action.file, action.sha256, action.name, action.bits)
             except ValueError as e:
                 return self.step(FileFailed(action.file, False, "failed verification", f"{e}"))
             except (OSError, KeyError) as e:
                 return self.step(FileFailed(action.file, False, "unwritable", describe(e)))
-            self.step(FileSaved(action.file, path))
+            self.step(FileSaved(action.file, path, problems))
 
         guarded(run, self._crashed, "file")
 
@@ -3949,10 +4515,13 @@ class Chat:
     def read_chunk(self, event):
         """The writer's way to a chunk's bytes: read from the file as it is sealed, never all at once."""
         try:
-            return Chunk(event.file, event.offset, self.files.read(event.file, event.offset, event.length))
+            data, notes = self.files.read(event.file, event.offset, event.length)
         except (OSError, KeyError) as e:
             self._post(FileFailed(event.file, True, "unreadable", describe(e)))
             return None
+        if notes:  # a folder's file that could not be read any more: it goes as zeros, and the user is told
+            self._post(FileNote(event.file, tuple(notes)))
+        return Chunk(event.file, event.offset, data)
 
     def _redial(self, kind):
         try:
@@ -3979,8 +4548,8 @@ class Chat:
             self._todo.extend(self.session.crash(error))
         self._carry_out()
 
-    def leave(self, wait=FLUSH_TIMEOUT):
-        self.step(Leave(wait))
+    def leave(self, wait=FLUSH_TIMEOUT, answers=FLUSH_TIMEOUT):
+        self.step(Leave(wait, answers))
 
     def interrupt(self, code):
         self.step(Interrupt(code))
@@ -4378,7 +4947,7 @@ class Server:
             interactive = self.ui.interactive
             if chat is not None:
                 if line is None or is_quit(line, interactive):
-                    chat.leave()
+                    chat.leave(answers=FLUSH_TIMEOUT if interactive else self.args.wait)
                     chat.done.wait()
                 elif line.strip():
                     chat.typed(line)
@@ -4467,8 +5036,9 @@ class Terminated(BaseException):
     code = EXIT_TERMINATED
 
 
-def run_chat(chat):
-    """The client's input loop: once the chat has begun, every typed line goes to it; returns the exit code."""
+def run_chat(chat, answers=None):
+    """The client's input loop: once the chat has begun, every typed line goes to it; returns the exit code. In a
+    pipe, leaving gives the peer `answers` seconds to answer the files offered (None: as long as it is connected)."""
     ui = chat.ui
     try:
         chat.begun.wait()
@@ -4477,7 +5047,7 @@ def run_chat(chat):
             if line is WAKE:
                 continue
             if line is None or is_quit(line, ui.interactive):
-                chat.leave()
+                chat.leave(answers=FLUSH_TIMEOUT if ui.interactive else answers)
                 chat.done.wait()
             elif line.strip():
                 chat.typed(line)
@@ -4516,6 +5086,8 @@ class PlainUI:
         self._inbox = queue.Queue()
         self._printing = queue.Queue()
         self._failed = None  # why our output could not be written
+        self._bar = sys.stderr.isatty()  # a transfer's progress: a bar on a terminal, else a line per 10%
+        self._bar_shown, self._tenths = "", {}
         self._printer = guarded(self._print, self._output_failed, "printer")
         if read_input:
             guarded(self._read_stdin, lambda error: self._inbox.put(None), "stdin")
@@ -4557,6 +5129,13 @@ class PlainUI:
     def set_status(self, fields, order):
         pass  # a pipe has no status line
 
+    def progress(self, action):
+        if self._bar:
+            self._printing.put(("bar", action))
+        elif action.percent // 10 != self._tenths.get(action.what):  # a line every 10%
+            self._tenths[action.what] = action.percent // 10
+            self.show([progress_line(action)], "notice")
+
     def _print(self):
         """Print what is queued, all that waits at once in one write a stream, so that the lines of a burst cost
         one wake-up and one write, not one each."""
@@ -4565,18 +5144,38 @@ class PlainUI:
             while items[-1] is not None and not self._printing.empty():
                 items.append(self._printing.get_nowait())
             runs = []  # (stream, rows): consecutive blocks for one stream go out together, in their order
+            bar = None
             for item in items:
-                if item is not None:
+                if item is not None and item[0] == "bar":
+                    bar = item[1]
+                elif item is not None:
                     stream = sys.stdout if item[0] == "chat" else sys.stderr
                     if runs and runs[-1][0] is stream:
                         runs[-1][1].extend(item[1])
                     else:
                         runs.append((stream, list(item[1])))
             for stream, rows in runs:
+                self._clear_bar(stream)
                 stream.write("\n".join(rows) + "\n")
                 stream.flush()
+            self._draw_bar(bar)
             if items[-1] is None:
                 return
+
+    def _clear_bar(self, stream):
+        if self._bar_shown and (stream is sys.stderr or sys.stdout.isatty()):
+            sys.stderr.write("\r" + " " * len(self._bar_shown) + "\r")
+
+    def _draw_bar(self, action):
+        """The bar of the last progress, where it was (after anything printed meanwhile); a finished one stays."""
+        if action is None and not self._bar_shown:
+            return
+        if action is not None:
+            self._bar_shown = progress_bar(action, os.get_terminal_size(sys.stderr.fileno()).columns)
+        sys.stderr.write("\r" + self._bar_shown + ("\n" if action is not None and action.percent == 100 else ""))
+        sys.stderr.flush()
+        if action is not None and action.percent == 100:
+            self._bar_shown = ""
 
     def __enter__(self):
         return self
@@ -4585,6 +5184,23 @@ class PlainUI:
         self._printing.put(None)
         self._printer.join(timeout=5)
         return False
+
+
+def progress_line(action):
+    """A transfer's progress in words: sending file x.bin (20.0 MiB): 30%, 6.0 MiB, 512.0 KiB/s."""
+    rate = f", {size_text(int(action.rate))}/s" if action.rate else ""
+    return f"{'sending' if action.outgoing else 'receiving'} {action.what}: {action.percent}%, " \
+           f"{size_text(action.done)}{rate}"
+
+
+def progress_bar(action, width):
+    """The same as a bar within width columns: words, then [####----]."""
+    words = progress_line(action)
+    room = width - 1 - len(words) - 3
+    if room < 10:
+        return words[: max(width - 1, 0)]
+    filled = room * action.percent // 100
+    return f"{words} [{'#' * filled}{'-' * (room - filled)}]"
 
 
 def prefixed(prog, lines, kind):
@@ -4681,6 +5297,9 @@ class TerminalUI:
 
     def set_status(self, fields, order):
         self._status = (fields, order)
+
+    def progress(self, action):
+        pass  # the status line shows it
 
 
 def make_ui(prog, receive_only=False):
@@ -4786,11 +5405,22 @@ def check_file_options(parser, args):
     if args.legacy and (args.send or args.receive_dir):
         parser.error("--legacy has no files (the original scripts cannot receive them)")
     for path in args.send:
-        if not os.path.isfile(path) or not os.access(path, os.R_OK):
-            parser.error(f"--send {path}: not a readable file")
-    if args.receive_dir is not None and not (os.path.isdir(args.receive_dir) and
-                                             os.access(args.receive_dir, os.W_OK | os.X_OK)):
-        parser.error(f"--receive-dir {args.receive_dir}: not a folder we can write in")
+        if os.path.isdir(path) and not os.access(path, os.R_OK | os.X_OK):
+            parser.error(f"--send {path}: a folder we cannot read")
+        elif not os.path.isdir(path) and not (os.path.isfile(path) and os.access(path, os.R_OK)):
+            parser.error(f"--send {path}: not a readable file or folder")
+    folder = args.receive_dir
+    if folder is not None and not os.path.exists(folder):
+        parser.error(f"--receive-dir {folder}: no such folder (mkdir -p {shell_quoted(folder)} makes it)")
+    if folder is not None and not (os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK)):
+        parser.error(f"--receive-dir {folder}: " + ("a folder we cannot write in" if os.path.isdir(folder)
+                                                     else "not a folder"))
+
+
+def shell_quoted(text):
+    import shlex
+
+    return shlex.quote(text)
 
 
 def port_number(text, lowest=1):
@@ -4824,6 +5454,9 @@ def argument_parser(prog, description):
     parser.add_argument("--send", action="append", default=[], metavar="PATH",
                         help="offer this file as soon as the chat begins (may be given again); a client in a pipe "
                              "exits once the peer has saved every one")
+    parser.add_argument("--wait", type=seconds_argument, metavar="SECONDS",
+                        help="in a pipe, how long the peer has to answer the files of --send once input ends "
+                             "(default: as long as it stays connected and each transfer moves)")
     parser.add_argument("--receive-dir", metavar="DIR",
                         help="accept every file offered, into DIR (without it: /accept on a terminal, declined in a "
                              "pipe)")

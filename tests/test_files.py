@@ -102,7 +102,7 @@ def test_a_pipe_receiver_without_a_folder_declines_and_the_sender_is_told(spawn,
     server.expect("declined file unwanted.bin .*: there is no --receive-dir to save it in")
     client.expect("file unwanted.bin not delivered: the peer declined it")
     assert client.wait() == 1
-    assert "1 file not delivered: unwanted.bin" in client.output()[1]
+    assert "1 file declined by the peer: unwanted.bin" in client.output()[1]  # exit 1 all the same: a script
 
 
 def test_a_file_over_the_limit_is_refused_on_both_sides(spawn, folders):
@@ -233,14 +233,16 @@ def test_send_of_a_missing_file_is_a_usage_error():
     result = subprocess.run([sys.executable, "client.py", "127.0.0.1", "1", "--send", "/nonexistent/x"], cwd=ROOT,
                             capture_output=True, text=True, env={**os.environ, "AESCHAT_KEY": PASSPHRASE})
     assert result.returncode == 2
-    assert result.stderr == "aeschat-client: error: --send /nonexistent/x: not a readable file (see --help)\n"
+    assert result.stderr == "aeschat-client: error: --send /nonexistent/x: not a readable file or folder (see --help)\n"
 
 
 def received(files, file, data, name):
     """Receive data as file through files (a real folder), and put it in place as name."""
-    files.open(file, len(data))
+    files.open(file, len(data), name, None)
     files.write(file, data)
-    return files.save(file, hashlib.sha256(data).hexdigest(), name)
+    path, problems = files.save(file, hashlib.sha256(data).hexdigest(), name, 0)
+    assert problems == []
+    return path
 
 
 def test_a_name_of_255_bytes_twice_is_numbered_within_255_bytes(tmp_path):
@@ -255,10 +257,10 @@ def test_a_name_of_255_bytes_twice_is_numbered_within_255_bytes(tmp_path):
 @pytest.mark.parametrize("name, why", [("no such folder/x", "cannot be put in place"), ("x", "bad SHA-256")])
 def test_a_file_that_is_not_saved_leaves_no_temporary_file(tmp_path, name, why):
     files = common.Files(str(tmp_path))
-    files.open(0, 4)
+    files.open(0, 4, name, None)
     files.write(0, b"data")
     with pytest.raises(OSError if why == "cannot be put in place" else ValueError):
-        files.save(0, hashlib.sha256(b"other" if why == "bad SHA-256" else b"data").hexdigest(), name)
+        files.save(0, hashlib.sha256(b"other" if why == "bad SHA-256" else b"data").hexdigest(), name, 0)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -277,7 +279,7 @@ def test_more_files_than_go_at_once_all_arrive(spawn, folders):
 def test_a_path_with_a_tilde_is_the_home_folders(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     make_file(tmp_path, "notes.txt", 10)
-    handle, name, size, _ = common.Files().prepare("~/notes.txt")
+    handle, name, size, *_ = common.Files().prepare("~/notes.txt")
     handle.close()
     assert (name, size) == ("notes.txt", 10)
 
@@ -298,4 +300,4 @@ def test_a_named_pipe_is_not_a_file_to_send(tmp_path):
     thread.join(5)
     if thread.is_alive():  # free it: a writer comes, then goes
         os.close(os.open(tmp_path / "pipe", os.O_WRONLY))
-    assert outcome == ["not a regular file"]
+    assert outcome == ["not a regular file or folder"]

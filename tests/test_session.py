@@ -1150,16 +1150,16 @@ def test_every_pair_of_redial_moves_as_its_cell_says(role):
 def test_leaving_moves_as_its_table_says_and_tells_once():
     out = common.Outbox()
     leaving = common.Leaving(out)
-    waits = common.Waits(1, 0, 0.0, (), False, 0.0)
+    waits = common.Waits(1, 0, 0.0, (), False, False, 0.0)
     assert not leaving.tick(100.0, waits) and leaving.state is common.Going.STAYING
-    leaving.move("leave", 100.0, 10.0)
+    leaving.move("leave", 100.0, 10.0, 10.0)
     assert not leaving.tick(100.5, waits) and out.take() == []
     assert not leaving.tick(101.0, waits) and leaving.state is common.Going.TOLD
     assert shown(out.take(), "notice") == ["leaving: waiting up to 9 s for the peer to acknowledge 1 message; "
                                            "Ctrl-C leaves now"]
     assert not leaving.tick(105.0, waits) and out.take() == []
     assert leaving.tick(110.0, waits) and leaving.state is common.Going.GONE
-    assert not leaving.tick(120.0, waits) and not leaving.idle(common.Waits(0, 0, 0.0, (), False, 0.0))
+    assert not leaving.tick(120.0, waits) and not leaving.idle(common.Waits(0, 0, 0.0, (), False, False, 0.0))
 
 
 def test_the_records_table_in_the_docstring_is_the_one_the_code_keeps():
@@ -1189,3 +1189,45 @@ def test_leaving_with_a_file_mid_send_releases_it_once_and_lists_it_once(leave):
     assert [a for a in actions if isinstance(a, common.ReleaseFile)] == [common.ReleaseFile(0)]
     assert not any("abandoned" in line for line in shown(actions))
     assert ended(actions)[1].endswith("1 file not delivered: report.pdf")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Leaving tells the truth: declined is the peer's choice; a script's --send waits for a person
+
+
+@pytest.mark.parametrize("interactive, code", [(True, EXIT_OK), (False, EXIT_NETWORK)])
+def test_a_declined_file_is_listed_as_declined_an_error_only_for_a_script(interactive, code):
+    run = Run(interactive=interactive)
+    link = run.live()
+    for file in range(2):  # the same name twice
+        run.session.transfers.send("/tmp/my notes.txt")
+        run(common.FileReady(file, "my notes.txt", 10, SHA))
+        run(Got(link, common.Refuse(file, "declined")))
+    assert ended(run(Leave(10))) == (code, "you left the chat; 2 files declined by the peer: my notes.txt (2x)")
+
+
+def test_a_scripts_send_waits_for_a_person_as_long_as_the_peer_is_connected():
+    """The outside round: a script's --send gave the person 9 s to notice and type /accept, then gave up, exit 1."""
+    run = Run()
+    link = run.live()
+    run.session.transfers.send("/tmp/build.tar.gz")
+    run(common.FileReady(0, "build.tar.gz", 10, SHA))
+    told = shown(run(Leave(10, answers=None))) + shown(run(Tick(), after=common.LEAVING_NOTICE))
+    assert told == ["leaving: waiting for the peer to answer the files offered; Ctrl-C leaves now"]
+    for _ in range(30):  # five minutes
+        assert ended(run(Tick(), after=10)) is None
+        run(Got(link, Ping()))  # the peer is there
+    run(Got(link, common.Accept(0, 0)))
+    run(Got(link, common.FileAck(0, 10)))
+    assert ended(run(Got(link, common.Done(0)))) == (EXIT_OK, "you left the chat")
+
+
+def test_a_bounded_wait_for_an_answer_gives_up_at_its_bound():
+    run = Run()
+    run.live()
+    run.session.transfers.send("/tmp/build.tar.gz")
+    run(common.FileReady(0, "build.tar.gz", 10, SHA))
+    run(Leave(10, answers=60))
+    assert ended(run(Tick(), after=30)) is None
+    code, text = ended(run(Tick(), after=30))
+    assert code == EXIT_NETWORK and text.endswith("1 file not delivered: build.tar.gz")

@@ -31,6 +31,9 @@ class Screen:
     def set_status(self, fields, order):
         pass
 
+    def progress(self, action):
+        pass
+
     def wake(self):
         pass
 
