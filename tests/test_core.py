@@ -1305,3 +1305,56 @@ def test_the_legacy_warning_fits_80_columns():
 ])
 def test_a_path_typed_after_send_is_taken_as_a_shell_would(typed, path):
     assert common.typed_path(typed) == path
+
+
+# ---------------------------------------------------------------------------------------------------
+# A folder's stream
+
+
+def folder_stream(entries):
+    return b"".join(common.folder_header(kind, 0o755, len(data), hashlib.sha256(data).digest(), path) + data
+                    for kind, path, data in entries)
+
+
+FOLDER = [(b"d", "empty", b""), (b"f", "a/b.txt", b"hello"), (b"f", "z", b""), (b"f", "é/ü", b"x" * 1000)]
+
+
+@given(st.data())
+def test_a_folders_stream_parses_the_same_in_any_segmentation(data):
+    stream = folder_stream(FOLDER)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=20)))
+    parser, items = common.FolderParser(len(stream)), []
+    for start, end in zip([0, *cuts], [*cuts, len(stream)]):
+        items += parser.feed(stream[start:end])
+    merged = []
+    for item in items:
+        if isinstance(item, bytes) and merged and isinstance(merged[-1], bytes):
+            merged[-1] += item
+        else:
+            merged.append(item)
+    entries = [item for item in merged if isinstance(item, common.FolderEntry)]
+    assert [e.parts for e in entries] == [("empty",), ("a", "b.txt"), ("z",), ("é", "ü")]
+    assert [m for m in merged if isinstance(m, bytes)] == [b"hello", b"x" * 1000]
+    assert merged.count(None) == 4 and parser.left == 0
+    assert parser.manifest.hexdigest() == hashlib.sha256(b"".join(
+        common.folder_header(k, 0o755, len(d), hashlib.sha256(d).digest(), p) for k, p, d in FOLDER)).hexdigest()
+
+
+@pytest.mark.parametrize("stream, why", [
+    (folder_stream([(b"x", "a", b"")]), "another kind"),
+    (common.folder_header(b"f", 0, 0, bytes(32), "abc")[:-1], "ends in the middle of a header"),
+    (common.folder_header(b"f", 0, 10**9, bytes(32), "a"), "larger than the stream"),
+    (common.folder_header(b"d", 0, 5, bytes(32), "a") + b"12345", "a folder with bytes"),
+    (folder_stream([(b"f", "/".join(["d"] * 65), b"")]), "too deep"),
+    (common.ENTRY.pack(b"f", 0, 0, bytes(32), 2) + b"\xff\xfe", "not UTF-8"),
+])
+def test_a_malformed_folder_stream_is_the_peers_error(stream, why):
+    with pytest.raises(common.RemoteProtocolError):
+        common.FolderParser(len(stream)).feed(stream)
+
+
+@given(st.binary(max_size=300))
+def test_random_bytes_to_the_folder_parser_raise_only_the_peers_error(data):
+    parser = common.FolderParser(len(data))
+    with contextlib.suppress(common.RemoteProtocolError):
+        parser.feed(data)

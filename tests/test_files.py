@@ -301,3 +301,136 @@ def test_a_named_pipe_is_not_a_file_to_send(tmp_path):
     if thread.is_alive():  # free it: a writer comes, then goes
         os.close(os.open(tmp_path / "pipe", os.O_WRONLY))
     assert outcome == ["not a regular file or folder"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Folders
+
+
+def make_tree(root):
+    """A folder to send: nested files, an empty folder, an executable, a link (never followed) and a hidden file."""
+    (root / "docs" / "deep").mkdir(parents=True)
+    (root / "empty").mkdir()
+    make_file(root, "top.txt", 1000, 1)
+    make_file(root / "docs", "a.bin", 70_000, 2)
+    make_file(root / "docs" / "deep", "b.bin", 0)
+    make_file(root, ".hidden", 10, 3)
+    run = make_file(root, "run.sh", 50, 4)
+    run.chmod(0o755)
+    (root / "link").symlink_to("/etc/passwd")
+    return root
+
+
+def test_a_folder_is_delivered_whole_as_it_was_and_links_are_skipped(spawn, folders):
+    inbox, outbox = folders
+    tree = make_tree(outbox / "project")
+    server, port = spawn("server", "--once", "--receive-dir", inbox)
+    client = spawn("client", port, "--send", tree)
+    client.close_stdin()
+    client.expect(r"^folder project: skipped, being links or not files \(never followed\): link$")
+    client.expect(r"^offering folder project \(5 files, 69\.4 KiB\)$")
+    server.expect(rf"^received folder project \(5 files, 69\.4 KiB\) → {inbox}/project$")
+    client.expect(r"^delivered folder project$")
+    assert client.wait() == 0
+    got = inbox / "project"
+    assert sorted(str(p.relative_to(got)) for p in got.rglob("*")) == [
+        "_hidden", "docs", "docs/a.bin", "docs/deep", "docs/deep/b.bin", "empty", "run.sh", "top.txt"]
+    for name in ("top.txt", "docs/a.bin", "run.sh"):
+        assert (got / name).read_bytes() == (tree / name).read_bytes()
+    assert (got / "run.sh").stat().st_mode & 0o111 and not (got / "top.txt").stat().st_mode & 0o111
+    assert leftovers(got) == [] and leftovers(got / "docs") == []
+
+
+def test_a_folder_whose_name_is_taken_gets_a_number(spawn, folders):
+    inbox, outbox = folders
+    (inbox / "project").mkdir()
+    (outbox / "project").mkdir()
+    make_file(outbox / "project", "x.txt", 10)
+    server, port = spawn("server", "--once", "--receive-dir", inbox)
+    client = spawn("client", port, "--send", outbox / "project")
+    client.close_stdin()
+    server.expect(r"→ .*/project \(1\)$")
+    assert client.wait() == 0 and (inbox / "project (1)" / "x.txt").exists()
+
+
+def test_a_folder_cut_half_way_resumes_and_arrives_once(spawn, folders):
+    inbox, outbox = folders
+    (outbox / "many").mkdir()
+    for i in range(6):
+        make_file(outbox / "many", f"f{i}.bin", 40_000, i)
+    server, port = spawn("server", "--receive-dir", inbox)
+    proxy = Proxy(port)
+    proxy.cut_after = {C2S: 120_000}
+    client = spawn("client", proxy.port, "--send", outbox / "many")
+    client.expect("connection lost")
+    proxy.cut_after = {}
+    client.expect("reconnected to")
+    client.close_stdin()
+    assert client.wait() == 0
+    assert sorted(p.name for p in (inbox / "many").iterdir()) == [f"f{i}.bin" for i in range(6)]
+    assert all((inbox / "many" / f"f{i}.bin").read_bytes() == (outbox / "many" / f"f{i}.bin").read_bytes()
+               for i in range(6))
+    proxy.close()
+
+
+def stream_of(entries):
+    """A folder's stream from (kind, path, content) entries, as a sender would make it."""
+    out = b""
+    for kind, path, content in entries:
+        out += common.folder_header(kind, 0o644, len(content), hashlib.sha256(content).digest(), path) + content
+    return out
+
+
+@pytest.mark.parametrize("path", ["../escape", "a/../../b", "/etc/passwd", "a//b", "", "x/./y"])
+def test_a_folder_entry_that_would_leave_the_folder_is_refused_before_anything_is_written(tmp_path, path):
+    stream = stream_of([(b"f", path, b"pwned")])
+    writer = common.FolderWriter(str(tmp_path), "f", len(stream), 1)
+    with pytest.raises(common.RemoteProtocolError):
+        writer.write(stream)
+    writer.discard()
+    assert list(tmp_path.rglob("*")) == []
+
+
+def test_folder_entries_are_named_safely_inside_the_new_folder(tmp_path):
+    stream = stream_of([(b"f", ".bashrc", b"1"), (b"f", "sub/\x1b[31mred", b"2"), (b"d", ".git", b""),
+                        (b"f", "sub\\x", b"3"), (b"f", "sub\\x", b"4")])
+    writer = common.FolderWriter(str(tmp_path), "..", len(stream), 4)
+    writer.write(stream)
+    root = writer.finish(writer.parser.manifest.hexdigest())
+    assert root == str(tmp_path / "file") and writer.problems == []
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == [
+        "file", "file/_bashrc", "file/_git", "file/sub", "file/sub/_[31mred", "file/x", "file/x (1)"]
+
+
+def test_a_damaged_file_in_a_folder_is_not_saved_and_the_rest_is(tmp_path):
+    entries = [(b"f", "good", b"fine"), (b"f", "bad", b"original")]
+    stream = stream_of(entries).replace(b"original", b"ORIGINAL")  # changed on the way, its header kept
+    writer = common.FolderWriter(str(tmp_path), "f", len(stream), 2)
+    writer.write(stream)
+    writer.finish("0" * 64)
+    assert (tmp_path / "f" / "good").read_bytes() == b"fine" and not (tmp_path / "f" / "bad").exists()
+    assert [p.split(":")[0] for p in writer.problems] == ["bad", "the folder's list of entries did not match what "
+                                                                 "the sender announced"]
+
+
+def test_many_small_files_go_within_twice_the_time_of_one_file_of_their_size(spawn, folders):
+    inbox, outbox = folders
+    (outbox / "small").mkdir()
+    for i in range(500):
+        make_file(outbox / "small", f"{i:04}.txt", 2048, i)
+    make_file(outbox, "one.bin", 500 * 2048, 9)
+
+    def transfer(source):
+        server, port = spawn("server", "--once", "--receive-dir", inbox)
+        client = spawn("client", port, "--send", source)
+        client.close_stdin()
+        client.expect("offering")
+        started = time.monotonic()
+        client.expect("delivered", timeout=120)
+        took = time.monotonic() - started
+        assert client.wait() == 0
+        return took
+
+    one, many = transfer(outbox / "one.bin"), transfer(outbox / "small")
+    assert len(list((inbox / "small").iterdir())) == 500
+    assert many <= 2 * one, (many, one)
