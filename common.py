@@ -1269,7 +1269,8 @@ class LegacyConnection:
 
 VERIFIED, FAILED = "☒", "☐"  # the seed's tags: ☒ verified, ☐ failed
 ORIGINAL_VERIFIED, ORIGINAL_FAILED = "☑", "☒"  # what the original scripts print instead
-MARK = "  │ "
+MARK = "  │ "  # begins every row of a message after its first
+OWN = "    "  # begins every row of aeschat's own lines after their first
 MAX_MARKS = 4  # combining marks shown on one character; more are escaped, so text cannot stack or hide
 _SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 _JOINERS = {"\u200c", "\u200d"}  # ZWNJ and ZWJ: emoji sequences, Indic scripts and Persian need them
@@ -1411,16 +1412,18 @@ def cells(ch, wide_ambiguous=False):
     return 2 if width == "A" and (wide_ambiguous or ch >= "\u0530") else 1
 
 
-def layout(lines, width=None):
+def layout(lines, width=None, kind="chat"):
     """The rows that show a block: its first row as it is, every other row (its next lines, and the rest of any
-    line wider than the terminal, broken at a space where one is near) after MARK. Every row goes through
+    line wider than the terminal, broken at a space where one is near) after MARK, for a message; after OWN, for
+    aeschat's own lines, so that a row that begins with MARK is always a message's. Every row goes through
     visible(), so nothing reaches the terminal unescaped, whoever composed the line. width None (a pipe) wraps
     nothing."""
-    rows = [visible(lines[0])] + [MARK + visible(line) for line in lines[1:]]
+    indent = MARK if kind == "chat" else OWN
+    rows = [visible(lines[0])] + [indent + visible(line) for line in lines[1:]]
     if width is None:
         return rows
     wide = _cjk_locale()
-    mark = sum(cells(ch, wide) for ch in MARK)
+    mark = sum(cells(ch, wide) for ch in indent)
     limit = max(width - 1, mark + 2)  # one column spare: no row ever ends in the terminal's last column
     out = []
     for row in rows:
@@ -1429,10 +1432,10 @@ def layout(lines, width=None):
             need = cells(ch, wide)
             if used + need > limit and i > start:
                 cut = _break(row, start, i)
-                out.append(row[start:cut] if start == 0 else MARK + row[start:cut])
+                out.append(row[start:cut] if start == 0 else indent + row[start:cut])
                 start, used = cut, mark + sum(cells(c, wide) for c in row[cut:i])
             used += need
-        out.append(row[start:] if start == 0 else MARK + row[start:])
+        out.append(row[start:] if start == 0 else indent + row[start:])
     return out
 
 
@@ -5124,7 +5127,7 @@ class PlainUI:
 
     def show(self, lines, kind="chat"):
         """Queue a block for the printer thread: a slow reader of our output stalls nothing else."""
-        self._printing.put((kind, layout(prefixed(self.prog, lines, kind), self._width)))
+        self._printing.put((kind, layout(prefixed(self.prog, lines, kind), self._width, kind)))
 
     def set_status(self, fields, order):
         pass  # a pipe has no status line
@@ -5213,20 +5216,34 @@ def prefixed(prog, lines, kind):
 _MOUSE_REPORT = re.compile(r"\x1b\[(<\d+;\d+;\d+[mM]|\d+;\d+;\d+M|M...)\Z", re.S)
 
 
+COMMANDS = ("/help", "/quit", "/send ", "/accept", "/decline", "/reconnect")
+
+
 class TerminalUI:
     """A terminal (prompt_toolkit): the typed line stays intact while messages print above it, with line editing,
-    history, multi-line messages (a paste, or Alt-Enter) and a status line. Imported only here, to keep it off
-    the pipe path."""
+    history, multi-line messages (a paste, or Alt-Enter), Tab completion of commands and of the paths after /send,
+    and a status line. What the line holds is shown as the transcript shows it (escaped). Imported only here, to keep
+    it off the pipe path."""
 
     interactive = True
 
     def __init__(self, prog):
         from prompt_toolkit import PromptSession
-        from prompt_toolkit.key_binding import KeyBindings
-        from prompt_toolkit.keys import Keys
         from prompt_toolkit.patch_stdout import patch_stdout
 
         self.prog = prog
+        self._too_long = None  # a line over the limit the user was told of: Enter again sends it as a file
+        self._session = PromptSession(history=None, key_bindings=self._keys(), erase_when_done=True,
+                                      enable_suspend=True, completer=_completer(), complete_while_typing=False,
+                                      input_processors=[_escaped_processor()])
+        self._patch = patch_stdout(raw=True)
+        self._woken = threading.Event()
+        self._status = ([[""]], ())
+
+    def _keys(self):
+        from prompt_toolkit.key_binding import KeyBindings
+        from prompt_toolkit.keys import Keys
+
         keys = KeyBindings()
 
         @keys.add("escape", "enter")  # Alt-Enter, or Esc then Enter: a new line inside the message
@@ -5240,10 +5257,33 @@ class TerminalUI:
             if not _MOUSE_REPORT.match(event.data):
                 event.current_buffer.insert_text(event.data[1:])
 
-        self._session = PromptSession(history=None, key_bindings=keys, erase_when_done=True, enable_suspend=True)
-        self._patch = patch_stdout(raw=True)
-        self._woken = threading.Event()
-        self._status = ([[""]], ())
+        @keys.add("c-c")  # a half-typed line is cleared; on an empty line, Ctrl-C leaves, as it always did
+        def _(event):
+            if event.current_buffer.text:
+                event.current_buffer.reset()
+            else:
+                event.app.exit(exception=KeyboardInterrupt())
+
+        @keys.add("enter")
+        def _(event):
+            self._enter(event.current_buffer)
+
+        return keys
+
+    def _enter(self, buffer):
+        """Enter sends the line; one over the limit stays in the editor, and the user is offered to send it as a
+        text file instead (Enter again)."""
+        text = buffer.text
+        size = len(text.encode("utf-8", "surrogatepass"))
+        if size <= MAX_MESSAGE or text.startswith("/"):
+            self._too_long = None
+            return buffer.validate_and_handle()
+        if self._too_long != text:  # told on the status line: above a long text, a line would scroll away
+            self._too_long = text
+            return buffer.app.invalidate() if hasattr(buffer, "app") else None
+        self._too_long = None
+        buffer.text = f"/send {shell_quoted(paste_file(text))}"
+        buffer.validate_and_handle()
 
     def __enter__(self):
         self._patch.__enter__()
@@ -5277,6 +5317,12 @@ class TerminalUI:
         return text if text is WAKE else text.rstrip("\n")
 
     def _toolbar(self):
+        text = self._session.default_buffer.text
+        if self._too_long is not None and self._too_long == text:
+            size = len(text.encode("utf-8", "surrogatepass"))
+            return fit_status([[f"this message is {size:,} bytes, over the limit of {MAX_MESSAGE:,}: Enter again "
+                                "sends it as a text file instead; or edit it", f"{size:,} bytes: too long; Enter "
+                                "again sends it as a file"]], (0,), self._width())
         return fit_status(*self._status, self._width())
 
     def _exit_if_woken(self):
@@ -5292,7 +5338,7 @@ class TerminalUI:
             app.loop.call_soon_threadsafe(self._exit_if_woken)
 
     def show(self, lines, kind="chat"):
-        rows = layout(prefixed(self.prog, lines, kind), self._width())
+        rows = layout(prefixed(self.prog, lines, kind), self._width(), kind)
         print("\n".join(rows), flush=True)
 
     def set_status(self, fields, order):
@@ -5300,6 +5346,62 @@ class TerminalUI:
 
     def progress(self, action):
         pass  # the status line shows it
+
+
+def paste_file(text):
+    """A text too long for a message, in a file of its own to send instead (in a folder only this user reads)."""
+    import tempfile
+
+    path = os.path.join(tempfile.mkdtemp(prefix="aeschat-"), time.strftime("paste-%Y%m%d-%H%M%S.txt"))
+    with open(path, "w", encoding="utf-8", errors="surrogatepass") as f:
+        f.write(text)
+    return path
+
+
+def _completer():
+    """Tab completes the commands, and the path after /send (~ included)."""
+    from prompt_toolkit.completion import Completer, Completion, PathCompleter
+    from prompt_toolkit.document import Document
+
+    paths = PathCompleter(expanduser=True)
+
+    class Commands(Completer):
+        def get_completions(self, document, event):
+            text = document.text_before_cursor
+            if text.startswith("/send "):
+                rest = text[len("/send ") :]
+                yield from paths.get_completions(Document(rest, len(rest)), event)
+            elif text.startswith("/") and " " not in text and "\n" not in text:
+                for command in COMMANDS:
+                    if command.startswith(text) and command != text:
+                        yield Completion(command, start_position=-len(text))
+
+    return Commands()
+
+
+def _escaped_processor():
+    """The typed line shown as the transcript shows text (visible()): a right-to-left override or a bell as \\u202e
+    or \\x07, a letter that draws nothing as its code, never raw; the cursor moves over each as over one character."""
+    from prompt_toolkit.layout.processors import Processor, Transformation
+    from prompt_toolkit.layout.utils import explode_text_fragments
+
+    class Escaped(Processor):
+        def apply_transformation(self, ti):
+            fragments, shown, starts = [], 0, []
+            for style, text, *rest in explode_text_fragments(ti.fragments):
+                starts.append(shown)
+                display = visible(text) if text not in ("", "\n") else text
+                fragments.append((style, display, *rest))
+                shown += len(display)
+            starts += [shown, shown + 1]  # the cursor may stand after the last character too
+
+            def to_source(position):
+                return max((i for i, start in enumerate(starts) if start <= position), default=0)
+
+            return Transformation(fragments, source_to_display=lambda i: starts[min(i, len(starts) - 1)],
+                                  display_to_source=to_source)
+
+    return Escaped()
 
 
 def make_ui(prog, receive_only=False):
@@ -5472,8 +5574,24 @@ _on_terminate = []  # what a running user interface does with SIGTERM instead of
 
 
 def _terminate(signum, frame):
+    _leaving_anyway()
     if not any(handler() for handler in _on_terminate):
         raise Terminated()
+
+
+def _interrupt(signum, frame):
+    _leaving_anyway()
+    raise KeyboardInterrupt
+
+
+def _leaving_anyway():
+    """Ctrl-C or a signal can land between two prompts, inside the terminal library's making of its event loop:
+    what it left half-made is collected on the way out, and would print "Exception ignored" and a warning. The
+    program is leaving: they are moot."""
+    import warnings
+
+    sys.unraisablehook = lambda unraisable: None
+    warnings.simplefilter("ignore")
 
 
 program = "aeschat"  # the name every error and warning begins with: the program's, whatever it was started as
@@ -5490,6 +5608,7 @@ def run(main, prog):
     import signal
 
     signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, _interrupt)
     if hasattr(signal, "SIGHUP"):  # not on Windows
         signal.signal(signal.SIGHUP, _terminate)
     try:

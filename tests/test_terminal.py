@@ -104,15 +104,20 @@ def test_ctrl_d_on_the_terminal(pair):
     client.expect("peer left the chat")
 
 
-def test_ctrl_c_on_the_terminal_restores_it_without_a_traceback(pair):
+def test_ctrl_c_clears_a_half_typed_line_and_on_an_empty_one_leaves_restoring_the_terminal(pair):
+    """Once, Ctrl-C with a half-typed line left the chat and lost the line without a word."""
     server, client = pair
     server.child.send("unfinished")
     server.expect("unfinished")
-    server.child.sendcontrol("c")
+    server.child.sendcontrol("c")  # the line is cleared; the chat goes on
+    server.child.send("after all\r")
+    client.expect(r"^Received: after all  ☒")
+    server.child.sendcontrol("c")  # on an empty line: leave
     assert server.exit_code() == 130
     assert "Traceback" not in server.output()
     assert "\x1b[?2004l" in server.output()  # bracketed paste switched off again: the terminal is restored
     client.expect("peer left the chat")
+    assert "unfinished" not in "".join(line for _, line in client.seen)
 
 
 def test_client_on_a_terminal_and_no_color():
@@ -237,8 +242,9 @@ class Tmux:
         subprocess.run(["tmux", "send-keys", "-t", self.name, *keys], check=True)
 
     def paste(self, text):
-        """Paste as a terminal does: bracketed, so the program knows it is a paste."""
-        subprocess.run(["tmux", "set-buffer", "-b", self.name, text], check=True)
+        """Paste as a terminal does: bracketed, so the program knows it is a paste (a long one goes through a file:
+        tmux takes only so much on its command line)."""
+        subprocess.run(["tmux", "load-buffer", "-b", self.name, "-"], input=text.encode("utf-8"), check=True)
         subprocess.run(["tmux", "paste-buffer", "-p", "-d", "-b", self.name, "-t", self.name], check=True)
 
     def kill(self):
@@ -385,3 +391,84 @@ def test_a_busy_server_is_reported_before_anyone_types_a_passphrase(spawn):
         assert child.exitstatus == 1
     finally:
         child.terminate(force=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# People, round two
+
+
+def test_send_of_a_folder_in_a_chat_sends_it_and_the_chat_goes_on(tmux_server, spawn, tmp_path):
+    """Once, /send of a folder ended the chat on both sides with "is a directory", exit 4."""
+    (tmp_path / "out" / "sub").mkdir(parents=True)
+    (tmp_path / "out" / "a.txt").write_text("hello")
+    (tmp_path / "out" / "sub" / "b.txt").write_text("world")
+    (tmp_path / "in").mkdir()
+    pane, port = tmux_server()
+    client = spawn("client", port, "--receive-dir", tmp_path / "in")
+    client.expect("authenticated and encrypted")
+    pane.wait_for("undelivered")
+    pane.keys(f"/send {tmp_path / 'out'}", "Enter")
+    client.expect(r"^received folder out \(2 files, 10 bytes\) → ")
+    pane.wait_for(r"^delivered folder out")
+    pane.keys("still here", "Enter")
+    client.expect(r"^Received: still here  ☒")
+    assert (tmp_path / "in" / "out" / "sub" / "b.txt").read_text() == "world"
+
+
+def test_tab_completes_commands_and_the_path_after_send(tmux_server, spawn, tmp_path):
+    (tmp_path / "report-2026.pdf").write_text("x")
+    pane, port = tmux_server()
+    client = spawn("client", port)
+    client.expect("authenticated and encrypted")
+    pane.wait_for("undelivered")
+    pane.keys("/rec", "Tab")
+    pane.wait_for(r"^> /reconnect")
+    pane.keys("C-u", f"/send {tmp_path}/rep", "Tab")
+    pane.wait_for(r"6\.pdf\s*$")  # the line may wrap: the whole name, however it is cut
+    typed = "".join(row.rstrip() for row in pane.screen() if row.strip() and "|" not in row)
+    assert typed.endswith(f"> /send {tmp_path}/report-2026.pdf")
+
+
+def test_a_paste_over_the_limit_stays_in_the_editor_and_can_go_as_a_file(tmux_server, spawn, tmp_path):
+    """Once, a paste over 64 KiB was thrown away: the input emptied, only Up-arrow brought it back."""
+    (tmp_path / "in").mkdir()
+    pane, port = tmux_server()
+    client = spawn("client", port, "--receive-dir", tmp_path / "in")
+    client.expect("authenticated and encrypted")
+    pane.wait_for("undelivered")
+    text = ("a long line of text, " * 40 + "\n") * 90  # 75,690 bytes
+    pane.paste(text)
+    pane.keys("Enter")
+    pane.wait_for(r"75,690 bytes.*Enter again sends it as a")  # on the status line: a line above would scroll away
+    assert any(row.rstrip().endswith("long line of text,") for row in pane.screen()[-6:])  # still in the editor
+    pane.keys("Enter")
+    client.expect(r"^received file paste-\d+-\d+\.txt \(75,690 bytes")
+    [saved] = list((tmp_path / "in").iterdir())
+    assert saved.read_text() == text
+
+
+def test_the_input_line_shows_what_it_holds_escaped_and_no_paste_leaves_a_stray_row(tmux_server, spawn):
+    pane, port = tmux_server()
+    client = spawn("client", port)
+    client.expect("authenticated and encrypted")
+    pane.wait_for("undelivered")
+    pane.paste("abc\u202edef\x07 hangul \u3164 end")
+    rows = pane.wait_for(r"^> abc")
+    line = next(row for row in rows if row.startswith("> abc"))
+    assert line.rstrip() == "> abc\\u202edef\\x07 hangul \\u3164 end"
+    pane.keys("Enter")
+    client.expect(r"^Received: abc\\u202edef\\x07 hangul \\u3164 end  ☒")
+    rows = pane.wait_for(r"^Sent: abc")
+    assert [row.rstrip() for row in rows if row.startswith(">")] == [">"]  # one prompt row, no stray one
+
+
+def test_aeschats_own_long_lines_wrap_without_the_peers_marker(tmux_server, spawn, tmp_path):
+    """Once, "the peer offers file … /decline not" wrapped onto a row that began with the peer's marker."""
+    long_name = "a-file-with-a-rather-long-name-that-wraps-" + "x" * 30 + ".txt"
+    (tmp_path / long_name).write_text("x")
+    pane, port = tmux_server(width=60)
+    client = spawn("client", port, "--send", tmp_path / long_name)
+    client.expect("authenticated and encrypted")
+    rows = pane.wait_for(r"/decline not to")
+    offer = next(i for i, row in enumerate(rows) if row.startswith("the peer offers file"))
+    assert rows[offer + 1].startswith("    ") and not any(row.startswith("  │") for row in rows)
