@@ -52,11 +52,10 @@ def dial_when_free(dial, patience):
         try:
             return dial()
         except common.Refused as e:
-            if e.reason != "busy" or sys.stdin.isatty() or time.monotonic() + delay > until:
+            if e.reason not in ("busy", "later") or sys.stdin.isatty() or time.monotonic() + delay > until:
                 raise
             if delay == common.FIRST_RETRY:
-                print(f"{PROG}: the server is busy with another chat; trying again for up to {patience:.0f} s",
-                      file=sys.stderr, flush=True)
+                print(f"{PROG}: {e}; trying again for up to {patience:.0f} s", file=sys.stderr, flush=True)
             time.sleep(delay)
             delay = min(delay * 2, common.LAST_RETRY)
 

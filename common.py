@@ -792,9 +792,9 @@ PREFIX = MAGIC + bytes([VERSION])
 GREETING = b"g"  # server, first thing: then OPEN or BUSY (advice, so a client learns "busy" before a prompt)
 PASSPHRASE = b"p"  # a hello whose SPAKE2 password is the passphrase
 RESUME = b"r"  # a hello whose password is a conversation's resumption secret; the client's names it by its id
-REFUSAL = b"!"  # server, instead of its hello (BUSY_REFUSAL, UNKNOWN) or its confirmation (DENIED)
+REFUSAL = b"!"  # server, instead of its hello (BUSY_REFUSAL, LATER, UNKNOWN) or its confirmation (DENIED)
 OPEN, BUSY = b"o", b"b"  # a greeting's status
-DENIED, BUSY_REFUSAL, UNKNOWN = b"denied", b"busy", b"unknown"
+DENIED, BUSY_REFUSAL, UNKNOWN, LATER = b"denied", b"busy", b"unknown", b"later"
 SPAKE2_MESSAGE_SIZE = 33  # a side byte, then an Ed25519 point
 RESUME_ID_SIZE = 16
 HANDSHAKE_MAX_FRAME = 64  # the largest handshake frame is the client's resumption hello, 59 bytes
@@ -806,6 +806,8 @@ REFUSALS = {
     BUSY_REFUSAL: "the server is busy with another chat",
     UNKNOWN: "the server no longer knows this conversation (it restarted, stopped waiting for us, or another client "
              "took it over)",
+    LATER: "the server cannot check a passphrase now (too many were tried lately: someone may be guessing); try "
+           "again in a minute",
 }
 
 
@@ -1018,10 +1020,11 @@ class ClientConnection(Connection):
                            "(is the peer an aeschat v2 program, and not in --legacy mode?)")
 
     def _refusal(self, reason):
-        """A refusal means what it says only where a server sends it: busy for a passphrase hello, unknown for a
-        resumption hello, denied for a confirmation. Anywhere else it is someone else's doing."""
-        expected = {State.CONFIRM: DENIED}.get(self.state, BUSY_REFUSAL if self.kind == PASSPHRASE else UNKNOWN)
-        if reason != expected:
+        """A refusal means what it says only where a server sends it: busy or later for a passphrase hello, unknown
+        for a resumption hello, denied for a confirmation. Anywhere else it is someone else's doing."""
+        expected = {State.CONFIRM: (DENIED,)}.get(self.state, (BUSY_REFUSAL, LATER) if self.kind == PASSPHRASE
+                                                  else (UNKNOWN,))
+        if reason not in expected:
             shown = reason.decode("ascii", "replace")[:20]
             if self.state is State.CONFIRM:
                 return UnfinishedAuthentication(f"the server refused ({shown}) after our key confirmation, which an "
@@ -2582,8 +2585,8 @@ class Redial:
     def failed(self, error, begun, interactive):
         """An attempt failed: back off and try again, ask the user, or give up."""
         kind, self.kind, self.last = self.kind, RESUME if begun else PASSPHRASE, describe(error)
-        if isinstance(error, Refused) and error.reason == "busy" and not begun:
-            return self.wait_turn(interactive)
+        if isinstance(error, Refused) and error.reason in ("busy", "later") and not begun:
+            return self.wait_turn(interactive, error)
         if isinstance(error, Refused):
             return self.refused(error, interactive)
         if isinstance(error, RemoteProtocolError) and not isinstance(error, TruncatedFrame):
@@ -2602,15 +2605,16 @@ class Redial:
         self.move("retry")
         return None
 
-    def wait_turn(self, interactive):
-        """Turned away as busy before the chat began: a person is told; a script's client tries again, backing off,
-        within the grace period, with the passphrase it was started with (a sink serves one-shot clients one after
-        another, and several may come at once)."""
+    def wait_turn(self, interactive, error=None):
+        """Turned away before the chat began, as busy (or told to come back later): a person is told; a script's
+        client tries again, backing off, within the grace period, with the passphrase it was started with (a sink
+        serves one-shot clients one after another, and several may come at once)."""
+        why = str(error) if error is not None else REFUSALS[BUSY_REFUSAL]
         if interactive or not self.dials or self.grace <= 0:
-            return EXIT_NETWORK, REFUSALS[BUSY_REFUSAL], False
+            return EXIT_NETWORK, why, False
         if self.since is None:
-            self.out.show([f"{REFUSALS[BUSY_REFUSAL]}; trying again for up to {self.grace:.0f} s"], "notice")
-        self.last = REFUSALS[BUSY_REFUSAL]
+            self.out.show([f"{why}; trying again for up to {self.grace:.0f} s"], "notice")
+        self.last = why
         self.move("retry", PASSPHRASE)
         return None
 
@@ -3388,6 +3392,8 @@ NETWORK_WORK_RATE, NETWORK_WORK_BURST = 1.0, 8
 NETWORK_GUESS_RATE, NETWORK_GUESS_BURST = 1 / 60, 5
 GUESS_RATE, GUESS_BURST = 1.0, 30
 ARRIVALS_HALF_LIFE = 60.0  # a network's count of recent connections halves in this time
+ABANDONED = 4  # what a connection that we answered and that went away without confirming counts as, in that count
+CHECK_PATIENCE = 20.0  # a passphrase hello whose check could not come within this is told to come back later
 GUESS_REPORT = 60.0  # the server's user hears of wrong passphrases at most once in this time
 KEPT_NETWORKS = 4096  # networks and addresses remembered (the oldest are forgotten first)
 
@@ -3461,6 +3467,7 @@ class _Network:
         self.work = Bucket(NETWORK_WORK_RATE, NETWORK_WORK_BURST, now)
         self.guesses = Bucket(NETWORK_GUESS_RATE, NETWORK_GUESS_BURST, now)
         self._arrivals, self._at = 0.0, now
+        self.suspect = False  # a resumption from it failed: its resumptions wait their turn like hellos
 
     def arrivals(self, now):
         return self._arrivals * 0.5 ** ((now - self._at) / ARRIVALS_HALF_LIFE)
@@ -3469,21 +3476,26 @@ class _Network:
         """How much it knocked lately, in whole connections: fewer is better, and so are ties (no float order)."""
         return round(self.arrivals(now))
 
-    def knocked(self, now):
-        self._arrivals, self._at = self.arrivals(now) + 1, now
+    def knocked(self, now, weight=1):
+        """A connection came from it (or, weight ABANDONED, one it made us answer went away without confirming)."""
+        self._arrivals, self._at = self.arrivals(now) + weight, now
 
 
 class _Pending:
     __slots__ = ("key", "peer", "host", "network", "conn", "since", "stage", "heard", "derived")
 
     STAGES = ("hello", "queued", "confirm", "check")  # waiting for its hello, for a turn, for its confirmation, checks
-    # What a connection at each stage is worth keeping when room is needed, lowest first: one that has sent nothing
-    # for a second (idle), one waiting for the SPAKE2 budget, a confirmation waiting for a guess, one just accepted
-    # (its hello is usually on its way), one we answered (SPAKE2 spent on it; its client computes).
-    IDLE, KEEP = 1.0, {"idle": 0, "queued": 1, "check": 2, "hello": 3, "confirm": 4}
+    # What a connection at each stage is worth keeping when room is needed, lowest first: one idle (no hello a second
+    # after it came, or no confirmation half a second after our hello: an honest client sends each a round trip and
+    # a few milliseconds later), one waiting for the SPAKE2 budget, a confirmation waiting for a guess, one just
+    # accepted (its hello is on its way), one answered (its client computes). The SPAKE2 budget bounds how many
+    # can be answered in half a second (25, with its eager halves) well below MAX_PENDING: a stranger who answers
+    # nothing cannot fill the door with connections worth more than a newcomer.
+    PATIENCE, KEEP = {"hello": 1.0, "confirm": 0.5}, {"idle": 0, "queued": 1, "check": 2, "hello": 3, "confirm": 4}
 
     def worth(self, now):
-        return self.KEEP["idle" if self.stage == "hello" and now - self.since >= self.IDLE else self.stage]
+        idle = self.stage in self.PATIENCE and now - self.since >= self.PATIENCE[self.stage]
+        return self.KEEP["idle" if idle else self.stage]
 
     def __init__(self, key, peer, conn, now):
         self.key, self.peer, self.conn, self.since, self.stage, self.heard = key, peer, conn, now, "hello", False
@@ -3523,6 +3535,7 @@ class Gate:
         self.work_budget = Bucket(lambda: WORK_RATE_CHATTING if self.host.status() == BUSY else WORK_RATE,
                                   WORK_BURST, now)
         self.guess_budget = Bucket(GUESS_RATE, GUESS_BURST, now)
+        self._now = now  # the time of the last input: a drop without one of its own counts then
         self._networks = collections.OrderedDict()  # network -> _Network, least recently seen first
         self._known = collections.OrderedDict()  # addresses that gave the passphrase (and have not failed since)
         self._wrong, self._wrong_networks, self._report_at = 0, set(), None  # wrong passphrases not yet told
@@ -3530,6 +3543,7 @@ class Gate:
     # -- what the door tells it
 
     def accepted(self, key, peer, now):
+        self._now = now
         if not self.handshakes:  # legacy: no handshake, nothing to wait for
             return [Admit(key, LegacyConnection(self.passphrase), None)]
         conn = ServerConnection(self.host.status(), entropy=self.entropy)
@@ -3539,6 +3553,7 @@ class Gate:
 
     def received(self, key, data, now):
         """Bytes from a pending connection (b"": it closed)."""
+        self._now = now
         pending = self.pending.get(key)
         if pending is None:
             return []
@@ -3559,7 +3574,7 @@ class Gate:
 
     def tick(self, now):
         """Deadlines, and the minute's report of wrong passphrases."""
-        actions = []
+        self._now, actions = now, []
         for pending in list(self.pending.values()):
             waited = now - pending.since
             if pending.stage in ("hello", "confirm") and waited >= self.deadline:
@@ -3599,7 +3614,7 @@ class Gate:
 
     def work(self, now):
         """Do the next piece of SPAKE2 work that is eligible (one: the door reads its sockets in between)."""
-        piece = self._next_piece(now)
+        self._now, piece = now, self._next_piece(now)
         if piece is None:
             return []
         what, pending = piece
@@ -3612,12 +3627,11 @@ class Gate:
 
     def _next_piece(self, now):
         checks = [p for p in self.pending.values() if p.stage == "check" and self._may_check(p, now)]
-        if checks:
-            return "check", min(checks, key=lambda p: self._turn(p, now))
+        if checks:  # the newest first: a guess queued before a real client's confirmation never holds it back
+            return "check", min(checks, key=lambda p: (*self._turn(p, now)[:3], -p.since))
         if not self.work_budget.ready(now):
             return None
-        queued = [p for p in self.pending.values() if p.stage == "queued" and (
-            p.conn.kind == RESUME or p.host in self._known or self._network(p.network, now).work.ready(now))]
+        queued = [p for p in self.pending.values() if p.stage == "queued" and self._may_answer(p, now)]
         if queued:
             return "answer", min(queued, key=lambda p: self._turn(p, now))
         answered = [p for p in self.pending.values() if p.stage == "confirm" and not p.derived]
@@ -3628,6 +3642,22 @@ class Gate:
         that knocked least lately, then the oldest."""
         return (pending.conn.kind != RESUME, pending.host not in self._known,
                 self._network(pending.network, now).standing(now), pending.since)
+
+    def _check_too_far(self, pending, now):
+        """Whether a passphrase check for this hello could not come within CHECK_PATIENCE: its network's or all
+        networks' guesses spent (the newest go first, but a client should not wait on a queue it cannot see)."""
+        if pending.host in self._known:
+            return False
+        waiting = sum(p.stage == "check" and p.host not in self._known for p in self.pending.values())
+        network = self._network(pending.network, now).guesses.ready_at(now)
+        total = self.guess_budget.level(now) + GUESS_RATE * CHECK_PATIENCE
+        return network - now > CHECK_PATIENCE or waiting + 1 > total
+
+    def _may_answer(self, pending, now):
+        network = self._network(pending.network, now)
+        if pending.host in self._known or (pending.conn.kind == RESUME and not network.suspect):
+            return True
+        return network.work.ready(now)
 
     def _may_check(self, pending, now):
         if pending.conn.kind == RESUME or pending.host in self._known:
@@ -3658,6 +3688,10 @@ class Gate:
                 conn.refuse(UNKNOWN)
                 return [Write(pending.key, conn.data_to_send())] + self._drop(
                     pending, f"{pending.peer} asked to resume a conversation this server does not hold")
+            if event.kind == PASSPHRASE and self._check_too_far(pending, now):
+                conn.refuse(LATER)  # before the client gives its confirmation away to a wait it would not survive
+                return [Write(pending.key, conn.data_to_send())] + self._drop(
+                    pending, f"{pending.peer} told to come back later: passphrase checks are spent for now")
             pending.stage, pending.since = "queued", now
             return []
         if isinstance(event, ConfirmationReceived):
@@ -3680,8 +3714,9 @@ class Gate:
             conn.refuse(UNKNOWN)
             return [Write(pending.key, conn.data_to_send())] + self._drop(pending, None)
         self.work_budget.take(now)
-        if conn.kind == PASSPHRASE and pending.host not in self._known:
-            self._network(pending.network, now).work.take(now)
+        network = self._network(pending.network, now)
+        if pending.host not in self._known and (conn.kind == PASSPHRASE or network.suspect):
+            network.work.take(now)
         started, self._spare = (self._spare, None) if conn.kind == PASSPHRASE else (None, self._spare)
         conn.answer(secret, started)
         pending.stage, pending.since = "confirm", now
@@ -3717,6 +3752,7 @@ class Gate:
         conn.refuse(DENIED)
         actions = [Write(pending.key, conn.data_to_send())]
         if conn.kind == RESUME:
+            network.suspect = True
             return actions + self._drop(pending, f"failed resumption from {pending.peer}: someone may be interfering")
         self._known.pop(pending.host, None)  # it guessed: it waits its turn like any other from now on
         return actions + self._drop(pending, None) + self._wrong_passphrase(pending, now)
@@ -3741,7 +3777,9 @@ class Gate:
                     f"last minute")]
 
     def _drop(self, pending, line):
-        self.pending.pop(pending.key, None)
+        if self.pending.pop(pending.key, None) is not None and pending.stage == "confirm":
+            # We answered it and it went away without confirming: what a flood does, never a client that computes.
+            self._network(pending.network, self._now).knocked(self._now, ABANDONED)
         return [Drop(pending.key, line)]
 
     def _network(self, network, now):
@@ -4030,16 +4068,25 @@ def received_mode(bits):
     return (0o666 | (bits & 0o111)) & ~UMASK
 
 
+_TAKEN = collections.OrderedDict()  # (folder, name) -> the number to try first: names taken are not tried again
+
+
 def claim(folder, name, make):
     """Make name in folder (make(path) must fail with FileExistsError if it is taken), or name (1).ext, ... never
-    over what is there; returns the path made."""
-    for number in range(10_000):
+    over what is there; returns the path made. The next number to try is remembered, so that a peer who sends one
+    name again and again costs a try each time, not one for every file of that name already made."""
+    key = (folder, name)
+    start = _TAKEN.pop(key, 0)
+    for number in range(start, 10_000):
         target = os.path.join(folder, numbered(name, number))
         try:
             make(target)
-            return target
         except FileExistsError:
             continue
+        _TAKEN[key] = number + 1
+        while len(_TAKEN) > KEPT_NETWORKS:
+            _TAKEN.popitem(last=False)
+        return target
     raise OSError(errno.EEXIST, "too many files of that name")
 
 
@@ -4702,7 +4749,7 @@ class Door:
 
     PAUSE = 0.5  # seconds without accepting, when descriptors ran out and there was nothing to drop
 
-    LOG_BURST, LOG_RATE = 20, 1.0  # lines the door may log at once, then a second: a flood is summed up, not listed
+    LOG_BURST, LOG_RATE = 10, 1 / 60  # lines the door may log at once, then one a minute: a flood is summed up
 
     def __init__(self, listener, gate, admit, log):
         import selectors  # the server's alone: kept off a client's start-up

@@ -237,7 +237,9 @@ def test_a_server_that_closes_before_its_hello_is_a_network_error():
 
 @pytest.mark.parametrize("kind, reason, error", [
     (common.PASSPHRASE, common.BUSY_REFUSAL, common.Refused),
+    (common.PASSPHRASE, common.LATER, common.Refused),  # passphrase checks spent: come back, having given nothing
     (common.RESUME, common.UNKNOWN, common.Refused),
+    (common.RESUME, common.LATER, RemoteProtocolError),  # a resumption is never held back for guesses
     (common.PASSPHRASE, common.UNKNOWN, RemoteProtocolError),  # no server says unknown to a passphrase hello
     (common.RESUME, common.BUSY_REFUSAL, RemoteProtocolError),  # nor busy to a resumption
     (common.PASSPHRASE, common.DENIED, RemoteProtocolError),  # nor denied before it has a confirmation

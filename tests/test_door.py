@@ -376,7 +376,7 @@ def test_room_is_made_by_dropping_from_the_network_that_knocked_most_then_idle_c
     door.knock("real", peer="198.51.100.7:1000")  # mid-handshake: hello answered
     for i in range(3):
         door.knock(f"idle{i}", hello=False, peer=f"203.0.113.{i}:4000")
-    door.tick(after=common._Pending.IDLE)
+    door.tick(after=common._Pending.PATIENCE["hello"])
     door.knock("newest", hello=False, peer="203.0.113.9:4000")
     assert door.dropped == ["idle0"] and "real" in door.gate.pending
 
@@ -409,10 +409,10 @@ def test_a_reconnection_is_dropped_last_to_make_room():
 
 def test_out_of_descriptors_drops_a_quarter_of_the_pending_idle_first():
     door = Door()
-    door.knock("real", peer="198.51.100.1:1000")
     for i in range(11):
         door.knock(f"idle{i}", hello=False, peer=f"203.0.{i}.1:4000")
-    door.tick(after=common._Pending.IDLE)
+    door.tick(after=common._Pending.PATIENCE["hello"])
+    door.knock("real", peer="198.51.100.1:1000")  # answered a moment ago: its client computes
     door.apply(door.gate.overloaded(door.now))
     assert door.dropped == ["idle0", "idle1", "idle2"]
     assert door.log == ["out of file descriptors: dropped 3 pending connections to make room"]
@@ -422,3 +422,65 @@ def test_networks_are_slash_24_and_slash_64():
     assert common.network_of("192.0.2.77") == common.network_of("192.0.2.1") == "192.0.2.0/24"
     assert common.network_of("2001:db8:1:2::7") == common.network_of("2001:db8:1:2:ffff::1") == "2001:db8:1:2::/64"
     assert common.network_of("::ffff:192.0.2.5") == "192.0.2.0/24"  # a dual-stack listener's IPv4 client
+
+
+# ---------------------------------------------------------------------------------------------------
+# The second outside round: holding the door with answered connections; spending the guessing budget
+
+
+@pytest.mark.slow  # seconds of simulated attack, each a SPAKE2 half
+def test_answered_connections_that_never_confirm_cannot_hold_the_door_against_first_logins():
+    """Outside round two: 30 connections a second, each from a new network, each a precomputed hello and then
+    silence, kept every real first login out (the answered ones outranked a newcomer when room was needed)."""
+    door = Door()
+    logins, admitted_after, confirmed = {}, {}, set()
+    for step in range(20 * 30):  # 20 s, a stranger's connection every 1/30 s
+        door.clients[f"s{step}"] = None
+        door.apply(door.gate.accepted(f"s{step}", f"127.{60 + step // 250}.{step % 250}.2:4000", door.now))
+        door.apply(door.gate.received(f"s{step}", HELLO, door.now))
+        if step % 60 == 30:  # every 2 s, a real client's first login from a network of its own
+            key = f"real{step}"
+            logins[key] = door.now
+            door.knock(key, peer=f"10.{step // 60}.0.1:5000")
+        for key in logins:
+            if door.stage(key) == "confirm" and key not in confirmed:
+                confirmed.add(key)
+                door.confirm(key)  # its client has computed: the confirmation comes back
+            if key in door.admitted and key not in admitted_after:
+                admitted_after[key] = door.now - logins[key]
+        door.tick(1 / 30)
+    assert len(logins) == 10 and set(admitted_after) == set(logins)
+    assert max(admitted_after.values()) < 1.0
+
+
+@pytest.mark.slow  # seconds of simulated attack, each a SPAKE2 half
+def test_a_first_login_while_the_guessing_budget_is_spent_is_told_to_come_back_not_held_for_30_s():
+    """Outside round two: guesses five a second from new networks spent the budget; a real client queued behind
+    them waited 30 s and was told "someone may be interfering". Now it is told at once to come back later (and a
+    pipe client does, by itself), and once the guesses stop it is served within seconds."""
+    door = Door()
+    for i in range(100):  # 20 s of guesses, five a second
+        door.guess(f"g{i}", peer=f"127.{1 + i // 200}.{i % 200}.2:4000")
+        door.tick(0.2)
+    door.knock("real", peer="10.0.0.1:5000")
+    assert door.outcome("real") == "Refused" and "told to come back later" in door.log[-1]
+    served = None
+    for attempt in range(10):  # the stranger stops; the client tries again every 2 s, as a pipe client does
+        door.tick(2.0)
+        key = f"again{attempt}"
+        took = door.login(key, peer="10.0.0.1:5000", limit=5.0)
+        if key in door.admitted:
+            served = attempt * 2.0 + took
+            break
+    assert served is not None and served <= 10.0
+
+
+def test_many_lines_from_a_flood_become_a_few_and_then_one_a_minute():
+    lines = []
+    door = common.Door(None, None, None, lines.append)
+    for i in range(500):
+        door.log(f"connection {i} dropped")
+    assert len(lines) == common.Door.LOG_BURST
+    door._log_at -= 1 / common.Door.LOG_RATE  # a minute on
+    door.log(None)
+    assert lines[-1] == f"({500 - common.Door.LOG_BURST} more connections dropped: not each shown, too many at once)"
