@@ -678,6 +678,46 @@ def test_a_hello_flood_at_full_rate_neither_starves_a_first_login_nor_a_reconnec
           f"{served:.1f} s (goal 10 s)")
 
 
+def test_answered_connections_held_silent_from_new_networks_do_not_keep_first_logins_out(spawn, score):
+    """Outside round two: 30 connections a second, each from a network never seen, each the same precomputed hello,
+    then silence until its deadline: five real first logins in a row were refused within a third of a second."""
+    server, port = spawn("server")
+    hello, stop, held = common.ClientConnection("flood").data_to_send(), threading.Event(), []
+
+    def hold():
+        for k in range(400):
+            if stop.is_set():
+                return
+            with contextlib.suppress(OSError):
+                sock = socket.create_connection(("127.0.0.1", port), timeout=2,
+                                                source_address=(f"127.{60 + k // 200}.{k % 200}.2", 0))
+                sock.sendall(hello)
+                held.append(sock)
+            time.sleep(1 / 30)  # the attack's own pace, not a wait for anything of ours
+
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
+    served = []
+    try:
+        while len(held) < 150:  # five seconds in: the door as full as this attack makes it
+            time.sleep(0.05)  # polling the attack's own progress
+        for _ in range(3):
+            started = time.monotonic()
+            client = spawn("client", port)
+            client.expect("authenticated and encrypted", timeout=10)
+            served.append(time.monotonic() - started)
+            client.close_stdin()
+            assert client.wait() == 0
+            server.expect("waiting for the next client")
+    finally:
+        stop.set()
+        holder.join(timeout=20)
+        for sock in held:
+            sock.close()
+    score("Door: answered connections held silent", f"30 connections a second from new networks, each a "
+          f"precomputed hello and then silence: 3 of 3 first logins served, in at most {max(served):.1f} s")
+
+
 def test_accepts_repeated_by_a_peer_never_make_the_sender_send_the_file_again(spawn, tmp_path, score):
     """The outside round: a peer that knows the passphrase answered a 1 MiB offer with 300 accepts from offset 0:
     the sender sealed 14.4 MiB (570 times what it received), and a message its user typed next reached the peer
