@@ -44,35 +44,11 @@ def parse_args(argv=None):
     return args
 
 
-def dial_when_free(dial, patience):
-    """A script's client (not a person's) waits for a busy server, as it would for a network that is down: a sink
-    serves one-shot clients one after another, and several may come at once."""
-    until, delay = time.monotonic() + patience, common.FIRST_RETRY
-    while True:
-        try:
-            return dial()
-        except common.Refused as e:
-            if e.reason not in ("busy", "later") or sys.stdin.isatty() or time.monotonic() + delay > until:
-                raise
-            if delay == common.FIRST_RETRY:
-                print(f"{PROG}: {e}; trying again for up to {patience:.0f} s", file=sys.stderr, flush=True)
-            time.sleep(delay)
-            delay = min(delay * 2, common.LAST_RETRY)
-
-
 def _main():
     args = parse_args()
-    passphrase = common.passphrase_given(args)
     if args.legacy:
         print(common.legacy_warning(PROG), file=sys.stderr)
-    if passphrase is None:
-        if sys.stdin.isatty() and not args.legacy and common.greeting(args.host, args.port) == common.BUSY:
-            raise common.Refused("busy", common.REFUSALS[common.BUSY_REFUSAL])  # before anyone types a passphrase
-        passphrase = common.prompt_passphrase()
-    dial = common.Dialer(args.host, args.port, passphrase, args.legacy)
-    dial.slow = lambda: print(f"{PROG}: the server is checking the passphrase; after wrong guesses it checks one "
-                              "every few seconds", file=sys.stderr, flush=True)
-    sock, conn, peer = dial_when_free(dial, args.reconnect_for)
+    dial, (sock, conn, peer) = common.first_connection(args, PROG)
     dial.slow = None  # the chat's own interface tells of what comes later
     with common.make_ui(PROG) as ui:
         session = common.Session(common.CLIENT, common.LEGACY if args.legacy else common.V2,

@@ -92,6 +92,10 @@ class NetworkError(AeschatError):
     """The network failed us: cannot connect, the connection was lost."""
 
 
+class NotListening(NetworkError):
+    """Nothing listens at the address (yet): the connection was refused."""
+
+
 class Refused(AeschatError):
     """The server turned us away: `busy` (a chat with someone else is on) or `unknown` (no such conversation)."""
 
@@ -2822,7 +2826,7 @@ def undelivered_text(messages, sent_below):
     return "; ".join(parts)
 
 
-def banner(peer, fmt, interactive):
+def banner(peer, fmt, interactive, role=None):
     """The lines that open a chat, each within 80 columns (with an IPv4 peer)."""
     if fmt.acknowledges:
         lines = [f"Connected to {peer}: authenticated and encrypted ({fmt.name})."]
@@ -2835,16 +2839,20 @@ def banner(peer, fmt, interactive):
             lines.append(f"{VERIFIED} = verified, {FAILED} = failed. Enter sends; Alt-Enter starts a new line.")
         else:
             lines.append("Enter sends; Alt-Enter starts a new line.")
-        lines.append("/help lists the commands; quit() or Ctrl-D leaves.")
+        stops = " and stops the server" if role is SERVER else ""
+        lines.append("/help lists the commands (Tab completes); Ctrl-C clears the line.")
+        lines.append(f"quit() or Ctrl-D (or Ctrl-C on an empty line) leaves{stops}.")
     return lines
 
 
 HELP = ["/help          this list; /quit (or quit(), or Ctrl-D) leaves",
-        "/send PATH     offer a file; the peer accepts or declines it",
+        "/send PATH     offer a file or a folder; the peer accepts or declines it",
         "/accept        save the file the peer offers (/decline: do not)",
         "/reconnect     connect again with the passphrase (when the server asks)",
         "//text         send a message that begins with /text",
-        "Alt-Enter (or Esc, then Enter) starts a new line in a message."]
+        "Alt-Enter (or Esc, then Enter) starts a new line in a message.",
+        "Tab completes a command, or the path after /send.",
+        "Ctrl-C clears the line; on an empty line it leaves."]
 
 
 def resumed_notice(role, first, again, took_over, peer):
@@ -3281,7 +3289,7 @@ class Session:
         self.redial.resumed()
         if first:
             self.out.do(Live())
-            for line in banner(self._link.peer, self.fmt, self.interactive):
+            for line in banner(self._link.peer, self.fmt, self.interactive, self.role):
                 self.out.show([line], "notice")
             for path in self._to_send:
                 self.transfers.send(path)
@@ -4618,6 +4626,8 @@ def connect(host, port):
         raise NetworkError(f"cannot find the host {host!r}: {e.strerror}") from None
     except UnicodeError:
         raise UsageError(f"{host!r} is not a valid host name") from None
+    except ConnectionRefusedError as e:
+        raise NotListening(f"cannot connect to {host} port {port}: {describe(e)}") from None
     except OSError as e:
         raise NetworkError(f"cannot connect to {host} port {port}: {describe(e)}") from None
     sock.settimeout(None)
@@ -4912,6 +4922,7 @@ class Server:
         self._resumption = None  # (id, secret) of that chat's conversation
         self.queued = []  # (text, timestamp) typed while no chat was on: the next chat sends them
         self._served = False  # a chat began (and offered the files of --send)
+        self._user_left = False  # its user left a chat: the server stops once that chat is over
         self._door_failed = None
         self._idle_status()
 
@@ -4974,45 +4985,62 @@ class Server:
     # -- the input loop
 
     def serve(self):
+        """The input loop: lines go to the chat on (or wait for the next); it returns the exit code when the server
+        stops: after one chat with --once, once its user leaves (quit(), /quit, Ctrl-D), or on a signal."""
         door = Door(self.listener, self.gate, self.admit, lambda line: self.ui.show([line], "notice"))
         guarded(door.run, self._door_crashed, "door")
         while True:
-            with self.lock:
-                ended = self._ended.popleft() if self._ended else None
-                chat = ended or self.chat
-            if self._door_failed is not None:
-                raise self._door_failed
-            if ended is not None:
-                ended.done.wait()  # it gave way as its session ended: its End is being carried out
-            if ended is not None or chat is not None and not chat.active:
-                code = self._report(chat)
-                if self.args.once:
-                    return code
+            code = self._reported()
+            if code is not None and (self.args.once or self._user_left):
+                return code
+            if code is not None:
                 continue
             line = self.ui.read_line()
             if line is WAKE:
                 continue
-            with self.lock:  # the chat the line goes to is the one on when it arrived (else it waits for the next)
-                chat = self._on()
-            interactive = self.ui.interactive
-            if chat is not None:
-                if line is None or is_quit(line, interactive):
-                    chat.leave(answers=FLUSH_TIMEOUT if interactive else self.args.wait)
-                    chat.done.wait()
-                elif line.strip():
-                    chat.typed(line)
-            elif line is None or is_quit(line, interactive):
-                if line is None:
-                    self.ui.show(["the server stops" if interactive else
-                                  "end of input: the server stops (--receive-only keeps it serving)"], "notice")
-                return self._leave_idle()
-            elif interactive and line.strip() == "/help":
-                for help_line in HELP:
-                    self.ui.show([help_line], "notice")
-            elif interactive and line.startswith("/") and not line.startswith("//"):
-                self.ui.show(["that command works once a client is connected; quit() stops the server"], "error")
+            code = self._take(line)
+            if code is not None:
+                return code
+
+    def _reported(self):
+        """The exit code of a chat that ended and has now been told of, or None."""
+        with self.lock:
+            ended = self._ended.popleft() if self._ended else None
+            chat = ended or self.chat
+        if self._door_failed is not None:
+            raise self._door_failed
+        if ended is not None:
+            ended.done.wait()  # it gave way as its session ended: its End is being carried out
+        if ended is not None or chat is not None and not chat.active:
+            return self._report(chat, last=self._user_left)
+        return None
+
+    def _take(self, line):
+        """A line typed: to the chat on; or, with none, a command, or kept for the next. An exit code if the server
+        stops now (its user left with no chat on)."""
+        with self.lock:  # the chat the line goes to is the one on when it arrived (else it waits for the next)
+            chat = self._on()
+        interactive = self.ui.interactive
+        if chat is not None:
+            if line is None or is_quit(line, interactive):
+                self._user_left = True  # the user leaves the chat, and the server with it (the peer leaving would not)
+                chat.leave(answers=FLUSH_TIMEOUT if interactive else self.args.wait)
+                chat.done.wait()
             elif line.strip():
-                self._queue(line[1:] if interactive and line.startswith("//") else line)
+                chat.typed(line)
+        elif line is None or is_quit(line, interactive):
+            if line is None:
+                self.ui.show(["the server stops" if interactive else
+                              "end of input: the server stops (--receive-only keeps it serving)"], "notice")
+            return self._leave_idle()
+        elif interactive and line.strip() == "/help":
+            for help_line in HELP:
+                self.ui.show([help_line], "notice")
+        elif interactive and line.startswith("/") and not line.startswith("//"):
+            self.ui.show(["that command works once a client is connected; quit() stops the server"], "error")
+        elif line.strip():
+            self._queue(line[1:] if interactive and line.startswith("//") else line)
+        return None
 
     def _leave_idle(self):
         """The server stops while no one is connected: what was typed for the next client is never sent."""
@@ -5504,13 +5532,13 @@ def passphrase_given(args):
     return checked_passphrase(passphrase)
 
 
-def prompt_passphrase():
+def prompt_passphrase(prompt="Passphrase: "):
     if not sys.stdin.isatty():
         raise UsageError("no passphrase: give one with --key-file PATH or the AESCHAT_KEY environment variable")
     import getpass
 
     try:
-        return checked_passphrase(getpass.getpass("Passphrase: "))
+        return checked_passphrase(getpass.getpass(prompt))
     except EOFError:  # Ctrl-D at the prompt
         print(file=sys.stderr)  # the error on a line of its own, not after the prompt
         raise UsageError("no passphrase: the input ended at the prompt") from None
@@ -5523,6 +5551,94 @@ def ask(prompt, what):
     except EOFError:
         print(file=sys.stderr)
         raise UsageError(f"no {what}: the input ended at the prompt") from None
+
+
+PASSPHRASE_TRIES = 3  # on a terminal: a wrong passphrase is asked again, each try a guess the server counts
+LATER_RETRY = 10.0  # seconds before a person's client asks again when the server said "later"
+
+
+def first_connection(args, prog):
+    """The client's first connection: (its Dialer, (socket, connection, peer)). On a terminal a person gets second
+    chances: a server not yet listening is waited for, a busy one waited out if they wish, a wrong passphrase asked
+    again (up to PASSPHRASE_TRIES). A script's client keeps its plain exits, but waits its turn at a busy server."""
+    person = sys.stdin.isatty()
+    passphrase, tries = passphrase_given(args), 1
+    if person and not args.legacy:
+        wait_for_server(args, prog)
+    prompted = passphrase is None
+    while True:
+        if prompted:
+            passphrase = prompt_passphrase("Passphrase: " if tries == 1 else
+                                           f"Passphrase (try {tries} of {PASSPHRASE_TRIES}): ")
+        dial = Dialer(args.host, args.port, passphrase, args.legacy)
+        dial.slow = lambda: print(f"{prog}: the server is checking the passphrase; after wrong guesses it checks "
+                                  "one every few seconds", file=sys.stderr, flush=True)
+        try:
+            return dial, dial_when_free(dial, args.reconnect_for, prog)
+        except AuthenticationError as e:
+            if not (prompted and person and tries < PASSPHRASE_TRIES) or isinstance(e, UnfinishedAuthentication):
+                raise
+            tries += 1
+            print(f"{prog}: {e}; try again (every try is a guess the server counts)", file=sys.stderr, flush=True)
+        except Refused as e:
+            if not (person and e.reason in ("busy", "later")):
+                raise
+            if e.reason == "busy":
+                wait_for_server(args, prog, refused=e)
+            else:  # passphrase checks spent for now: a person's client comes back, as a script's does
+                print(f"{prog}: {e}; trying again in {LATER_RETRY:.0f} s; Ctrl-C stops", file=sys.stderr, flush=True)
+                time.sleep(LATER_RETRY)  # the server's pace: it said when
+
+
+def dial_when_free(dial, patience, prog):
+    """A script's client (not a person's) waits for a busy server, as it would for a network that is down: a sink
+    serves one-shot clients one after another, and several may come at once."""
+    until, delay = time.monotonic() + patience, FIRST_RETRY
+    while True:
+        try:
+            return dial()
+        except Refused as e:
+            if e.reason not in ("busy", "later") or sys.stdin.isatty() or time.monotonic() + delay > until:
+                raise
+            if delay == FIRST_RETRY:
+                print(f"{prog}: {e}; trying again for up to {patience:.0f} s", file=sys.stderr, flush=True)
+            time.sleep(delay)
+            delay = min(delay * 2, LAST_RETRY)
+
+
+def wait_for_server(args, prog, refused=None):
+    """A person's client waits, backing off, for a server not yet listening, and (if they wish) for a busy one, up
+    to --reconnect-for; Ctrl-C stops. Asked before the passphrase, so a busy server is said before it is typed."""
+    until, delay, told = time.monotonic() + args.reconnect_for, FIRST_RETRY, set()
+    while True:
+        status, error = BUSY, refused
+        if refused is None:
+            try:
+                status, error = greeting(args.host, args.port), None
+            except NotListening as e:
+                status, error = None, e
+            if status == OPEN:
+                return
+        refused, busy = None, error or Refused("busy", REFUSALS[BUSY_REFUSAL])
+        if status not in told:
+            told.add(status)
+            if status is None:
+                print(f"{prog}: waiting for {args.host}:{args.port} to start; Ctrl-C stops", file=sys.stderr,
+                      flush=True)
+            elif not want_to_wait(busy):
+                raise busy
+        if time.monotonic() + delay > until:
+            raise busy
+        time.sleep(delay)  # the server's own pace: nothing of ours to wait on
+        delay = min(delay * 2, LAST_RETRY)
+
+
+def want_to_wait(refusal):
+    answer = ask(f"{refusal}. Wait for your turn? [Y/n] ", "answer").lower()
+    if answer not in ("", "y", "yes"):
+        return False
+    print("waiting for your turn; Ctrl-C stops", file=sys.stderr, flush=True)
+    return True
 
 
 def checked_passphrase(passphrase):

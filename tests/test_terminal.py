@@ -5,6 +5,7 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -280,8 +281,9 @@ def test_a_peer_cannot_forge_a_row_by_wrapping(tmux_server, spawn):
     client.send(forged + "\n" + "B" * 60 + "peer left the chat\n")
     rows = pane.wait_for("BBBB")
     rows = pane.wait_for(r"the chat  ☒")
-    assert rows[4].startswith("Received: AAAA") and rows[5].startswith("  │ ASent: forged line")
-    assert rows[6].startswith("Received: BBBB") and rows[7].startswith("  │ ")
+    first = next(i for i, row in enumerate(rows) if row.startswith("Received: AAAA"))
+    assert rows[first + 1].startswith("  │ ASent: forged line")
+    assert rows[first + 2].startswith("Received: BBBB") and rows[first + 3].startswith("  │ ")
     assert not any(row.startswith(("Sent:", "peer left", "the chat")) for row in rows)
     assert all(len(row) <= 79 for row in rows)
 
@@ -378,17 +380,69 @@ def test_the_server_says_where_it_listens_before_asking_for_the_passphrase():
         child.terminate(force=True)
 
 
-def test_a_busy_server_is_reported_before_anyone_types_a_passphrase(spawn):
-    server, client, port = connected(spawn, "--once")
-    env = {k: v for k, v in os.environ.items() if k != "AESCHAT_KEY"}
-    child = pexpect.spawn(sys.executable, ["client.py", "127.0.0.1", str(port)], cwd=ROOT, env=env,
+def without_key():
+    return {k: v for k, v in os.environ.items() if k != "AESCHAT_KEY"}
+
+
+def test_a_busy_server_is_said_before_anyone_types_a_passphrase_and_can_be_waited_out(spawn):
+    server, client, port = connected(spawn)
+    child = pexpect.spawn(sys.executable, ["client.py", "127.0.0.1", str(port)], cwd=ROOT, env=without_key(),
                           encoding="utf-8", timeout=TIMEOUT)
     try:
-        index = child.expect(["aeschat-client: error: the server is busy with another chat", "Passphrase: "])
+        index = child.expect(["the server is busy with another chat. Wait for your turn\\? \\[Y/n\\] ", "Passphrase: "])
         assert index == 0
+        child.sendline("")
+        child.expect("waiting for your turn; Ctrl-C stops")
+        client.close_stdin()  # the other chat ends
+        child.expect("Passphrase: ")
+        child.sendline(PASSPHRASE)
+        child.expect("authenticated and encrypted")
+    finally:
+        child.terminate(force=True)
+
+
+def test_a_busy_server_not_waited_for_is_a_plain_exit(spawn):
+    server, client, port = connected(spawn, "--once")
+    child = pexpect.spawn(sys.executable, ["client.py", "127.0.0.1", str(port)], cwd=ROOT, env=without_key(),
+                          encoding="utf-8", timeout=TIMEOUT)
+    try:
+        child.expect("Wait for your turn")
+        child.sendline("n")
+        child.expect("aeschat-client: error: the server is busy with another chat")
         child.expect(pexpect.EOF)
         child.close()
         assert child.exitstatus == 1
+    finally:
+        child.terminate(force=True)
+
+
+def test_a_wrong_passphrase_on_a_terminal_is_asked_again(spawn):
+    """Once, a mistyped passphrase ended the client at once; each new try is a guess the server counts."""
+    server, port = spawn("server", "--once")
+    child = pexpect.spawn(sys.executable, ["client.py", "127.0.0.1", str(port)], cwd=ROOT, env=without_key(),
+                          encoding="utf-8", timeout=TIMEOUT)
+    try:
+        child.expect("Passphrase: ")
+        child.sendline("not it")
+        child.expect("the passphrases differ .*; try again \\(every try is a guess the server counts\\)")
+        child.expect("Passphrase \\(try 2 of 3\\): ")
+        child.sendline(PASSPHRASE)
+        child.expect("authenticated and encrypted")
+    finally:
+        child.terminate(force=True)
+
+
+def test_a_server_not_yet_listening_is_waited_for(spawn):
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()  # a port nothing listens on, for now
+    child = pexpect.spawn(sys.executable, ["client.py", "127.0.0.1", str(port)], cwd=ROOT,
+                          env={**os.environ, "AESCHAT_KEY": PASSPHRASE}, encoding="utf-8", timeout=TIMEOUT)
+    try:
+        child.expect(f"waiting for 127.0.0.1:{port} to start; Ctrl-C stops")
+        spawn("proc", ["server.py", str(port), "--host", "127.0.0.1", "--once"])
+        child.expect("authenticated and encrypted")
     finally:
         child.terminate(force=True)
 
@@ -472,3 +526,24 @@ def test_aeschats_own_long_lines_wrap_without_the_peers_marker(tmux_server, spaw
     rows = pane.wait_for(r"/decline not to")
     offer = next(i for i, row in enumerate(rows) if row.startswith("the peer offers file"))
     assert rows[offer + 1].startswith("    ") and not any(row.startswith("  │") for row in rows)
+
+
+def test_quit_on_the_server_ends_the_server_and_the_peer_leaving_does_not(spawn):
+    """Once, quit() on a server said "waiting for the next client" and took what was typed next (a shell command)
+    as a message for whoever came."""
+    server = Terminal(["server.py", "0", "--host", "127.0.0.1"])
+    try:
+        port = server.expect(r"listening on 127\.0\.0\.1:(\d+)").group(1)
+        first = spawn("client", port)
+        server.expect("leaves and stops the server")
+        first.close_stdin()  # the peer leaves: the server waits for the next
+        server.expect("waiting for the next client")
+        second = spawn("client", port)
+        server.expect("authenticated and encrypted")
+        server.child.send("quit()\r")
+        assert server.exit_code() == 0
+        assert "you left the chat" in server.output()
+        assert server.output().count("waiting for the next client") == 1
+        second.expect("the peer left the chat")
+    finally:
+        server.kill()
