@@ -57,11 +57,12 @@ __all__ = [
     "BUSY", "BUSY_REFUSAL", "CLIENT", "DEFAULT_PORT", "EXIT_INTERRUPTED", "EXIT_NETWORK", "EXIT_TERMINATED",
     "FIRST_RETRY", "LAST_RETRY", "LEGACY", "PASSPHRASE", "REFUSALS", "V2", "Chat", "Conversation", "Dialer", "Files",
     "Server", "Session", "Terminated", "address", "argument_parser", "ask", "check_file_options", "describe",
-    "greeting", "legacy_warning", "make_ui", "passphrase_given", "port_number", "prompt_passphrase", "run", "run_chat",
+    "first_connection", "greeting", "legacy_warning", "make_ui", "passphrase_given", "port_number",
+    "prompt_passphrase", "run", "run_chat",
     # The error tree.
     "AeschatError", "LocalProtocolError", "UsageError", "NetworkError", "Refused", "RemoteProtocolError",
     "TruncatedFrame", "OutputFailed", "NotAeschatPeer", "AuthenticationError", "UnfinishedAuthentication",
-    "IntegrityError", "IllegalMove",
+    "IntegrityError", "IllegalMove", "NotListening",
     # The events: what a connection carries, what a session takes in and asks for, what the door asks for.
     "Message", "Ack", "Resume", "Alert", "Ping", "Pong", "Goodbye", "Busy", "ConnectionClosed", "Offer", "Accept",
     "FileAck", "Done", "Refuse", "Cancel", "Chunk", "FolderOffer", "Exec", "FolderEntry", "HandshakeComplete",
@@ -1122,6 +1123,8 @@ class ServerConnection(Connection):
 # 6. The legacy format of the original scripts (../shared/legacy-wire-format.md): JSON padded with `~`,
 # each 16-byte block encrypted alone with AES-256 (ECB) under SHA-256(passphrase). Insecure by design.
 
+LEGACY_HINT = ("an original aeschat script (its message opens with our passphrase's legacy key): to talk to "
+               "it, start this server with --legacy (NOT SECURE), or have it run this aeschat")
 LEGACY_PREFIX = b'{"timestamp": "'  # how every legacy plaintext starts: a wrong key shows at once
 # The largest legacy message we buffer: the original scripts set none, and json.dumps escapes every
 # non-ASCII character (six bytes for one, twelve for a pair), so this leaves room for 64 KiB of any text.
@@ -1277,6 +1280,7 @@ class LegacyConnection:
 VERIFIED, FAILED = "☒", "☐"  # the seed's tags: ☒ verified, ☐ failed
 ORIGINAL_VERIFIED, ORIGINAL_FAILED = "☑", "☒"  # what the original scripts print instead
 MARK = "  │ "  # begins every row of a message after its first
+TRANSCRIPT = ("chat", "sent")  # the kinds of Show that are messages (stdout, and MARK)
 OWN = "    "  # begins every row of aeschat's own lines after their first
 MAX_MARKS = 4  # combining marks shown on one character; more are escaped, so text cannot stack or hide
 _SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
@@ -1326,18 +1330,29 @@ def visible(text):
     return "".join(out)
 
 
-def local_time(timestamp):
-    """HH:MM:SS in this machine's zone, from an ISO 8601 time (v2) or an HH:MM:SS one (legacy); never raises."""
-    try:
-        moment = datetime.datetime.fromisoformat(timestamp[:64])
-        if moment.tzinfo is not None:
-            return moment.astimezone().strftime("%H:%M:%S")
-    except (ValueError, OverflowError, OSError):
-        pass
+LATE = 60.0  # seconds between a message's timestamp and its arrival past which both are shown
+_FORMATS = {False: "%H:%M:%S", True: "%Y-%m-%d %H:%M:%S"}
+
+
+def local_time(timestamp, dated=False):
+    """HH:MM:SS in this machine's zone (dated: YYYY-MM-DD HH:MM:SS), from an ISO 8601 time (v2) or an HH:MM:SS one
+    (legacy, which has no date to show); never raises."""
+    moment = _moment(timestamp)
+    if moment is not None:
+        return moment.strftime(_FORMATS[dated])
     try:
         return datetime.datetime.strptime(timestamp[:8], "%H:%M:%S").strftime("%H:%M:%S")
     except ValueError:
         return "??:??:??"
+
+
+def _moment(timestamp):
+    """A v2 timestamp as an aware datetime in this machine's zone; None for any other."""
+    try:
+        moment = datetime.datetime.fromisoformat(timestamp[:64])
+        return moment.astimezone() if moment.tzinfo is not None else None
+    except (ValueError, OverflowError, OSError):
+        return None
 
 
 def _block(label, text, suffix):
@@ -1347,10 +1362,21 @@ def _block(label, text, suffix):
     return lines
 
 
-def verify_and_display(message):
-    """The block that shows a received message: `Received: FIRST LINE  TAG  HH:MM:SS`, then its other lines."""
+def verify_and_display(message, arrived=None, sender=None):
+    """The block that shows a received message: `Received: FIRST LINE  TAG  HH:MM:SS`, then its other lines. A
+    message shown more than LATE seconds after its timestamp also says when it arrived (arrived: time.time()). With
+    a sender (a log, as --receive-only keeps), times carry their date and the line ends with where it came from;
+    a legacy timestamp has no date, so there the arrival is always shown."""
+    log = sender is not None
+    moment = _moment(message.timestamp)
+    when = local_time(message.timestamp, log)
+    if arrived is not None and (log if moment is None else arrived - moment.timestamp() > LATE):
+        arrival = datetime.datetime.fromtimestamp(arrived).astimezone()
+        dated = log or (moment is not None and arrival.date() != moment.date())
+        when = f"{local_time(message.timestamp, dated)} (arrived {arrival.strftime(_FORMATS[dated])})"
     tag = VERIFIED if message.verified else FAILED
-    return _block("Received", message.text, f"{tag}  {local_time(message.timestamp)}")
+    return _block("Received", message.text, f"{tag}  {when}" + (f"  from {sender}" if log else ""))
+
 
 
 def sent_lines(text, timestamp, label="Sent"):
@@ -1425,7 +1451,7 @@ def layout(lines, width=None, kind="chat"):
     aeschat's own lines, so that a row that begins with MARK is always a message's. Every row goes through
     visible(), so nothing reaches the terminal unescaped, whoever composed the line. width None (a pipe) wraps
     nothing."""
-    indent = MARK if kind == "chat" else OWN
+    indent = MARK if kind in TRANSCRIPT else OWN
     rows = [visible(lines[0])] + [indent + visible(line) for line in lines[1:]]
     if width is None:
         return rows
@@ -1619,9 +1645,12 @@ class Attached(Input):
 
 
 class Got(Input):
-    """A link delivered an event (a record, or ConnectionClosed)."""
+    """A link delivered an event (a record, or ConnectionClosed); at is when it arrived (time.time(), if known)."""
 
-    __slots__ = ("link", "event")
+    __slots__ = ("link", "event", "at")
+
+    def __init__(self, link, event, at=None):
+        super().__init__(link, event, at)
 
 
 class Drained(Input):
@@ -1709,7 +1738,8 @@ class Send(Action):
 
 
 class Show(Action):
-    """Show lines as one block; kind is chat (the transcript), notice, warning or error."""
+    """Show lines as one block; kind is chat (the transcript), sent (the transcript's copy of a line just sent,
+    which a terminal showing typed lines itself leaves out), notice, warning or error."""
 
     __slots__ = ("lines", "kind")
 
@@ -2902,7 +2932,7 @@ class Messages:
             return self._not_sent(e)
         if self.out.live:
             self.send(message)
-            self.out.show(sent_lines(text, timestamp))
+            self.out.show(sent_lines(text, timestamp), "sent")
         else:
             self.out.show(sent_lines(text, timestamp, "Queued") + ["(to be sent when the connection is back)"])
 
@@ -2925,11 +2955,11 @@ class Messages:
         if self.out.send(message):
             self.conversation.put_on_wire(message.id)
 
-    def got(self, message):
+    def got(self, message, arrived, sender):
         if not self.fmt.acknowledges:
-            return self.out.show(verify_and_display(message))
+            return self.out.show(verify_and_display(message, arrived, sender))
         if self.conversation.accept(message):  # each id shown once, in order
-            self.out.show(verify_and_display(message))
+            self.out.show(verify_and_display(message, arrived, sender))
         self._ack_due = self.conversation.expected_id - 1  # cumulative: everything shown so far
 
     def acknowledge(self):
@@ -2946,7 +2976,7 @@ class Messages:
             message = self._paced.popleft()
             self.send(message)
             self.sent += 1
-            self.out.show(sent_lines(message.text, message.timestamp))
+            self.out.show(sent_lines(message.text, message.timestamp), "sent")
             self._next_paced = now + self.fmt.pace
 
     def next_wakeup(self):
@@ -3022,10 +3052,10 @@ class Session:
 
     def __init__(self, role, fmt, conversation, now, keepalive=KEEPALIVE, grace=RECONNECT_FOR,
                  interactive=False, queued=(), receive_files=False, max_file_size=MAX_FILE_SIZE, send=(),
-                 chunk_size=CHUNK_SIZE):
+                 chunk_size=CHUNK_SIZE, log=False):
         self.role, self.fmt, self.conversation = role, fmt, conversation
         self.keepalive, self.dead_after = keepalive, keepalive * DEAD_AFTER
-        self.interactive = interactive
+        self.interactive, self.log = interactive, log  # log: messages dated, with the sender's address
         self.now = now
         self.out = Outbox()
         self.messages = Messages(self.out, fmt, conversation, now, queued)
@@ -3035,7 +3065,7 @@ class Session:
         self.leaving = Leaving(self.out)
         self.phase = Phase.STARTING
         self._link = None  # _LinkState of the current link
-        self._last_peer = ""
+        self._last_peer, self._arrived = "", None  # _arrived: when the record being taken arrived (time.time())
         self._begun = False  # the chat has been LIVE once
         self._to_send = list(send)  # offered as soon as the chat begins
 
@@ -3164,7 +3194,7 @@ class Session:
     def _got(self, got):
         if self._link is None or got.link is not self._link.link:
             return  # from a link already replaced or closed
-        self._link.heard = self.now
+        self._link.heard, self._arrived = self.now, got.at
         event = got.event
         phases, rule = self.RECORDS.get(type(event), ((), None))
         if self.phase not in phases or (rule is Session._got_file and not self.fmt.files):
@@ -3215,7 +3245,7 @@ class Session:
     # -- the records, by phase: RECORDS below
 
     def _got_message(self, event):
-        self.messages.got(event)
+        self.messages.got(event, self._arrived, self._link.peer if self.log else None)
 
     def _got_ack(self, event):
         self.conversation.acknowledged(event.id)
@@ -3540,6 +3570,7 @@ class Gate:
         self.max_pending, self.deadline = max_pending, deadline
         self.pending = collections.OrderedDict()  # key -> _Pending, oldest first
         self._spare = None  # a SPAKE2 start for the passphrase, made while nothing else happens
+        self._legacy = None  # the original scripts' cipher, made when one seems to knock
         self.work_budget = Bucket(lambda: WORK_RATE_CHATTING if self.host.status() == BUSY else WORK_RATE,
                                   WORK_BURST, now)
         self.guess_budget = Bucket(GUESS_RATE, GUESS_BURST, now)
@@ -3565,15 +3596,26 @@ class Gate:
         pending = self.pending.get(key)
         if pending is None:
             return []
-        pending.heard = pending.heard or bool(data)
+        first, pending.heard = not pending.heard, pending.heard or bool(data)
         actions = []
         try:
             pending.conn.receive_data(data)
             while key in self.pending and (event := pending.conn.next_event()) is not None:
                 actions += self._on(pending, event, now)
+        except NotAeschatPeer as e:
+            why = LEGACY_HINT if first and self._legacy_message(data) else e
+            actions += self._drop(pending, f"{pending.peer} dropped: {why}")
         except RemoteProtocolError as e:
             actions += self._drop(pending, f"{pending.peer} dropped: {e}")
         return actions
+
+    def _legacy_message(self, data):
+        """Whether the first bytes a connection sent are an original script's message under our passphrase."""
+        if len(data) < BLOCK:
+            return False
+        if self._legacy is None:
+            self._legacy = pyaes.AES(legacy_key(self.passphrase))
+        return bytes(self._legacy.decrypt(data[:BLOCK])).startswith(LEGACY_PREFIX)
 
     def failed(self, key, reason):
         """The connection failed (a reset): it goes, and the log says so."""
@@ -4022,7 +4064,7 @@ class Link:
                 step(Drained(self))
                 conn.receive_data(self.sock.recv(RECV_SIZE))
                 continue
-            step(Got(self, event))
+            step(Got(self, event, time.time()))
             if isinstance(event, ConnectionClosed):
                 return self._read_ended()
 
@@ -4745,8 +4787,9 @@ class Dialer:
 
 
 def address(sockaddr):
-    """host:port, with brackets around an IPv6 host."""
+    """host:port, with brackets around an IPv6 host; an IPv4 peer of a dual-stack socket as IPv4."""
     host, port = sockaddr[:2]
+    host = host[7:] if host.startswith("::ffff:") and "." in host else host
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
@@ -4961,7 +5004,7 @@ class Server:
                 session = Session(SERVER, self.fmt, Conversation.new(), time.monotonic(), args.keepalive,
                                   args.reconnect_for, self.ui.interactive, self.queued,
                                   receive_files=args.receive_dir is not None, max_file_size=args.max_file_size,
-                                  send=args.send)
+                                  send=args.send, log=args.receive_only)
                 if self.chat is not None:
                     self._ended.append(self.chat)  # over, but its end not yet told
                 chat = self.chat = Chat(self.ui, session, files=Files(args.receive_dir or "."))
@@ -5158,6 +5201,7 @@ class PlainUI:
         # A person types at a terminal even when the output goes to a pipe (client.py | tee log): commands are
         # theirs then, not text to send.
         self.interactive = read_input and sys.stdin.isatty()
+        self._echoed = self.interactive and sys.stdout.isatty()  # a terminal with no editor of ours (TERM=dumb)
         for stream in (sys.stdin, sys.stdout, sys.stderr):
             stream.reconfigure(errors="replace" if stream is sys.stdin else "backslashreplace")
         self._width = os.get_terminal_size(sys.stdout.fileno()).columns if sys.stdout.isatty() else None
@@ -5202,6 +5246,8 @@ class PlainUI:
 
     def show(self, lines, kind="chat"):
         """Queue a block for the printer thread: a slow reader of our output stalls nothing else."""
+        if kind == "sent" and self._echoed:
+            return  # the terminal shows the line as it was typed: once is enough
         self._printing.put((kind, layout(prefixed(self.prog, lines, kind), self._width, kind)))
 
     def set_status(self, fields, order):
@@ -5227,7 +5273,7 @@ class PlainUI:
                 if item is not None and item[0] == "bar":
                     bar = item[1]
                 elif item is not None:
-                    stream = sys.stdout if item[0] == "chat" else sys.stderr
+                    stream = sys.stdout if item[0] in TRANSCRIPT else sys.stderr
                     if runs and runs[-1][0] is stream:
                         runs[-1][1].extend(item[1])
                     else:
@@ -5480,7 +5526,10 @@ def _escaped_processor():
 
 
 def make_ui(prog, receive_only=False):
-    if sys.stdin.isatty() and sys.stdout.isatty() and not receive_only:
+    # A dumb terminal (Emacs's shell, TERM=dumb) has no cursor to move: it gets plain lines, and shows what is
+    # typed itself.
+    dumb = os.environ.get("TERM", "").lower() in ("dumb", "unknown")
+    if sys.stdin.isatty() and sys.stdout.isatty() and not receive_only and not dumb:
         return TerminalUI(prog)
     return PlainUI(prog, read_input=not receive_only)
 

@@ -7,6 +7,8 @@ import ipaddress
 import socket
 import sys
 
+import ifaddr
+
 if __package__:  # installed: aeschat.client and aeschat.server beside aeschat.common
     from . import common
 else:  # python client.py (or server.py) from a checkout: common.py beside it
@@ -20,8 +22,8 @@ def parse_args(argv=None):
     parser.add_argument("port", nargs="?", type=lambda text: common.port_number(text, lowest=0),
                         default=common.DEFAULT_PORT, metavar="PORT",
                         help=f"port to listen on (default {common.DEFAULT_PORT}; 0 picks a free one)")
-    parser.add_argument("--host", default="0.0.0.0", metavar="ADDR",
-                        help="address to listen on (default 0.0.0.0; :: for IPv6, dual-stack where possible)")
+    parser.add_argument("--host", metavar="ADDR",
+                        help="address to listen on (default: every address, IPv6 and IPv4; 0.0.0.0 for IPv4's only)")
     parser.add_argument("--once", action="store_true", help="exit after one chat instead of waiting for the next")
     parser.add_argument("--receive-only", action="store_true",
                         help="never read input: serve one client after another and print what arrives, until a "
@@ -32,6 +34,11 @@ def parse_args(argv=None):
 
 
 def listen(host, port):
+    if host is None:  # every address: IPv6 and IPv4 on one socket where the system can, else IPv4's
+        try:
+            return socket.create_server(("::", port), family=socket.AF_INET6, dualstack_ipv6=True)
+        except (OSError, ValueError):  # no IPv6 here (ValueError: no dual-stack sockets)
+            host = "0.0.0.0"
     try:
         family, _, _, _, addr = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM,
                                                    flags=socket.AI_PASSIVE)[0]
@@ -44,11 +51,34 @@ def listen(host, port):
         raise common.NetworkError(f"cannot listen on {host} port {port}: {common.describe(e)}") from None
 
 
+def where_to_connect(listener):
+    """The addresses to give the other person, from this machine's interfaces: loopback last, link-local ones left
+    out (they work only with an interface named)."""
+    ipv6 = listener.family == socket.AF_INET6
+    found = set()
+    try:
+        adapters = ifaddr.get_adapters()
+    except OSError:
+        adapters = []
+    for adapter in adapters:
+        for ip in adapter.ips:
+            host = ipaddress.ip_address(ip.ip[0] if ip.is_IPv6 else ip.ip)
+            if not host.is_link_local and (ipv6 or host.version == 4):
+                found.add((host.is_loopback, host.version, host, adapter.nice_name))
+    port = listener.getsockname()[1]
+    lines = [f"  {host}  ({name})" for loopback, _, host, name in sorted(found) if not loopback]
+    local = ", ".join(str(host) for loopback, _, host, _ in sorted(found) if loopback)
+    lines.append(f"  {local or '127.0.0.1'}  (this machine only)")
+    return f"the other person connects to port {port} at one of:\n" + "\n".join(lines)
+
+
 def _main():
     args = parse_args()
     passphrase = common.passphrase_given(args)
     listener = listen(args.host, args.port)
     print(f"listening on {common.address(listener.getsockname())}", file=sys.stderr, flush=True)
+    if ipaddress.ip_address(listener.getsockname()[0]).is_unspecified:
+        print(where_to_connect(listener), file=sys.stderr, flush=True)
     if args.legacy:
         print(common.legacy_warning(PROG), file=sys.stderr, flush=True)
     if passphrase is None:

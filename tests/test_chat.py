@@ -263,7 +263,7 @@ def test_receive_only_serves_one_client_after_another_until_a_signal(spawn, tmp_
         shot.send(text + "\n")
         shot.close_stdin()
         assert shot.wait() == 0
-        server.expect(f"Received: {text}  ☒")
+        server.expect(f"Received: {text}  ☒  " + r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d  from 127\.0\.0\.1:\d+$")
     server.proc.send_signal(signal.SIGTERM)
     assert server.wait() == 143
     assert "Traceback" not in server.output()[1]

@@ -147,6 +147,27 @@ def test_ipv6_loopback():
         server.kill()
 
 
+def test_a_server_on_every_address_says_where_to_reach_it_and_takes_ipv4_and_ipv6_alike():
+    import ifaddr
+
+    server = Proc(["server.py", "0", "--once"])
+    try:
+        port = server.expect(r"the other person connects to port (\d+) at one of:").group(1)
+        listed = []
+        while not listed or "(this machine only)" not in listed[-1]:
+            listed.append(server.expect(r"^  \S.*", stream="err").group(0))
+        ours = {ip.ip[0] if ip.is_IPv6 else ip.ip for adapter in ifaddr.get_adapters() for ip in adapter.ips}
+        for line in listed:
+            assert set(line.strip().split("  (")[0].split(", ")) <= ours, line
+        assert listed[-1].startswith("  127.0.0.1") and not any("fe80:" in line for line in listed)
+        code, _, _ = run(["client.py", "127.0.0.1", port], stdin_text="over four\n")
+        assert code == 0
+        server.expect(r"^Received: over four  ☒")
+        assert "::ffff:" not in "".join(line for _, line in server.seen)  # an IPv4 peer shown as one
+    finally:
+        server.kill()
+
+
 @pytest.mark.parametrize("blank", ["   ", "\t \n"])
 def test_a_passphrase_of_white_space_is_empty(blank):
     code, _, err = run(["client.py", "127.0.0.1", "1"], passphrase=blank)

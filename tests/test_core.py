@@ -2,6 +2,7 @@
 
 import contextlib
 import copy
+import datetime
 import hashlib
 import json
 import os
@@ -775,6 +776,27 @@ def test_display_line_and_tags(monkeypatch):
     assert common.verify_and_display(Message(0, "x", "\x1b[2J", ""))[0].endswith("??:??:??")
     assert common.verify_and_display(Message(0, "x", "9999-12-31T23:59:59-23:59", ""))[0].endswith("??:??:??")
     assert common.verify_and_display(Message(0, "one\ntwo\n", TS)) == ["Received: one  ☒  12:34:56", "two", ""]
+    monkeypatch.delenv("TZ")
+    time.tzset()
+
+
+def test_a_late_message_also_shows_when_it_arrived_and_a_log_shows_dates_and_the_sender(monkeypatch):
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    sent = Message(0, "hi", "2026-11-27T23:00:00+00:00")
+    at = datetime.datetime(2026, 11, 27, 23, 0, 0, tzinfo=datetime.timezone.utc).timestamp()
+    show = common.verify_and_display
+    assert show(sent, at + 60) == ["Received: hi  ☒  23:00:00"]  # a minute late at most: its own time only
+    assert show(sent, at + 61) == ["Received: hi  ☒  23:00:00 (arrived 23:01:01)"]
+    assert show(sent, at + 3600) == ["Received: hi  ☒  2026-11-27 23:00:00 (arrived 2026-11-28 00:00:00)"]
+    assert show(sent, at - 3600) == ["Received: hi  ☒  23:00:00"]  # a clock ahead of ours: nothing to add
+    assert show(sent, at, "127.0.0.1:4000") == ["Received: hi  ☒  2026-11-27 23:00:00  from 127.0.0.1:4000"]
+    assert show(sent, at + 61, "h:1") == [
+        "Received: hi  ☒  2026-11-27 23:00:00 (arrived 2026-11-27 23:01:01)  from h:1"]
+    legacy = Message(0, "hi", "23:00:00")  # no date: a log shows when it arrived
+    assert show(legacy, at + 3600) == ["Received: hi  ☒  23:00:00"]
+    assert show(legacy, at, "[::1]:4000") == [
+        "Received: hi  ☒  23:00:00 (arrived 2026-11-27 23:00:00)  from [::1]:4000"]
     monkeypatch.delenv("TZ")
     time.tzset()
 

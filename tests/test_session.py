@@ -4,6 +4,8 @@ In the manner of magic-wormhole's test_machines: each test builds a machine, fee
 checks the exact actions. No sockets, threads or sleeps.
 """
 
+import datetime
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -197,6 +199,22 @@ def test_received_messages_are_shown_once_and_acknowledged_cumulatively_when_dra
     assert sends(run(Drained(link))) == []  # nothing new
     again = run(Got(link, Message(1, "m1", TS)))  # sent again after a resume: acknowledged, not shown
     assert shown(again) == [] and sends(run(Drained(link))) == [Ack(2)]
+
+
+def test_a_message_shown_late_says_when_it_arrived_and_a_log_says_who_sent_it(monkeypatch):
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    sent_at = datetime.datetime.fromisoformat(TS).timestamp()
+    run = Run()
+    link = run.live()
+    assert "(arrived " not in shown(run(Got(link, Message(0, "prompt", TS), sent_at + 1)))[0]
+    assert shown(run(Got(link, Message(1, "late", TS), sent_at + 3000)))[0].endswith("12:34:56 (arrived 13:24:56)")
+    log = Run(SERVER, log=True)
+    link = log.live()
+    line = shown(log(Got(link, Message(0, "build done", TS), sent_at)))[0]
+    assert line == "Received: build done  ☒  2026-11-27 12:34:56  from 192.0.2.7:5555"
+    monkeypatch.delenv("TZ")
+    time.tzset()
 
 
 def test_a_lone_message_is_acknowledged_at_once():
