@@ -55,6 +55,13 @@ def test_legacy_client_against_v2_server_is_told_why(spawn, typed):
     assert client.wait() == 3
 
 
+def test_an_original_client_reaching_a_v2_server_is_named_and_the_server_suggests_legacy(spawn):
+    server, port = spawn("server")
+    original = original_client(spawn, port)
+    original.send("hello from the past\n")
+    server.expect(r"127\.0\.0\.1:\d+ dropped: an original aeschat script .*start this server with --legacy")
+
+
 def test_legacy_server_talks_with_the_original_client_both_ways(spawn):
     server, port = spawn("server", "--once", "--legacy")
     original = original_client(spawn, port)

@@ -137,6 +137,25 @@ def test_client_on_a_terminal_and_no_color():
         server.kill()
 
 
+def test_a_dumb_terminal_shows_each_line_once_and_no_escape_codes():
+    server, port = start_server("--once")
+    client = Terminal(["client.py", "127.0.0.1", port], env={"TERM": "dumb"})
+    try:
+        client.expect("authenticated and encrypted")
+        client.child.send("typed once\r")
+        server.expect("Received: typed once  ☒")
+        server.send("from the server\n")
+        client.expect("Received: from the server  ☒")
+        client.child.send("quit()\r")
+        assert client.exit_code() == 0
+        output = client.output()
+        assert output.count("typed once") == 1, output  # the terminal's echo; no "Sent:" copy under it
+        assert "\x1b" not in output
+    finally:
+        client.kill()
+        server.kill()
+
+
 def test_passphrase_prompt_does_not_echo():
     server, port = start_server("--once")
     env = {k: v for k, v in os.environ.items() if k != "AESCHAT_KEY"}
