@@ -5416,17 +5416,15 @@ class TerminalUI:
         return self._patch.__exit__(*exc)
 
     def _terminate(self):
-        """SIGTERM while the prompt runs: end the prompt with Terminated, rather than raise inside its loop."""
-        app = self._session.app
-        if app.is_running and not app.future.done():
-            app.exit(exception=Terminated())
-            return True
-        return False
+        """SIGTERM or SIGHUP: the prompt ends (or the next one never begins), and read_line raises Terminated."""
+        self.wake()
 
     def _width(self):
         return self._session.output.get_size().columns
 
     def read_line(self):
+        if _signalled:
+            raise _signalled[0]
         if self._woken.is_set():
             self._woken.clear()
             return WAKE
@@ -5435,6 +5433,8 @@ class TerminalUI:
                                         pre_run=self._exit_if_woken)
         except EOFError:
             return None
+        if _signalled:
+            raise _signalled[0]
         return text if text is WAKE else text.rstrip("\n")
 
     def _toolbar(self):
@@ -5766,8 +5766,8 @@ def argument_parser(prog, description):
     reconnect.add_argument("--no-reconnect", dest="reconnect_for", action="store_const", const=0.0,
                         help="end the chat when the connection drops")
     parser.add_argument("--send", action="append", default=[], metavar="PATH",
-                        help="offer this file as soon as the chat begins (may be given again); a client in a pipe "
-                             "exits once the peer has saved every one")
+                        help="offer this file or folder as soon as the chat begins (may be given again); a client "
+                             "in a pipe exits once the peer has answered every one")
     parser.add_argument("--wait", type=seconds_argument, metavar="SECONDS",
                         help="in a pipe, how long the peer has to answer the files of --send once input ends "
                              "(default: as long as it stays connected and each transfer moves)")
@@ -5782,13 +5782,20 @@ def argument_parser(prog, description):
     return parser
 
 
-_on_terminate = []  # what a running user interface does with SIGTERM instead of an exception mid-event-loop
+_on_terminate = []  # what a terminal interface does with SIGTERM instead of an exception mid-event-loop
+_signalled = []  # the Terminated it raises where it is safe to
 
 
 def _terminate(signum, frame):
     _leaving_anyway()
-    if not any(handler() for handler in _on_terminate):
+    if not _on_terminate:
         raise Terminated()
+    # The terminal interface runs an event loop in this thread, between prompts too: raised into one of its
+    # callbacks, Terminated would be caught there and shown as "Press ENTER to continue...", to a terminal
+    # that may be gone (SIGHUP), forever. The interface ends its prompt and raises it itself.
+    _signalled.append(Terminated())
+    for handler in _on_terminate:
+        handler()
 
 
 def _interrupt(signum, frame):

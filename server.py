@@ -7,8 +7,6 @@ import ipaddress
 import socket
 import sys
 
-import ifaddr
-
 if __package__:  # installed: aeschat.client and aeschat.server beside aeschat.common
     from . import common
 else:  # python client.py (or server.py) from a checkout: common.py beside it
@@ -54,6 +52,8 @@ def listen(host, port):
 def where_to_connect(listener):
     """The addresses to give the other person, from this machine's interfaces: loopback last, link-local ones left
     out (they work only with an interface named)."""
+    import ifaddr  # only here: a server on one address needs no list
+
     ipv6 = listener.family == socket.AF_INET6
     found = set()
     try:

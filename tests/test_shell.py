@@ -7,6 +7,7 @@ import socket
 import struct
 import threading
 import time
+import warnings
 
 import pytest
 
@@ -172,3 +173,18 @@ def test_a_peer_that_makes_requests_and_reads_no_answer_is_cut_off_with_bounded_
     assert code == common.EXIT_SECURITY and "does not read the answers" in text
     assert link._replies <= common.Link.MAX_REPLIES + 1 and sent < 4 * common.Link.MAX_REPLIES  # + what buffers hold
     theirs.close()
+
+
+def test_a_signal_while_a_terminal_interface_runs_is_never_raised_into_its_event_loop(monkeypatch):
+    """Raised into one of the loop's callbacks, Terminated would be caught there ("Press ENTER to continue...",
+    to a terminal that SIGHUP says is gone): the interface is told, and raises it between prompts."""
+    told = []
+    monkeypatch.setattr(common, "_on_terminate", [lambda: told.append(True)])
+    monkeypatch.setattr(common, "_signalled", [])
+    monkeypatch.setattr("sys.unraisablehook", None)  # _leaving_anyway replaces it, and silences warnings
+    with warnings.catch_warnings():
+        common._terminate(15, None)
+        assert told == [True] and isinstance(common._signalled[0], common.Terminated)
+        monkeypatch.setattr(common, "_on_terminate", [])
+        with pytest.raises(common.Terminated):  # no interface: raised at once
+            common._terminate(15, None)

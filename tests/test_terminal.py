@@ -5,6 +5,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -119,6 +120,21 @@ def test_ctrl_c_clears_a_half_typed_line_and_on_an_empty_one_leaves_restoring_th
     assert "\x1b[?2004l" in server.output()  # bracketed paste switched off again: the terminal is restored
     client.expect("peer left the chat")
     assert "unfinished" not in "".join(line for _, line in client.seen)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_as_a_line_is_entered_ends_the_program(sig):
+    """Between two prompts the terminal library's loop still runs: a signal landing there once left the server
+    showing "Press ENTER to continue..." to a terminal that was gone, spinning at full CPU."""
+    for _ in range(4):
+        server = Terminal(["server.py", "0", "--host", "127.0.0.1", "--once"])
+        try:
+            server.expect("waiting for a client")  # the prompt's status line: it runs
+            server.child.send("typed\r")
+            server.child.kill(sig)
+            assert server.exit_code() == 143
+        finally:
+            server.kill()
 
 
 def test_client_on_a_terminal_and_no_color():
