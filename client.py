@@ -20,6 +20,9 @@ def parse_args(argv=None):
     parser.add_argument("host", nargs="?", metavar="HOST", help="server name or address (asked for on a terminal)")
     parser.add_argument("port", nargs="?", type=common.port_number, metavar="PORT",
                         help=f"server port (default {common.DEFAULT_PORT})")
+    parser.add_argument("--proxy", type=common.proxy_argument, metavar="URL",
+                        help="connect through a SOCKS5 proxy: socks5h://HOST:PORT resolves HOST at the proxy (Tor's "
+                             "127.0.0.1:9050 for an onion address, ssh -D), socks5://HOST:PORT here")
     args = parser.parse_args(argv)
     if args.host is None:
         if not sys.stdin.isatty():

@@ -31,6 +31,7 @@ import enum
 import errno
 import hashlib
 import hmac
+import itertools
 import json
 import math
 import os
@@ -58,7 +59,7 @@ __all__ = [
     "FIRST_RETRY", "LAST_RETRY", "LEGACY", "PASSPHRASE", "REFUSALS", "V2", "Chat", "Conversation", "Dialer", "Files",
     "Server", "Session", "Terminated", "address", "argument_parser", "ask", "check_file_options", "describe",
     "first_connection", "greeting", "legacy_warning", "make_ui", "passphrase_given", "port_number",
-    "prompt_passphrase", "run", "run_chat",
+    "prompt_passphrase", "run", "run_chat", "CODE_WORDS", "code_bits", "new_code", "proxy_argument", "warn_if_weak",
     # The error tree.
     "AeschatError", "LocalProtocolError", "UsageError", "NetworkError", "Refused", "RemoteProtocolError",
     "TruncatedFrame", "OutputFailed", "NotAeschatPeer", "AuthenticationError", "UnfinishedAuthentication",
@@ -260,10 +261,58 @@ def frame(body):
 
 
 def normalize_passphrase(passphrase):
-    """The passphrase as SPAKE2 takes it: NFC-normalised UTF-8, so it matches across systems."""
+    """The passphrase as SPAKE2 takes it: a code as its canonical form; NFC-normalised UTF-8, so that it matches
+    across systems."""
     if not passphrase or not passphrase.strip():
         raise LocalProtocolError("the passphrase is empty")
-    return unicodedata.normalize("NFC", passphrase).encode("utf-8")
+    return unicodedata.normalize("NFC", as_code(passphrase) or passphrase).encode("utf-8")
+
+
+# A code is words of BIP-39's English list (2048 words chosen to be read aloud and told apart by their first four
+# letters; from the mnemonic package), joined by hyphens. Typed with spaces or hyphens, in any case, it is the same.
+CODE_WORDS = 4  # the words of a new code: 44 bits
+_WORDS_SHAPE = re.compile(r"[A-Za-z]+(?:[ \t-]+[A-Za-z]+)+\Z")
+_WORD_LIST = []
+
+
+def code_words():
+    """The word list, loaded the first time a code is made or a passphrase looks like one."""
+    if not _WORD_LIST:
+        from mnemonic import Mnemonic
+
+        _WORD_LIST.extend(Mnemonic("english").wordlist)
+    return _WORD_LIST
+
+
+def as_code(text):
+    """The canonical form (lower case, hyphens) of text that is two or more words of the list; else None."""
+    text = text.strip()
+    if not _WORDS_SHAPE.match(text):
+        return None
+    words = re.split(r"[ \t-]+", text.lower())
+    known = set(code_words())
+    return "-".join(words) if all(word in known for word in words) else None
+
+
+def code_candidates(text):
+    """The words that may end text, if text can be the beginning of a code (for Tab); else none."""
+    parts = re.split(r"[ \t-]+", text.lower())
+    if not re.fullmatch(r"[A-Za-z \t-]*", text) or not set(parts[:-1]) <= set(code_words()):
+        return []
+    return [word for word in code_words() if word.startswith(parts[-1])]
+
+
+def new_code(words=CODE_WORDS, choose=None):
+    """A fresh code, each word drawn from the list by the operating system's randomness (secrets)."""
+    import secrets
+
+    choose = choose or secrets.choice
+    return "-".join(choose(code_words()) for _ in range(words))
+
+
+def code_bits(code):
+    """A code's strength: its words times log2 of the list's size (11 bits a word)."""
+    return len(code.split("-")) * math.log2(len(code_words()))
 
 
 def hkdf_sha256(ikm, info, length=32, salt=None):
@@ -1021,6 +1070,9 @@ class ClientConnection(Connection):
                                            "proving it knows the secret: someone may be interfering")
         if self.state is State.CLOSED:
             return None
+        if self.state is State.GREETING:  # a proxy that took the connection, and found no server behind it
+            raise NetworkError("the connection closed before the server greeted us: is an aeschat v2 server "
+                               "listening there? (--legacy talks to the original scripts)")
         raise NetworkError("the connection closed during the handshake "
                            "(is the peer an aeschat v2 program, and not in --legacy mode?)")
 
@@ -4660,10 +4712,10 @@ class Chat:
             self.step(Interrupt(EXIT_INTERRUPTED))
 
 
-def connect(host, port):
-    """A TCP connection to host:port with Nagle off (no message waits for the next)."""
+def connect(host, port, proxy=None):
+    """A TCP connection to host:port (through proxy, if given) with Nagle off (no message waits for the next)."""
     try:
-        sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
+        sock = through(proxy, host, port) if proxy else first_to_connect(host, port, CONNECT_TIMEOUT)
     except socket.gaierror as e:
         raise NetworkError(f"cannot find the host {host!r}: {e.strerror}") from None
     except UnicodeError:
@@ -4675,6 +4727,112 @@ def connect(host, port):
     sock.settimeout(None)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
+
+
+ATTEMPT_DELAY = 0.25  # RFC 8305's Connection Attempt Delay: the next address is tried this long after the last
+_IN_PROGRESS = {errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN, 10035}  # 10035: Windows's WSAEWOULDBLOCK
+
+
+def first_to_connect(host, port, timeout):
+    """Happy eyeballs (RFC 8305): the host's addresses, the two families taken in turn (the resolver's first
+    first), each tried ATTEMPT_DELAY after the one before began, or at once when it failed; the first to connect
+    wins and the others are closed. An IPv6 route that swallows packets costs a quarter of a second, not the
+    whole timeout."""
+    found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    families = [[info for info in found if info[0] == found[0][0]], [info for info in found if info[0] != found[0][0]]]
+    return connect_first([info for pair in itertools.zip_longest(*families) for info in pair if info is not None],
+                         timeout)
+
+
+def connect_first(order, timeout):
+    """The race of first_to_connect, over addresses (getaddrinfo's tuples) in the order to try them."""
+    import selectors
+
+    order, deadline, start_next = list(order), time.monotonic() + timeout, 0.0
+    selector, errors = selectors.DefaultSelector(), []
+    try:
+        while order or selector.get_map():
+            now = time.monotonic()
+            if now >= deadline:
+                raise socket.timeout("timed out")
+            if order and (now >= start_next or not selector.get_map()):
+                if _attempt(order.pop(0), selector, errors):
+                    start_next = now + ATTEMPT_DELAY
+                continue
+            for key, _ in selector.select(max(0.0, min(deadline, start_next if order else deadline) - now)):
+                sock = key.fileobj
+                selector.unregister(sock)
+                error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if not error:
+                    sock.setblocking(True)
+                    return sock
+                errors.append(OSError(error, os.strerror(error)))
+                sock.close()
+                start_next = 0.0  # a failure: the next address at once
+        refused = [e for e in errors if e.errno == errno.ECONNREFUSED]
+        raise ConnectionRefusedError(*refused[0].args) if refused else errors[-1]
+    finally:
+        for key in list(selector.get_map().values()):
+            key.fileobj.close()
+        selector.close()
+
+
+def _attempt(info, selector, errors):
+    """Begin connecting to one address: registered with the selector, or its error noted at once."""
+    import selectors
+
+    family, kind, proto, _, where = info
+    sock = socket.socket(family, kind, proto)
+    sock.setblocking(False)
+    error = sock.connect_ex(where)
+    if error in _IN_PROGRESS or error == 0:
+        selector.register(sock, selectors.EVENT_WRITE)
+        return True
+    errors.append(OSError(error, os.strerror(error)))
+    sock.close()
+    return False
+
+
+Proxy = collections.namedtuple("Proxy", "scheme host port username password")
+
+
+def proxy_argument(text):
+    """--proxy socks5h://[USER:PASSWORD@]HOST[:PORT] (the proxy resolves names: Tor, ssh -D) or socks5:// (the
+    client does); the port defaults to 1080."""
+    from urllib.parse import unquote, urlsplit
+
+    try:
+        url = urlsplit(text)
+        port = url.port
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
+    if url.scheme not in ("socks5", "socks5h") or not url.hostname or url.path not in ("", "/") or url.query:
+        raise argparse.ArgumentTypeError(f"{text!r} is not socks5h://HOST:PORT (or socks5://HOST:PORT)")
+    return Proxy(url.scheme, url.hostname, port or 1080, unquote(url.username or "") or None,
+                 unquote(url.password or "") or None)
+
+
+def proxy_name(proxy):
+    """A proxy as the user gave it, less any password."""
+    return f"{proxy.scheme}://{address((proxy.host, proxy.port))}"
+
+
+def through(proxy, host, port):
+    """A connection to host:port through a SOCKS5 proxy (python-socks); its refusals as our errors."""
+    from python_socks import ProxyConnectionError, ProxyError, ProxyTimeoutError, ProxyType
+    from python_socks.sync import Proxy as Socks
+
+    via = Socks(ProxyType.SOCKS5, proxy.host, proxy.port, proxy.username, proxy.password,
+                rdns=proxy.scheme == "socks5h")
+    try:
+        return via.connect(host, port, timeout=CONNECT_TIMEOUT)
+    except ProxyConnectionError as e:
+        raise NetworkError(f"cannot reach the proxy {proxy_name(proxy)}: {describe(e.__cause__ or e)}") from None
+    except ProxyTimeoutError:
+        raise NetworkError(f"the proxy {proxy_name(proxy)} did not answer within {CONNECT_TIMEOUT:.0f} s") from None
+    except ProxyError as e:
+        error = NotListening if getattr(e, "error_code", None) == 5 else NetworkError  # 5: connection refused
+        raise error(f"the proxy {proxy_name(proxy)} could not connect to {host} port {port}: {e}") from None
 
 
 GREETING_DEADLINE = 5.0  # an aeschat server greets at once: silence means something else is listening
@@ -4731,9 +4889,9 @@ def _handshake_failed(conn, error, deadline):
     return NetworkError(f"the connection failed during the handshake: {describe(error)}")
 
 
-def greeting(host, port, deadline=GREETING_DEADLINE):
+def greeting(host, port, proxy=None, deadline=GREETING_DEADLINE):
     """Connect only to read the server's greeting (OPEN or BUSY), before asking anyone for a passphrase."""
-    sock = connect(host, port)
+    sock = connect(host, port, proxy)
     decoder = FrameDecoder(max_size=HANDSHAKE_MAX_FRAME)
     try:
         sock.settimeout(deadline)
@@ -4761,15 +4919,16 @@ class Dialer:
     """The client's connections: the first with the passphrase, reconnections with the resumption secret that
     the last passphrase handshake gave; never the passphrase on its own (the Session asks the user first)."""
 
-    def __init__(self, host, port, passphrase, legacy):
-        self.host, self.port, self.passphrase, self.legacy = host, port, passphrase, legacy
+    def __init__(self, host, port, passphrase, legacy, proxy=None):
+        self.host, self.port, self.passphrase, self.legacy, self.proxy = host, port, passphrase, legacy, proxy
         self.resumption = None
         self.slow = None  # called if the server is slow to check our passphrase (see handshake)
 
     def __call__(self, kind=PASSPHRASE):
-        sock = connect(self.host, self.port)
+        sock = connect(self.host, self.port, self.proxy)
         try:
-            peer = address(sock.getpeername())
+            peer = address(sock.getpeername()) if self.proxy is None else \
+                f"{address((self.host, self.port))} through {proxy_name(self.proxy)}"
             if self.legacy:
                 return sock, LegacyConnection(self.passphrase), peer
             if kind == RESUME:
@@ -5525,11 +5684,50 @@ def _escaped_processor():
     return Escaped()
 
 
+def dumb_terminal():
+    """A terminal with no cursor to move (Emacs's shell, TERM=dumb): plain lines, and it shows what is typed."""
+    return os.environ.get("TERM", "").lower() in ("dumb", "unknown")
+
+
+def read_code(prompt):
+    """A line typed unseen, as getpass reads it, unless it is a code: Tab completes the word being typed, and from
+    the first Tab on, what is typed shows for as long as it can be a code (a passphrase never does)."""
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.completion import Completer, Completion
+    from prompt_toolkit.filters import Condition
+    from prompt_toolkit.key_binding import KeyBindings
+
+    asked = []  # a Tab was pressed: the person is typing a code
+
+    class Words(Completer):
+        def get_completions(self, document, complete_event):
+            typed = re.split(r"[ \t-]+", document.text_before_cursor)[-1]
+            for word in code_candidates(document.text_before_cursor) if asked else ():
+                yield Completion(word, start_position=-len(typed))
+
+    keys = KeyBindings()
+
+    @keys.add("tab")
+    def _(event):
+        buffer = event.current_buffer
+        words = code_candidates(buffer.text)
+        if not words or not buffer.text.strip():
+            return
+        asked.append(True)
+        typed = re.split(r"[ \t-]+", buffer.text)[-1]
+        if len(words) == 1:
+            buffer.insert_text(words[0][len(typed):] + "-")
+        else:
+            buffer.insert_text(os.path.commonprefix(words)[len(typed):])
+            buffer.start_completion(select_first=False)
+
+    session = PromptSession(key_bindings=keys, completer=Words(), complete_while_typing=Condition(lambda: bool(asked)))
+    hidden = Condition(lambda: not (asked and code_candidates(session.default_buffer.text)))
+    return session.prompt(prompt, is_password=hidden)
+
+
 def make_ui(prog, receive_only=False):
-    # A dumb terminal (Emacs's shell, TERM=dumb) has no cursor to move: it gets plain lines, and shows what is
-    # typed itself.
-    dumb = os.environ.get("TERM", "").lower() in ("dumb", "unknown")
-    if sys.stdin.isatty() and sys.stdout.isatty() and not receive_only and not dumb:
+    if sys.stdin.isatty() and sys.stdout.isatty() and not receive_only and not dumb_terminal():
         return TerminalUI(prog)
     return PlainUI(prog, read_input=not receive_only)
 
@@ -5581,16 +5779,37 @@ def passphrase_given(args):
     return checked_passphrase(passphrase)
 
 
-def prompt_passphrase(prompt="Passphrase: "):
+def prompt_passphrase(prompt="Passphrase: ", empty_is_none=False, codes=False):
+    """The passphrase typed at a prompt that does not show it; with codes, Tab completes a code's words (and shows
+    the code from then on, as long as what is typed can be one). empty_is_none: Enter alone gives None."""
     if not sys.stdin.isatty():
         raise UsageError("no passphrase: give one with --key-file PATH or the AESCHAT_KEY environment variable")
     import getpass
 
     try:
-        return checked_passphrase(getpass.getpass(prompt))
+        text = read_code(prompt) if codes and not dumb_terminal() else getpass.getpass(prompt)
     except EOFError:  # Ctrl-D at the prompt
         print(file=sys.stderr)  # the error on a line of its own, not after the prompt
         raise UsageError("no passphrase: the input ended at the prompt") from None
+    return None if empty_is_none and not text.strip() else checked_passphrase(text)
+
+
+YEAR = 365 * 24 * 3600.0
+
+
+def warn_if_weak(passphrase, prog):
+    """A chosen passphrase that the door's guessing budget (GUESS_RATE from all networks together) could exhaust
+    within a year, by zxcvbn's estimate of the guesses it takes, is warned of."""
+    if as_code(passphrase):
+        return
+    from zxcvbn import zxcvbn
+
+    guesses = float(zxcvbn(passphrase[:100])["guesses"])
+    budget = GUESS_BURST + GUESS_RATE * YEAR
+    if guesses <= budget:
+        print(f"{prog}: warning: this passphrase could be guessed within a year (zxcvbn estimates 10^"
+              f"{math.log10(max(guesses, 1)):.1f} guesses; anyone who reaches the port may try one a second): "
+              f"--new-code makes a code of {code_bits(new_code()):.0f} bits", file=sys.stderr, flush=True)
 
 
 def ask(prompt, what):
@@ -5618,8 +5837,8 @@ def first_connection(args, prog):
     while True:
         if prompted:
             passphrase = prompt_passphrase("Passphrase: " if tries == 1 else
-                                           f"Passphrase (try {tries} of {PASSPHRASE_TRIES}): ")
-        dial = Dialer(args.host, args.port, passphrase, args.legacy)
+                                           f"Passphrase (try {tries} of {PASSPHRASE_TRIES}): ", codes=not args.legacy)
+        dial = Dialer(args.host, args.port, passphrase, args.legacy, args.proxy)
         dial.slow = lambda: print(f"{prog}: the server is checking the passphrase; after wrong guesses it checks "
                                   "one every few seconds", file=sys.stderr, flush=True)
         try:
@@ -5663,7 +5882,7 @@ def wait_for_server(args, prog, refused=None):
         status, error = BUSY, refused
         if refused is None:
             try:
-                status, error = greeting(args.host, args.port), None
+                status, error = greeting(args.host, args.port, args.proxy), None
             except NotListening as e:
                 status, error = None, e
             if status == OPEN:

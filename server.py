@@ -1,6 +1,6 @@
 """aeschat server: wait for a client and chat; then wait for the next one.
 
-    python server.py [PORT] [--host ADDR] [--once] [--receive-only] [--key-file PATH] [--legacy]
+    python server.py [PORT] [--host ADDR] [--once] [--receive-only] [--new-code | --key-file PATH] [--legacy]
 """
 
 import ipaddress
@@ -26,8 +26,14 @@ def parse_args(argv=None):
     parser.add_argument("--receive-only", action="store_true",
                         help="never read input: serve one client after another and print what arrives, until a "
                              "signal stops the server (for scripts that send one message)")
+    parser.add_argument("--new-code", action="store_true",
+                        help=f"make a fresh code of {common.CODE_WORDS} words and use it as the passphrase (say it to "
+                             "the other person; their client takes it with spaces or hyphens, in any case)")
     args = parser.parse_args(argv)
     common.check_file_options(parser, args)
+    if args.new_code and (args.key_file or args.legacy):
+        parser.error(f"--new-code and {'--key-file' if args.key_file else '--legacy'}: " +
+                     ("one passphrase at a time" if args.key_file else "the original scripts take no codes"))
     return args
 
 
@@ -74,15 +80,22 @@ def where_to_connect(listener):
 
 def _main():
     args = parse_args()
-    passphrase = common.passphrase_given(args)
+    passphrase = None if args.new_code else common.passphrase_given(args)
     listener = listen(args.host, args.port)
     print(f"listening on {common.address(listener.getsockname())}", file=sys.stderr, flush=True)
     if ipaddress.ip_address(listener.getsockname()[0]).is_unspecified:
         print(where_to_connect(listener), file=sys.stderr, flush=True)
     if args.legacy:
         print(common.legacy_warning(PROG), file=sys.stderr, flush=True)
+    if passphrase is None and not args.new_code:
+        passphrase = common.prompt_passphrase("Passphrase (Enter for a new code): " if not args.legacy else
+                                              "Passphrase: ", empty_is_none=not args.legacy)
     if passphrase is None:
-        passphrase = common.prompt_passphrase()
+        passphrase = common.new_code()
+        print(f"code: {passphrase}\n({common.code_bits(passphrase):.0f} bits; the other person types it at their "
+              "client's passphrase prompt, with spaces or hyphens, in any case)", file=sys.stderr, flush=True)
+    elif not args.legacy:
+        common.warn_if_weak(passphrase, PROG)
     with common.make_ui(PROG, args.receive_only) as ui:
         server = common.Server(listener, passphrase, args, ui)
         try:

@@ -234,6 +234,10 @@ def test_a_server_that_closes_before_its_hello_is_a_network_error():
     client.receive_data(b"")
     with pytest.raises(common.NetworkError, match="closed during the handshake"):
         client.next_event()
+    silent = ClientConnection("pw")  # a proxy that took the connection for a server that is not there
+    silent.receive_data(b"")
+    with pytest.raises(common.NetworkError, match="closed before the server greeted us: is an aeschat v2 server"):
+        silent.next_event()
 
 
 @pytest.mark.parametrize("kind, reason, error", [

@@ -41,7 +41,7 @@ def test_v2_client_against_legacy_server_is_told_why(spawn):
     server, port = spawn("server", "--legacy")
     client = spawn("client", port)
     assert client.wait() == 1
-    assert "not in --legacy mode" in client.output()[1]
+    assert "is an aeschat v2 server listening there? (--legacy talks to the original scripts)" in client.output()[1]
     server.expect("the peer speaks aeschat v2, not the legacy format: leave out --legacy")
 
 

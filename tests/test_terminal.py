@@ -178,7 +178,7 @@ def test_passphrase_prompt_does_not_echo():
     child = pexpect.spawn(sys.executable, ["client.py", "127.0.0.1", str(port)], cwd=ROOT, env=env,
                           encoding="utf-8", timeout=TIMEOUT)
     try:
-        child.expect("Passphrase: ")
+        child.expect("Passphrase:")
         child.sendline(PASSPHRASE)
         child.expect("authenticated and encrypted")
         assert PASSPHRASE not in child.before
@@ -227,7 +227,7 @@ def test_host_and_port_are_asked_for_on_a_terminal_and_a_bad_port_again():
     (["client.py"], ["Server address: "], "no HOST: the input ended at the prompt"),
     (["client.py"], ["Server address: ", r"Port \[5555\]: "], "no PORT: the input ended at the prompt"),
     (["client.py", "127.0.0.1", "9", "--legacy"], ["Passphrase: "], "no passphrase: the input ended at the prompt"),
-    (["server.py", "0"], ["Passphrase: "], "no passphrase: the input ended at the prompt"),
+    (["server.py", "0"], [r"Passphrase \(Enter for a new code\): "], "no passphrase: the input ended at the prompt"),
 ])
 def test_ctrl_d_at_a_prompt_is_a_usage_error_in_one_line(args, prompts, error):
     child = Terminal(args, env={"AESCHAT_KEY": None})  # so the passphrase is asked for
@@ -253,9 +253,10 @@ class Tmux:
 
     def __init__(self, args, width=80, height=24, env=None):
         self.name = f"aeschat-test-{os.getpid()}-{next(_sessions)}"
-        environment = {"AESCHAT_KEY": PASSPHRASE, **(env or {})}
-        command = " ".join(shlex.quote(part) for part in
-                           ["env", *(f"{k}={v}" for k, v in environment.items()), sys.executable, *map(str, args)])
+        environment = {"AESCHAT_KEY": PASSPHRASE, **(env or {})}  # None: not set at all
+        settings = [*(part for k, v in environment.items() if v is None for part in ("-u", k)),
+                    *(f"{k}={v}" for k, v in environment.items() if v is not None)]
+        command = " ".join(shlex.quote(part) for part in ["env", *settings, sys.executable, *map(str, args)])
         subprocess.run(["tmux", "new-session", "-d", "-s", self.name, "-x", str(width), "-y", str(height),
                         "-c", str(ROOT), f"{command}; echo EXITED=$?; sleep 60"], check=True)
 
@@ -410,7 +411,7 @@ def test_the_server_says_where_it_listens_before_asking_for_the_passphrase():
                           encoding="utf-8", timeout=TIMEOUT)
     try:
         child.expect(r"listening on 127\.0\.0\.1:\d+")
-        child.expect("Passphrase: ")
+        child.expect(r"Passphrase \(Enter for a new code\): ")
     finally:
         child.terminate(force=True)
 
@@ -424,12 +425,12 @@ def test_a_busy_server_is_said_before_anyone_types_a_passphrase_and_can_be_waite
     child = pexpect.spawn(sys.executable, ["client.py", "127.0.0.1", str(port)], cwd=ROOT, env=without_key(),
                           encoding="utf-8", timeout=TIMEOUT)
     try:
-        index = child.expect(["the server is busy with another chat. Wait for your turn\\? \\[Y/n\\] ", "Passphrase: "])
+        index = child.expect(["the server is busy with another chat. Wait for your turn\\? \\[Y/n\\] ", "Passphrase:"])
         assert index == 0
         child.sendline("")
         child.expect("waiting for your turn; Ctrl-C stops")
         client.close_stdin()  # the other chat ends
-        child.expect("Passphrase: ")
+        child.expect("Passphrase:")
         child.sendline(PASSPHRASE)
         child.expect("authenticated and encrypted")
     finally:
@@ -457,10 +458,10 @@ def test_a_wrong_passphrase_on_a_terminal_is_asked_again(spawn):
     child = pexpect.spawn(sys.executable, ["client.py", "127.0.0.1", str(port)], cwd=ROOT, env=without_key(),
                           encoding="utf-8", timeout=TIMEOUT)
     try:
-        child.expect("Passphrase: ")
+        child.expect("Passphrase:")
         child.sendline("not it")
         child.expect("the passphrases differ .*; try again \\(every try is a guess the server counts\\)")
-        child.expect("Passphrase \\(try 2 of 3\\): ")
+        child.expect("Passphrase \\(try 2 of 3\\):")
         child.sendline(PASSPHRASE)
         child.expect("authenticated and encrypted")
     finally:
@@ -580,5 +581,47 @@ def test_quit_on_the_server_ends_the_server_and_the_peer_leaving_does_not(spawn)
         assert "you left the chat" in server.output()
         assert server.output().count("waiting for the next client") == 1
         second.expect("the peer left the chat")
+    finally:
+        server.kill()
+
+
+def test_the_passphrase_prompt_completes_a_code_with_tab_and_never_shows_a_passphrase(spawn):
+    if shutil.which("tmux") is None:
+        pytest.skip("tmux is not installed: the screen cannot be read back as rows")
+    _, port = spawn("server", "--once", passphrase="ability-quantum-zebra-wisdom")
+    pane = Tmux(["client.py", "127.0.0.1", port], env={"AESCHAT_KEY": None})
+    try:
+        pane.wait_for("^Passphrase:")
+        pane.keys("abil", "Tab")  # from the first Tab on, a code shows as it is typed
+        pane.wait_for(r"^Passphrase: ability-$")
+        pane.keys("QUANTUM zeb", "Tab")
+        pane.wait_for(r"^Passphrase: ability-QUANTUM zebra-$")
+        pane.keys("wisdom", "Enter")
+        pane.wait_for("authenticated and encrypted")
+    finally:
+        pane.kill()
+    _, port = spawn("server", "--once", passphrase="hunter2 is mine")
+    pane = Tmux(["client.py", "127.0.0.1", port], env={"AESCHAT_KEY": None})
+    try:
+        pane.wait_for("^Passphrase:")
+        pane.keys("hunter2 ", "Tab", "is mine")  # not a code: Tab does nothing, and nothing shows
+        pane.wait_for(r"^Passphrase: \*{15}$")
+        pane.keys("Enter")
+        rows = pane.wait_for("authenticated and encrypted")
+        assert not any("hunter" in row for row in rows)
+    finally:
+        pane.kill()
+
+
+def test_a_server_started_with_no_passphrase_offers_a_new_code_on_enter(spawn):
+    server = Terminal(["server.py", "0", "--host", "127.0.0.1", "--once"], env={"AESCHAT_KEY": None})
+    try:
+        port = server.expect(r"listening on 127\.0\.0\.1:(\d+)").group(1)
+        server.expect(r"Passphrase \(Enter for a new code\): ")
+        server.child.send("\r")
+        code = server.expect(r"code: ([a-z]+(?:-[a-z]+){3})").group(1)
+        client = spawn("client", port, passphrase=code.replace("-", " ").title())
+        client.expect("authenticated and encrypted")
+        server.expect("authenticated and encrypted")
     finally:
         server.kill()
