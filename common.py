@@ -5797,14 +5797,26 @@ def prompt_passphrase(prompt="Passphrase: ", empty_is_none=False, codes=False):
 YEAR = 365 * 24 * 3600.0
 
 
+def _guesses(passphrase):
+    """zxcvbn's estimate, its modules let go of afterwards: their word lists (8 MiB) are needed once."""
+    import gc
+
+    from zxcvbn import zxcvbn
+
+    guesses = float(zxcvbn(passphrase[:100])["guesses"])
+    for name in [name for name in sys.modules if name.split(".")[0] == "zxcvbn"]:
+        del sys.modules[name]
+    del zxcvbn
+    gc.collect()
+    return guesses
+
+
 def warn_if_weak(passphrase, prog):
     """A chosen passphrase that the door's guessing budget (GUESS_RATE from all networks together) could exhaust
     within a year, by zxcvbn's estimate of the guesses it takes, is warned of."""
     if as_code(passphrase):
         return
-    from zxcvbn import zxcvbn
-
-    guesses = float(zxcvbn(passphrase[:100])["guesses"])
+    guesses = _guesses(passphrase)
     budget = GUESS_BURST + GUESS_RATE * YEAR
     if guesses <= budget:
         print(f"{prog}: warning: this passphrase could be guessed within a year (zxcvbn estimates 10^"

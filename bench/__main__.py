@@ -47,6 +47,27 @@ def peak_rss_mib(pid):
     return int(fields["VmHWM"].split()[0]) / 1024, int(fields["VmRSS"].split()[0]) / 1024
 
 
+class PeakWatch:
+    """The highest peak RSS of some processes, read every 50 ms until stop(): a process that exits the moment its
+    work is done (a client in a pipe, on a fast runtime) leaves no figure to read afterwards."""
+
+    def __init__(self, *pids):
+        self.peak, self._pids, self._done = 0.0, pids, threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _watch(self):
+        while not self._done.wait(0.05):
+            for pid in self._pids:
+                with contextlib.suppress(OSError, KeyError):
+                    self.peak = max(self.peak, peak_rss_mib(pid)[0])
+
+    def stop(self):
+        self._done.set()
+        self._thread.join()
+        return self.peak
+
+
 # ---------------------------------------------------------------------------------------------------
 # Floors
 
@@ -236,6 +257,7 @@ def file_transfer(size, folder, cut=False):
         proxy.cut_after = {C2S: size // 2}
     client = start_client(proxy.port, "--send", source)
     client.close_stdin()
+    watch = PeakWatch(server.proc.pid, client.proc.pid)
     try:
         client.expect("offering file")
         started = time.perf_counter()
@@ -244,10 +266,11 @@ def file_transfer(size, folder, cut=False):
             proxy.cut_after = {}
         client.expect("delivered file", timeout=300)
         elapsed = time.perf_counter() - started
-        rss = max(peak_rss_mib(server.proc.pid)[0], peak_rss_mib(client.proc.pid)[0])
+        rss = watch.stop()
         assert client.wait(timeout=60) == 0
         sent = sum(relay.forwarded[C2S] for relay in proxy.relays)
     finally:
+        watch.stop()
         client.kill()
         server.kill()
         proxy.close()
