@@ -4,7 +4,7 @@ The map, in layers, each using only those above it:
 
   1. Errors        one tree, split by whose fault it is; exit_code() maps it to exit codes, in one place
   2. Wire          16-byte chunking and `~` padding (the original scripts'), length-prefixed frames
-  3. Crypto        key derivation (passphrase, HKDF, resumption secret), AES-256-CTR from pyaes, legacy key
+  3. Crypto        key derivation (passphrase, codes, HKDF, resumption secret), AES-256-CTR from pyaes, legacy key
   4. Records       the events a connection carries, their payloads (strictly validated), the record layer
   5. Handshake     the v2 connection: greeting, SPAKE2 with the passphrase or a resumption secret, records
   6. Legacy        the original scripts' format (--legacy), behind the same interface
@@ -14,7 +14,7 @@ The map, in layers, each using only those above it:
                    in, actions out; and Gate, the server's door (pending handshakes, guessing)
   9. Shell         sockets and threads only, mapped in its header: Link (a reader and a writer thread per
                    connection), Chat (steps the session under a lock, carries out its actions after), the client's
-                   dialling, the server's door
+                   dialling (happy eyeballs, or a SOCKS5 proxy), the server's door
  10. UI            PlainUI for pipes, TerminalUI (prompt_toolkit, imported only on a terminal)
  11. Command line  arguments, passphrase intake, run()
 

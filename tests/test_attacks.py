@@ -598,6 +598,21 @@ def flood(port, stop, sent, keep=None, threads=4):
     return workers
 
 
+def first_login(spawn, server, port, text=None):
+    """Seconds for a real client's first login during an attack; it then chats (text, if given) and leaves."""
+    started = time.monotonic()
+    client = spawn("client", port)
+    client.expect("authenticated and encrypted", timeout=10)
+    took = time.monotonic() - started
+    if text:
+        client.send(text + "\n")
+        server.expect(f"Received: {text}  ☒")
+    client.close_stdin()
+    assert client.wait() == 0
+    server.expect("waiting for the next client")
+    return took
+
+
 def test_fresh_network_guesses_do_not_lock_out_a_first_login(spawn, score):
     """The outside round: one wrong guess every 2 s from a network never seen before (127.0.K.2) for 30-40 s, then
     the real client, a first login from 127.0.0.1: not served in 30 s, twice. (Five minutes of it run in simulated
@@ -627,15 +642,7 @@ def test_fresh_network_guesses_do_not_lock_out_a_first_login(spawn, score):
         for rounds in (10, 20):  # twice, as in the finding, each after some seconds of guessing
             with made:
                 assert made.wait_for(lambda: guessed[0] >= rounds, timeout=60)  # noqa: B023
-            started = time.monotonic()
-            client = spawn("client", port)
-            client.expect("authenticated and encrypted", timeout=10)
-            served.append(time.monotonic() - started)
-            client.send("made it\n")
-            server.expect("Received: made it  ☒")
-            client.close_stdin()
-            assert client.wait() == 0
-            server.expect("waiting for the next client")
+            served.append(first_login(spawn, server, port, "made it"))
     finally:
         stop.set()
         guesser.join(timeout=10)
@@ -702,13 +709,7 @@ def test_answered_connections_held_silent_from_new_networks_do_not_keep_first_lo
         while len(held) < 150:  # five seconds in: the door as full as this attack makes it
             time.sleep(0.05)  # polling the attack's own progress
         for _ in range(3):
-            started = time.monotonic()
-            client = spawn("client", port)
-            client.expect("authenticated and encrypted", timeout=10)
-            served.append(time.monotonic() - started)
-            client.close_stdin()
-            assert client.wait() == 0
-            server.expect("waiting for the next client")
+            served.append(first_login(spawn, server, port))
     finally:
         stop.set()
         holder.join(timeout=20)

@@ -420,10 +420,15 @@ def without_key():
     return {k: v for k, v in os.environ.items() if k != "AESCHAT_KEY"}
 
 
+def keyless_client(port):
+    """A client on a raw terminal with no passphrase given: it asks, as for a person."""
+    return pexpect.spawn(sys.executable, ["client.py", "127.0.0.1", str(port)], cwd=ROOT, env=without_key(),
+                         encoding="utf-8", timeout=TIMEOUT)
+
+
 def test_a_busy_server_is_said_before_anyone_types_a_passphrase_and_can_be_waited_out(spawn):
     server, client, port = connected(spawn)
-    child = pexpect.spawn(sys.executable, ["client.py", "127.0.0.1", str(port)], cwd=ROOT, env=without_key(),
-                          encoding="utf-8", timeout=TIMEOUT)
+    child = keyless_client(port)
     try:
         index = child.expect(["the server is busy with another chat. Wait for your turn\\? \\[Y/n\\] ", "Passphrase:"])
         assert index == 0
@@ -439,8 +444,7 @@ def test_a_busy_server_is_said_before_anyone_types_a_passphrase_and_can_be_waite
 
 def test_a_busy_server_not_waited_for_is_a_plain_exit(spawn):
     server, client, port = connected(spawn, "--once")
-    child = pexpect.spawn(sys.executable, ["client.py", "127.0.0.1", str(port)], cwd=ROOT, env=without_key(),
-                          encoding="utf-8", timeout=TIMEOUT)
+    child = keyless_client(port)
     try:
         child.expect("Wait for your turn")
         child.sendline("n")
@@ -455,8 +459,7 @@ def test_a_busy_server_not_waited_for_is_a_plain_exit(spawn):
 def test_a_wrong_passphrase_on_a_terminal_is_asked_again(spawn):
     """Once, a mistyped passphrase ended the client at once; each new try is a guess the server counts."""
     server, port = spawn("server", "--once")
-    child = pexpect.spawn(sys.executable, ["client.py", "127.0.0.1", str(port)], cwd=ROOT, env=without_key(),
-                          encoding="utf-8", timeout=TIMEOUT)
+    child = keyless_client(port)
     try:
         child.expect("Passphrase:")
         child.sendline("not it")
