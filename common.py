@@ -59,7 +59,8 @@ __all__ = [
     "FIRST_RETRY", "LAST_RETRY", "LEGACY", "PASSPHRASE", "REFUSALS", "V2", "Chat", "Conversation", "Dialer", "Files",
     "Server", "Session", "Terminated", "address", "argument_parser", "ask", "check_file_options", "describe",
     "first_connection", "greeting", "legacy_warning", "make_ui", "passphrase_given", "port_number",
-    "prompt_passphrase", "run", "run_chat", "CODE_WORDS", "code_bits", "new_code", "proxy_argument", "warn_if_weak",
+    "prompt_passphrase", "run", "run_chat", "CODE_WORDS", "code_bits", "new_code", "proxy_argument", "tell",
+    "warn_if_weak",
     # The error tree.
     "AeschatError", "LocalProtocolError", "UsageError", "NetworkError", "Refused", "RemoteProtocolError",
     "TruncatedFrame", "OutputFailed", "NotAeschatPeer", "AuthenticationError", "UnfinishedAuthentication",
@@ -285,8 +286,9 @@ def code_words():
 
 
 def as_code(text):
-    """The canonical form (lower case, hyphens) of text that is two or more words of the list; else None."""
-    text = text.strip()
+    """The canonical form (lower case, hyphens) of text that is two or more words of the list; else None. Separators
+    before and after the words do not count (Tab leaves one after the last)."""
+    text = text.strip(" \t-")
     if not _WORDS_SHAPE.match(text):
         return None
     words = re.split(r"[ \t-]+", text.lower())
@@ -1761,12 +1763,12 @@ class FileOpened(Input):
 
 class FileSaved(Input):
     """(receiver) The file's SHA-256 matched and it is in place at path; or the folder is made there, problems
-    naming its files that could not be saved."""
+    naming its files that could not be saved, got the (files, bytes) saved in it."""
 
-    __slots__ = ("file", "path", "problems")
+    __slots__ = ("file", "path", "problems", "got")
 
-    def __init__(self, file, path, problems=()):
-        super().__init__(file, path, tuple(problems))
+    def __init__(self, file, path, problems=(), got=None):
+        super().__init__(file, path, tuple(problems), got)
 
 
 class FileNote(Input):
@@ -1791,7 +1793,8 @@ class Send(Action):
 
 class Show(Action):
     """Show lines as one block; kind is chat (the transcript), sent (the transcript's copy of a line just sent,
-    which a terminal showing typed lines itself leaves out), notice, warning or error."""
+    which a terminal showing typed lines itself leaves out), notice, keys (the editor's keys, which an interface
+    without one leaves out), warning or error."""
 
     __slots__ = ("lines", "kind")
 
@@ -2040,6 +2043,11 @@ def progressed(out, t, now):
     if percent != t.shown_percent:
         t.shown_percent = percent
         out.do(Progress(t.described(), t.outgoing, percent, t.done, t.size, rate))
+
+
+def briefly(items, limit=5):
+    """The first items of a long list, and how many more there are (0 if none)."""
+    return items[:limit], max(0, len(items) - limit)
 
 
 def listed(transfers, what):
@@ -2332,7 +2340,7 @@ class Receiving:
 
     def saved(self, event):
         t = self.incoming.get(event.file)
-        if t is not None and self._in(t, "saved", event.path, event.problems):
+        if t is not None and self._in(t, "saved", event.path, event.problems, event.got):
             self._open_waiting()
 
     def answer(self, accept):
@@ -2446,14 +2454,17 @@ class Receiving:
     def _their_whole(self, t, old):
         self.out.do(SaveFile(t.file, t.sha256, t.name, t.bits))
 
-    def _their_saved(self, t, old, path, problems):
+    def _their_saved(self, t, old, path, problems, got):
         self.out.send(Done(t.file))
         if t.folder:
-            files = t.folder[0] - len(problems)
+            files, size = got or (t.folder[0] - len(problems), t.folder[1])  # what arrived, not what was claimed
             self.out.show([f"received folder {visible(t.name)} ({files:,} file{'s' if files != 1 else ''}, "
-                           f"{size_text(t.folder[1])}) → {visible(path)}"])
-            for problem in problems:
+                           f"{size_text(size)}) → {visible(path)}"])
+            shown, more = briefly(problems)
+            for problem in shown:
                 self.out.show([f"not saved from folder {visible(t.name)}: {problem}"], "error")
+            if more:
+                self.out.show([f"not saved from folder {visible(t.name)}: {more} more files"], "error")
         else:
             self.out.show([f"received file {visible(t.name)} ({t.size:,} bytes, sha256 {t.sha256[:12]}…) → "
                            f"{visible(path)}"])
@@ -2909,7 +2920,7 @@ def undelivered_text(messages, sent_below):
 
 
 def banner(peer, fmt, interactive, role=None):
-    """The lines that open a chat, each within 80 columns (with an IPv4 peer)."""
+    """The lines that open a chat, each within 80 columns (with an IPv4 peer), as (kind of Show, line)."""
     if fmt.acknowledges:
         lines = [f"Connected to {peer}: authenticated and encrypted ({fmt.name})."]
     else:
@@ -2917,24 +2928,23 @@ def banner(peer, fmt, interactive, role=None):
                  f"Here {VERIFIED} = verified and {FAILED} = failed, where the original scripts",
                  f"show {ORIGINAL_VERIFIED} = verified and {ORIGINAL_FAILED} = failed."]
     if interactive:
-        if fmt.acknowledges:
-            lines.append(f"{VERIFIED} = verified, {FAILED} = failed. Enter sends; Alt-Enter starts a new line.")
-        else:
-            lines.append("Enter sends; Alt-Enter starts a new line.")
-        stops = " and stops the server" if role is SERVER else ""
-        lines.append("/help lists the commands (Tab completes); Ctrl-C clears the line.")
-        lines.append(f"quit() or Ctrl-D (or Ctrl-C on an empty line) leaves{stops}.")
-    return lines
+        glyphs = f"{VERIFIED} = verified, {FAILED} = failed; " if fmt.acknowledges else ""
+        lines.append(f"{glyphs}/help lists the commands.")
+        lines.append(f"quit() or Ctrl-D leaves{' and stops the server' if role is SERVER else ''}.")
+    return [("notice", line) for line in lines] + [("keys", line) for line in KEYS if interactive]
 
 
+# The keys of the terminal's editor: shown as kind "keys", which an interface without one (TERM=dumb) leaves out.
+KEYS = ["Enter sends; Alt-Enter starts a new line; Tab completes.",
+        "Ctrl-C clears the line; on an empty line it leaves."]
 HELP = ["/help          this list; /quit (or quit(), or Ctrl-D) leaves",
         "/send PATH     offer a file or a folder; the peer accepts or declines it",
         "/accept        save the file the peer offers (/decline: do not)",
         "/reconnect     connect again with the passphrase (when the server asks)",
-        "//text         send a message that begins with /text",
-        "Alt-Enter (or Esc, then Enter) starts a new line in a message.",
-        "Tab completes a command, or the path after /send.",
-        "Ctrl-C clears the line; on an empty line it leaves."]
+        "//text         send a message that begins with /text"]
+HELP_KEYS = ["Alt-Enter (or Esc, then Enter) starts a new line in a message.",
+             "Tab completes a command, or the path after /send.",
+             "Ctrl-C clears the line; on an empty line it leaves."]
 
 
 def resumed_notice(role, first, again, took_over, peer):
@@ -3211,8 +3221,8 @@ class Session:
         if name in ("accept", "decline"):
             return self.transfers.answer(name == "accept")
         if name == "help":
-            for line in HELP:
-                self.out.show([line], "notice")
+            for line in HELP + HELP_KEYS:
+                self.out.show([line], "notice" if line in HELP else "keys")
         elif name == "reconnect":
             if self.redial.state is not Away.ASKING:
                 return self.out.show(["/reconnect: the connection is not waiting for you"], "error")
@@ -3371,8 +3381,8 @@ class Session:
         self.redial.resumed()
         if first:
             self.out.do(Live())
-            for line in banner(self._link.peer, self.fmt, self.interactive, self.role):
-                self.out.show([line], "notice")
+            for kind, line in banner(self._link.peer, self.fmt, self.interactive, self.role):
+                self.out.show([line], kind)
             for path in self._to_send:
                 self.transfers.send(path)
 
@@ -4251,6 +4261,7 @@ class FolderReader:
 
     def __init__(self, root):
         self.root, self.entries, self.starts, self.skipped, self.damaged = root, [], [], [], []
+        self.unsendable = []  # paths too deep, too long or not valid Unicode: the receiver would refuse them
         self.files = self.bytes = self.size = 0
         self.manifest = hashlib.sha256()
         self._open = (None, None)  # (index, handle) of the file being read
@@ -4265,10 +4276,11 @@ class FolderReader:
                 if os.path.islink(os.path.join(top, folder)):
                     folders.remove(folder)  # never followed (os.walk does not, but says nothing either)
                     self.skipped.append(base + folder)
-            if not folders and not names and base:
+            if not folders and not names and base and self._sendable(base[:-1]):
                 self._add(b"d", 0o755, 0, bytes(32), base[:-1], None)
             for name in sorted(names):
-                self._file(os.path.join(top, name), base + name)
+                if self._sendable(base + name):
+                    self._file(os.path.join(top, name), base + name)
 
     def _file(self, path, relative):
         try:
@@ -4287,6 +4299,14 @@ class FolderReader:
 
     def _unreadable(self, error, relative=None):
         self.damaged.append(f"{relative or getattr(error, 'filename', '?')}: {describe(error)}")
+
+    def _sendable(self, relative):
+        """Whether the receiver would take this path; if not, it is named among those skipped."""
+        try:
+            return bool(folder_path(relative.encode("utf-8")))
+        except (UnicodeEncodeError, RemoteProtocolError):
+            self.unsendable.append(relative)
+            return False
 
     def _add(self, kind, mode, size, sha256, relative, path):
         header = folder_header(kind, mode, size, sha256, relative)
@@ -4352,7 +4372,7 @@ class FolderWriter:
         self.root = claim(parent, safe_name(name), lambda path: os.mkdir(path, 0o700))
         self._made = {(): self.root}  # path parts as sent -> the folder made for them
         self._entry = self._file = None
-        self.saved, self.problems, self._folders = 0, [], 0
+        self.saved, self.saved_bytes, self.problems, self._folders = 0, 0, [], 0
 
     def write(self, data):
         for item in self.parser.feed(data):
@@ -4380,7 +4400,7 @@ class FolderWriter:
         try:
             path = incoming.save(entry.sha256, safe_name(entry.parts[-1]))
             incoming.finish_mode(path, entry.mode)
-            self.saved += 1
+            self.saved, self.saved_bytes = self.saved + 1, self.saved_bytes + entry.size
         except ValueError:
             self.problems.append(f"{visible(shown)}: it changed or was damaged on the way (its SHA-256 did not match)")
         except OSError as e:
@@ -4427,18 +4447,26 @@ class Files:
         self._sending = {}  # file -> open file, or FolderReader
         self._receiving = {}  # file -> Incoming, or FolderWriter
 
+    @staticmethod
+    def unicode_name(name):
+        """A name from the file system as valid Unicode: bytes that are not UTF-8 become U+FFFD."""
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
     def prepare(self, path):
         """What to offer for a path: (what to read, name, size, SHA-256, (files, bytes) of a folder or None,
         execute bits, notes to show)."""
         path = os.path.expanduser(path)
-        name = os.path.basename(os.path.normpath(os.path.abspath(path))) or "file"
+        name = self.unicode_name(os.path.basename(os.path.normpath(os.path.abspath(path))) or "file")
         if os.path.isdir(path) and not os.path.islink(path):
             reader = FolderReader(path)
             notes = [f"cannot read {visible(damaged)}" for damaged in reader.damaged]
-            if reader.skipped:
-                more = f" and {len(reader.skipped) - 5} more" if len(reader.skipped) > 5 else ""
-                notes.append("skipped, being links or not files (never followed): "
-                             f"{', '.join(visible(s) for s in reader.skipped[:5])}{more}")
+            for skipped, why in ((reader.skipped, "being links or not files (never followed)"),
+                                 (reader.unsendable, f"their paths being deeper than {MAX_DEPTH} folders, longer "
+                                                     f"than {MAX_PATH} bytes or not valid Unicode")):
+                shown, more = briefly(skipped)
+                if shown:
+                    notes.append(f"skipped, {why}: {', '.join(visible(s) for s in shown)}"
+                                 + (f" and {more} more" if more else ""))
             reader.damaged = []
             return reader, name, reader.size, reader.manifest.hexdigest(), (reader.files, reader.bytes), 0, notes
         handle, size, sha256, bits = self._prepare_file(path)
@@ -4498,13 +4526,14 @@ class Files:
         self._receiving[file].write(data)
 
     def save(self, file, sha256, name, bits):
-        """Put what was received in place; returns (its path, what could not be saved in a folder)."""
+        """Put what was received in place; returns (its path, what could not be saved in a folder, the (files, bytes)
+        saved in a folder)."""
         target = self._receiving.pop(file)
         if isinstance(target, FolderWriter):
-            return target.finish(sha256), target.problems
+            return target.finish(sha256), target.problems, (target.saved, target.saved_bytes)
         path = target.save(sha256, name)
         target.finish_mode(path, bits)
-        return path, []
+        return path, [], None
 
     def discard(self, file):
         target = self._receiving.pop(file, None)
@@ -4651,12 +4680,12 @@ class Chat:
     def _save(self, action):
         def run():
             try:
-                path, problems = self.files.save(action.file, action.sha256, action.name, action.bits)
+                path, problems, got = self.files.save(action.file, action.sha256, action.name, action.bits)
             except ValueError as e:
                 return self.step(FileFailed(action.file, False, "failed verification", f"{e}"))
             except (OSError, KeyError) as e:
                 return self.step(FileFailed(action.file, False, "unwritable", describe(e)))
-            self.step(FileSaved(action.file, path, problems))
+            self.step(FileSaved(action.file, path, problems, got))
 
         guarded(run, self._crashed, "file")
 
@@ -4835,6 +4864,13 @@ def through(proxy, host, port):
         raise error(f"the proxy {proxy_name(proxy)} could not connect to {host} port {port}: {e}") from None
 
 
+def nothing_behind(proxy, host, port):
+    """A proxy that took the connection and closed it before any greeting: most likely nothing listens behind it
+    (some proxies say yes before they have connected), so it is waited for as a server not yet started is."""
+    return NotListening(f"the proxy {proxy_name(proxy)} took the connection, then closed it: is an aeschat server "
+                        f"listening at {host} port {port}?")
+
+
 GREETING_DEADLINE = 5.0  # an aeschat server greets at once: silence means something else is listening
 SLOW_CHECK = 1.0  # our key confirmation unanswered this long: say that the server is checking, not stuck
 
@@ -4897,6 +4933,8 @@ def greeting(host, port, proxy=None, deadline=GREETING_DEADLINE):
         sock.settimeout(deadline)
         while (body := decoder.next_frame()) is None:
             data = sock.recv(HANDSHAKE_MAX_FRAME)
+            if not data and proxy is not None:
+                raise nothing_behind(proxy, host, port)
             if not data:
                 raise NetworkError("the server closed the connection before greeting us")
             decoder.feed(data)
@@ -4936,7 +4974,12 @@ class Dialer:
                 conn = ClientConnection(secret, RESUME, resume_id)
             else:
                 conn = ClientConnection(self.passphrase)
-            handshake(sock, conn, CLIENT_HANDSHAKE_DEADLINE, self.slow if kind == PASSPHRASE else None)
+            try:
+                handshake(sock, conn, CLIENT_HANDSHAKE_DEADLINE, self.slow if kind == PASSPHRASE else None)
+            except NetworkError:
+                if self.proxy is not None and conn.greeting is None:
+                    raise nothing_behind(self.proxy, self.host, self.port) from None
+                raise
             if conn.resumption is not None:
                 self.resumption = conn.resumption
             return sock, conn, peer
@@ -5236,8 +5279,8 @@ class Server:
                               "end of input: the server stops (--receive-only keeps it serving)"], "notice")
             return self._leave_idle()
         elif interactive and line.strip() == "/help":
-            for help_line in HELP:
-                self.ui.show([help_line], "notice")
+            for help_line in HELP + HELP_KEYS:
+                self.ui.show([help_line], "notice" if help_line in HELP else "keys")
         elif interactive and line.startswith("/") and not line.startswith("//"):
             self.ui.show(["that command works once a client is connected; quit() stops the server"], "error")
         elif line.strip():
@@ -5405,8 +5448,8 @@ class PlainUI:
 
     def show(self, lines, kind="chat"):
         """Queue a block for the printer thread: a slow reader of our output stalls nothing else."""
-        if kind == "sent" and self._echoed:
-            return  # the terminal shows the line as it was typed: once is enough
+        if (kind == "sent" and self._echoed) or kind == "keys":
+            return  # the terminal shows the line as it was typed: once is enough; and it has no editor's keys
         self._printing.put((kind, layout(prefixed(self.prog, lines, kind), self._width, kind)))
 
     def set_status(self, fields, order):
@@ -5696,13 +5739,14 @@ def read_code(prompt):
     from prompt_toolkit.completion import Completer, Completion
     from prompt_toolkit.filters import Condition
     from prompt_toolkit.key_binding import KeyBindings
+    from prompt_toolkit.layout.processors import ConditionalProcessor, Processor, Transformation
 
     asked = []  # a Tab was pressed: the person is typing a code
 
     class Words(Completer):
         def get_completions(self, document, complete_event):
             typed = re.split(r"[ \t-]+", document.text_before_cursor)[-1]
-            for word in code_candidates(document.text_before_cursor) if asked else ():
+            for word in code_candidates(document.text_before_cursor) if asked and typed else ():
                 yield Completion(word, start_position=-len(typed))
 
     keys = KeyBindings()
@@ -5721,9 +5765,13 @@ def read_code(prompt):
             buffer.insert_text(os.path.commonprefix(words)[len(typed):])
             buffer.start_completion(select_first=False)
 
+    class Unseen(Processor):  # not even a star a character: the length is not shown either
+        def apply_transformation(self, ti):
+            return Transformation([], source_to_display=lambda i: 0, display_to_source=lambda i: 0)
+
     session = PromptSession(key_bindings=keys, completer=Words(), complete_while_typing=Condition(lambda: bool(asked)))
     hidden = Condition(lambda: not (asked and code_candidates(session.default_buffer.text)))
-    return session.prompt(prompt, is_password=hidden)
+    return session.prompt(prompt, input_processors=[ConditionalProcessor(Unseen(), hidden)])
 
 
 def make_ui(prog, receive_only=False):
@@ -5813,15 +5861,16 @@ def _guesses(passphrase):
 
 def warn_if_weak(passphrase, prog):
     """A chosen passphrase that the door's guessing budget (GUESS_RATE from all networks together) could exhaust
-    within a year, by zxcvbn's estimate of the guesses it takes, is warned of."""
-    if as_code(passphrase):
-        return
-    guesses = _guesses(passphrase)
+    within a year, by zxcvbn's estimate of the guesses it takes (a code: at most its words' combinations), is
+    warned of."""
+    guesses, code = _guesses(passphrase), as_code(passphrase)
+    if code:  # words of the list: at most every combination of as many words
+        guesses = min(guesses, 2.0 ** code_bits(code))
     budget = GUESS_BURST + GUESS_RATE * YEAR
     if guesses <= budget:
-        print(f"{prog}: warning: this passphrase could be guessed within a year (zxcvbn estimates 10^"
-              f"{math.log10(max(guesses, 1)):.1f} guesses; anyone who reaches the port may try one a second): "
-              f"--new-code makes a code of {code_bits(new_code()):.0f} bits", file=sys.stderr, flush=True)
+        tell(f"{prog}: warning: this passphrase could be guessed within a year (zxcvbn estimates 10^"
+             f"{math.log10(max(guesses, 1)):.1f} guesses; anyone who reaches the port may try one a second): "
+             f"--new-code makes a code of {code_bits(new_code()):.0f} bits")
 
 
 def ask(prompt, what):
@@ -5851,22 +5900,22 @@ def first_connection(args, prog):
             passphrase = prompt_passphrase("Passphrase: " if tries == 1 else
                                            f"Passphrase (try {tries} of {PASSPHRASE_TRIES}): ", codes=not args.legacy)
         dial = Dialer(args.host, args.port, passphrase, args.legacy, args.proxy)
-        dial.slow = lambda: print(f"{prog}: the server is checking the passphrase; after wrong guesses it checks "
-                                  "one every few seconds", file=sys.stderr, flush=True)
+        dial.slow = lambda: tell(f"{prog}: the server is checking the passphrase; after wrong guesses it checks "
+                                 "one every few seconds")
         try:
             return dial, dial_when_free(dial, args.reconnect_for, prog)
         except AuthenticationError as e:
             if not (prompted and person and tries < PASSPHRASE_TRIES) or isinstance(e, UnfinishedAuthentication):
                 raise
             tries += 1
-            print(f"{prog}: {e}; try again (every try is a guess the server counts)", file=sys.stderr, flush=True)
+            tell(f"{prog}: {e}; try again (every try is a guess the server counts)")
         except Refused as e:
             if not (person and e.reason in ("busy", "later")):
                 raise
             if e.reason == "busy":
                 wait_for_server(args, prog, refused=e)
             else:  # passphrase checks spent for now: a person's client comes back, as a script's does
-                print(f"{prog}: {e}; trying again in {LATER_RETRY:.0f} s; Ctrl-C stops", file=sys.stderr, flush=True)
+                tell(f"{prog}: {e}; trying again in {LATER_RETRY:.0f} s; Ctrl-C stops")
                 time.sleep(LATER_RETRY)  # the server's pace: it said when
 
 
@@ -5881,7 +5930,7 @@ def dial_when_free(dial, patience, prog):
             if e.reason not in ("busy", "later") or sys.stdin.isatty() or time.monotonic() + delay > until:
                 raise
             if delay == FIRST_RETRY:
-                print(f"{prog}: {e}; trying again for up to {patience:.0f} s", file=sys.stderr, flush=True)
+                tell(f"{prog}: {e}; trying again for up to {patience:.0f} s")
             time.sleep(delay)
             delay = min(delay * 2, LAST_RETRY)
 
@@ -5903,8 +5952,7 @@ def wait_for_server(args, prog, refused=None):
         if status not in told:
             told.add(status)
             if status is None:
-                print(f"{prog}: waiting for {args.host}:{args.port} to start; Ctrl-C stops", file=sys.stderr,
-                      flush=True)
+                tell(f"{prog}: waiting for {args.host}:{args.port} to start; Ctrl-C stops")
             elif not want_to_wait(busy):
                 raise busy
         if time.monotonic() + delay > until:
@@ -5919,6 +5967,20 @@ def want_to_wait(refusal):
         return False
     print("waiting for your turn; Ctrl-C stops", file=sys.stderr, flush=True)
     return True
+
+
+def tell(text):
+    """A line for the user before the chat (stderr): on a terminal, broken at spaces to fit it, the rest of it
+    indented; whole for a script, which reads lines."""
+    if sys.stderr.isatty():
+        import textwrap
+
+        try:
+            width = min(os.get_terminal_size(sys.stderr.fileno()).columns, 100) - 1
+        except OSError:  # a terminal that does not say its size
+            width = 79
+        text = textwrap.fill(text, width, subsequent_indent="  ", break_long_words=False, break_on_hyphens=False)
+    print(text, file=sys.stderr, flush=True)
 
 
 def checked_passphrase(passphrase):

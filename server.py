@@ -92,8 +92,9 @@ def _main():
                                               "Passphrase: ", empty_is_none=not args.legacy)
     if passphrase is None:
         passphrase = common.new_code()
-        print(f"code: {passphrase}\n({common.code_bits(passphrase):.0f} bits; the other person types it at their "
-              "client's passphrase prompt, with spaces or hyphens, in any case)", file=sys.stderr, flush=True)
+        print(f"code: {passphrase}", file=sys.stderr, flush=True)
+        common.tell(f"({common.code_bits(passphrase):.0f} bits; the other person types it at their client's "
+                    "passphrase prompt, with spaces or hyphens, in any case)")
     elif not args.legacy:
         common.warn_if_weak(passphrase, PROG)
     with common.make_ui(PROG, args.receive_only) as ui:

@@ -16,6 +16,7 @@ import common
 def test_a_code_is_the_same_typed_with_spaces_or_hyphens_in_any_case():
     assert common.as_code(" Abandon  ability-ABLE\tabout ") == "abandon-ability-able-about"
     assert common.normalize_passphrase("ABANDON ABILITY able about") == b"abandon-ability-able-about"
+    assert common.as_code("abandon-ability-able-about-") == "abandon-ability-able-about"  # as Tab leaves it
     for not_a_code in ("abandon", "abandon ability!", "abandon notaword", "abandon\nability", "élan vital"):
         assert common.as_code(not_a_code) is None
     # The vectors' passphrase has a word outside the list: it stays as it is, and PROTOCOL.md's vectors hold.
@@ -158,7 +159,7 @@ def test_a_new_code_with_another_passphrase_is_a_usage_error(args, error):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("passphrase, warned", [("hunter2", True), ("Summer2024!", True),
+@pytest.mark.parametrize("passphrase, warned", [("hunter2", True), ("Summer2024!", True), ("summer love", True),
                                                  ("abandon ability able about", False), (PASSPHRASE, False)])
 def test_a_chosen_passphrase_the_door_could_give_away_within_a_year_is_warned_of(passphrase, warned):
     server = Proc(["server.py", "0", "--host", "127.0.0.1"], passphrase=passphrase, stdin=subprocess.DEVNULL)
@@ -202,7 +203,9 @@ def test_a_proxy_that_is_not_there_or_finds_no_server_is_one_line_and_exit_1(soc
     server.kill()  # nothing listens at port now
     for proxy, error in ((f"socks5h://127.0.0.1:{port}", f"cannot reach the proxy socks5h://127.0.0.1:{port}: "
                                                          "connection refused"),
-                         (f"socks5h://127.0.0.1:{proxy_port}", "the connection closed before the server greeted us")):
+                         (f"socks5h://127.0.0.1:{proxy_port}", f"the proxy socks5h://127.0.0.1:{proxy_port} took the "
+                                                               f"connection, then closed it: is an aeschat server "
+                                                               f"listening at 127.0.0.1 port {port}?")):
         client = Proc(["client.py", "127.0.0.1", port, "--proxy", proxy])
         client.close_stdin()
         assert client.wait() == 1

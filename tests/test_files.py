@@ -341,6 +341,33 @@ def test_a_folder_is_delivered_whole_as_it_was_and_links_are_skipped(spawn, fold
     assert leftovers(got) == [] and leftovers(got / "docs") == []
 
 
+def test_names_a_receiver_would_refuse_are_skipped_and_named_and_the_rest_goes(spawn, folders):
+    """A name that is not UTF-8 once ended the sender's chat (exit 4); a folder deeper than the receiver takes was
+    sent whole, then refused as damaged."""
+    inbox, outbox = folders
+    tree = outbox / "odd"
+    tree.mkdir()
+    make_file(tree, "fine.txt", 100, 1)
+    bad = os.fsdecode(b"bad\xffname.txt")
+    make_file(tree, bad, 10, 2)
+    deep = tree.joinpath(*["d"] * 70)
+    deep.mkdir(parents=True)
+    make_file(deep, "far.txt", 10, 3)
+    lone = outbox / os.fsdecode(b"lone\xfe.txt")
+    make_file(outbox, lone.name, 20, 4)
+    server, port = spawn("server", "--once", "--receive-dir", inbox)
+    client = spawn("client", port, "--send", tree, "--send", lone)
+    client.close_stdin()
+    client.expect(r"^folder odd: skipped, their paths being deeper than 64 folders, longer than 4096 bytes or not "
+                  r"valid Unicode: bad\\udcffname\.txt, d/d/d/d/d/d/d/d/d/d/d/d")
+    received = sorted(server.expect(r"^(received (?:folder odd \(1 file, 100 bytes\)|file lone\ufffd\.txt \(20 bytes))",
+                                    stream="out").group(1) for _ in range(2))
+    assert received == ["received file lone\ufffd.txt (20 bytes", "received folder odd (1 file, 100 bytes)"]
+    assert client.wait() == 0
+    assert (inbox / "odd" / "fine.txt").read_bytes() == (tree / "fine.txt").read_bytes()
+    assert (inbox / "lone\ufffd.txt").read_bytes() == lone.read_bytes()
+
+
 def test_a_folder_whose_name_is_taken_gets_a_number(spawn, folders):
     inbox, outbox = folders
     (inbox / "project").mkdir()

@@ -167,6 +167,7 @@ def test_a_dumb_terminal_shows_each_line_once_and_no_escape_codes():
         output = client.output()
         assert output.count("typed once") == 1, output  # the terminal's echo; no "Sent:" copy under it
         assert "\x1b" not in output
+        assert "Alt-Enter" not in output and "Tab" not in output and "Ctrl-C clears" not in output  # no editor
     finally:
         client.kill()
         server.kill()
@@ -599,7 +600,9 @@ def test_the_passphrase_prompt_completes_a_code_with_tab_and_never_shows_a_passp
         pane.wait_for(r"^Passphrase: ability-$")
         pane.keys("QUANTUM zeb", "Tab")
         pane.wait_for(r"^Passphrase: ability-QUANTUM zebra-$")
-        pane.keys("wisdom", "Enter")
+        pane.keys("wisd", "Tab")  # the last word too: the hyphen Tab leaves after it does not count
+        pane.wait_for(r"^Passphrase: ability-QUANTUM zebra-wisdom-$")
+        pane.keys("Enter")
         pane.wait_for("authenticated and encrypted")
     finally:
         pane.kill()
@@ -607,11 +610,9 @@ def test_the_passphrase_prompt_completes_a_code_with_tab_and_never_shows_a_passp
     pane = Tmux(["client.py", "127.0.0.1", port], env={"AESCHAT_KEY": None})
     try:
         pane.wait_for("^Passphrase:")
-        pane.keys("hunter2 ", "Tab", "is mine")  # not a code: Tab does nothing, and nothing shows
-        pane.wait_for(r"^Passphrase: \*{15}$")
-        pane.keys("Enter")
+        pane.keys("hunter2 ", "Tab", "is mine", "Enter")  # not a code: Tab does nothing, and nothing shows
         rows = pane.wait_for("authenticated and encrypted")
-        assert not any("hunter" in row for row in rows)
+        assert not any("hunter" in row or "*" in row for row in rows)
     finally:
         pane.kill()
 
@@ -628,3 +629,17 @@ def test_a_server_started_with_no_passphrase_offers_a_new_code_on_enter(spawn):
         server.expect("authenticated and encrypted")
     finally:
         server.kill()
+
+
+def test_long_lines_before_the_chat_break_at_spaces_on_a_narrow_terminal():
+    if shutil.which("tmux") is None:
+        pytest.skip("tmux is not installed: the screen cannot be read back as rows")
+    pane = Tmux(["server.py", "0", "--host", "127.0.0.1", "--once"], width=40, env={"AESCHAT_KEY": "hunter2"})
+    try:
+        rows = pane.wait_for("bits$")
+        warning = rows[next(i for i, row in enumerate(rows) if "warning" in row):]
+        warning = warning[: next(i for i, row in enumerate(warning) if row.endswith("bits")) + 1]
+        assert all(len(row) <= 39 for row in warning) and all(row.startswith("  ") for row in warning[1:])
+        assert " ".join(row.strip() for row in warning).endswith("--new-code makes a code of 44 bits")
+    finally:
+        pane.kill()

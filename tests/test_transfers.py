@@ -92,7 +92,7 @@ def test_every_state_is_reachable_in_the_tables():
 OUT_ARGS = {"ready": (FileReady(0, "f.bin", 2, SHA),), "unreadable": ("it is gone",), "offer": (), "accept": (0,),
             "fack": (0,), "done": (), "refuse": ("declined",), "stop": (), "again": (), "abandon": ("the chat ended",)}
 IN_ARGS = {"offer": (), "accept": (), "decline": ("declined",), "open": (), "opened": (),
-           "chunk": (Chunk(0, 0, b"x"),), "whole": (), "saved": ("/in/f.bin", ()),
+           "chunk": (Chunk(0, 0, b"x"),), "whole": (), "saved": ("/in/f.bin", (), None),
            "failed": ("unwritable", "disk full"), "cancel": ("left",), "stop": (), "abandon": ("the chat ended",)}
 
 
@@ -227,6 +227,21 @@ def test_a_file_received_is_written_acknowledged_checked_and_saved():
     transfers.saved(FileSaved(0, "/in/x.bin"))
     actions = take(transfers)
     assert sends(actions) == [Done(0)] and shown(actions)[0].startswith("received file x.bin (20,000 bytes")
+
+
+def test_a_folder_received_is_shown_with_what_arrived_not_what_its_offer_claimed_and_problems_in_brief():
+    transfers = machine(receive_files=True)
+    transfers.record(common.FolderOffer(0, "huge", 2**63 - 1, 2**62, 200, SHA), 1.0)
+    take(transfers)
+    transfers.opened(FileOpened(0))
+    transfers.record(Chunk(0, 0, bytes(200)), 1.0)
+    take(transfers)
+    problems = [f"f{i}: it changed or was damaged on the way" for i in range(8)]
+    transfers.saved(FileSaved(0, "/in/huge", problems, (1, 100)))
+    lines = shown(take(transfers))
+    assert lines[0] == "received folder huge (1 file, 100 bytes) → /in/huge"
+    assert lines[1:] == [f"not saved from folder huge: {p}" for p in problems[:5]] + [
+        "not saved from folder huge: 3 more files"]
 
 
 def test_leaving_with_a_file_mid_send_releases_it_once_and_says_nothing_more_at_the_end():
