@@ -240,7 +240,7 @@ def received(files, file, data, name):
     """Receive data as file through files (a real folder), and put it in place as name."""
     files.open(file, len(data), name, None)
     files.write(file, data)
-    path, problems = files.save(file, hashlib.sha256(data).hexdigest(), name, 0)
+    path, problems, _ = files.save(file, hashlib.sha256(data).hexdigest(), name, 0)
     assert problems == []
     return path
 
