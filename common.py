@@ -4180,6 +4180,17 @@ def received_mode(bits):
     return (0o666 | (bits & 0o111)) & ~UMASK
 
 
+def sha256_of(handle, expected):
+    """The SHA-256 of what is left to read of a binary file, and how many bytes that was. It is read in blocks no
+    larger than the `expected` size needs: PyPy allocates and clears the whole length a read asks for, which, at
+    1 MiB a read, made hashing a folder of small files 20 times slower there than on CPython."""
+    digest, size, block = hashlib.sha256(), 0, min(1 << 20, expected + 1)
+    while data := handle.read(block):
+        digest.update(data)
+        size += len(data)
+    return digest, size
+
+
 _TAKEN = collections.OrderedDict()  # (folder, name) -> the number to try first: names taken are not tried again
 
 
@@ -4231,6 +4242,20 @@ class Incoming:
             raise
 
     def _move(self, target):
+        # A hard link takes only a name nothing has (not even a dangling link), then the temporary name goes. Claiming
+        # the name with an empty file and renaming over it does the same where there are no hard links, but ext4 then
+        # writes the file out at once (auto_da_alloc): a folder of small files took twice as long.
+        try:
+            os.link(self.temporary, target)
+        except FileExistsError:
+            raise
+        except OSError:
+            self._replace(target)
+        else:
+            with contextlib.suppress(OSError):
+                os.unlink(self.temporary)
+
+    def _replace(self, target):
         # Claim the name (O_EXCL: never an existing file, nor a link), then move the file onto it.
         os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW, 0o600))
         try:
@@ -4287,11 +4312,8 @@ class FolderReader:
             info = os.lstat(path)
             if not stat.S_ISREG(info.st_mode):
                 return self.skipped.append(relative)
-            digest, size = hashlib.sha256(), 0
             with open(path, "rb") as f:
-                while block := f.read(1 << 20):
-                    digest.update(block)
-                    size += len(block)
+                digest, size = sha256_of(f, info.st_size)
         except OSError as e:
             return self._unreadable(e, relative)
         self.files, self.bytes = self.files + 1, self.bytes + size
@@ -4482,10 +4504,8 @@ class Files:
             info = os.fstat(handle.fileno())
             if not stat.S_ISREG(info.st_mode):
                 raise UsageError("not a regular file or folder")
-            digest = hashlib.sha256()
-            while block := handle.read(1 << 20):
-                digest.update(block)
-            return handle, handle.tell(), digest.hexdigest(), info.st_mode & 0o111
+            digest, size = sha256_of(handle, info.st_size)
+            return handle, size, digest.hexdigest(), info.st_mode & 0o111
         except (OSError, UsageError) as e:
             handle.close()
             raise UsageError(describe(e)) from None

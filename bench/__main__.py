@@ -251,20 +251,46 @@ def file_transfer(size, folder, cut=False):
     with open(source, "wb") as f:
         f.write(os.urandom(size))
     inbox = tempfile.mkdtemp(dir=folder)
+    took, sent, rss = transfer(source, inbox, cut and size // 2)
+    with open(source, "rb") as a, open(os.path.join(inbox, "payload.bin"), "rb") as b:
+        assert a.read() == b.read()
+    return took, sent, rss
+
+
+def folder_transfer(count, size, folder):
+    """A folder of `count` files of `size` bytes, then one file of their total size, sent as file_transfer sends:
+    seconds from offer to "delivered" for each."""
+    source = os.path.join(folder, "small")
+    os.mkdir(source)
+    for i in range(count):
+        with open(os.path.join(source, f"{i:05}.txt"), "wb") as f:
+            f.write(os.urandom(size))
+    one = os.path.join(folder, "one.bin")
+    with open(one, "wb") as f:
+        f.write(os.urandom(count * size))
+    inbox = tempfile.mkdtemp(dir=folder)
+    many = transfer(source, inbox)[0]
+    assert len(os.listdir(os.path.join(inbox, "small"))) == count
+    return many, transfer(one, inbox)[0]
+
+
+def transfer(source, inbox, cut=0):
+    """Seconds from offer to "delivered" of what --send sends of source, bytes the sender wrote (the first
+    connection cut after `cut` bytes, if any) and the peak RSS of either side."""
     server, port = start_server("--once", "--receive-dir", inbox)
     proxy = Proxy(port)
     if cut:
-        proxy.cut_after = {C2S: size // 2}
+        proxy.cut_after = {C2S: cut}
     client = start_client(proxy.port, "--send", source)
     client.close_stdin()
     watch = PeakWatch(server.proc.pid, client.proc.pid)
     try:
-        client.expect("offering file")
+        client.expect("offering ")
         started = time.perf_counter()
         if cut:
             client.expect("connection lost", timeout=300)
             proxy.cut_after = {}
-        client.expect("delivered file", timeout=300)
+        client.expect("^delivered ", timeout=300)
         elapsed = time.perf_counter() - started
         rss = watch.stop()
         assert client.wait(timeout=60) == 0
@@ -274,8 +300,6 @@ def file_transfer(size, folder, cut=False):
         client.kill()
         server.kill()
         proxy.close()
-    with open(source, "rb") as a, open(os.path.join(inbox, "payload.bin"), "rb") as b:
-        assert a.read() == b.read()
     return elapsed, sent, rss
 
 
@@ -447,6 +471,11 @@ def run(quick):
         results["file cut half way"] = {"size": size, "s": took, "bytes sent": sent}
         rows.append((f"file of {label}, connection cut half way", f"{sent / 2**20:.2f} MiB sent, {took:.2f} s",
                      f"the file: {size / 2**20:.2f} MiB", f"{sent / size:.2f}× its size"))
+        count = 200 if quick else 2000
+        many, one = folder_transfer(count, 2048, folder)
+        results["folder of small files"] = {"files": count, "s": many, "one file s": one}
+        rows.append((f"folder of {count:,} files of 2 KiB, offer to delivered", f"{many:.2f} s",
+                     f"one file of their size {one:.2f} s", f"{many / one:.2f}× one file"))
         latency = message_during_transfer(folder, 4 if quick else 10)
         results["message during a transfer"] = {"median s": latency[0], "p99 s": latency[1]}
         rows.append(("a message typed during a 4 MiB transfer", f"{latency[0] * 1e3:.0f} ms median, "
