@@ -454,14 +454,14 @@ def test_a_damaged_file_in_a_folder_is_not_saved_and_the_rest_is(tmp_path):
 
 
 def test_many_small_files_go_as_one_stream_with_no_record_or_round_trip_of_their_own(spawn, folders):
-    """What makes 500 files go about as fast as one file of their size: the folder is one stream of chunks, so the
+    """What makes 200 files go about as fast as one file of their size: the folder is one stream of chunks, so the
     records each way are those of the one file (a chunk more for the headers), none for each file. (The time itself
     is the benchmark's to measure: on PyPy it is the file system's, creating files, that shows.)"""
     inbox, outbox = folders
     (outbox / "small").mkdir()
-    for i in range(500):
+    for i in range(200):
         make_file(outbox / "small", f"{i:04}.txt", 2048, i)
-    make_file(outbox, "one.bin", 500 * 2048, 9)
+    make_file(outbox, "one.bin", 200 * 2048, 9)
 
     def records(source):
         server, port = spawn("server", "--once", "--receive-dir", inbox)
@@ -476,8 +476,8 @@ def test_many_small_files_go_as_one_stream_with_no_record_or_round_trip_of_their
         return len(proxy.relays[0].frames[C2S]), len(proxy.relays[0].frames[S2C])
 
     one, many = records(outbox / "one.bin"), records(outbox / "small")
-    assert len(list((inbox / "small").iterdir())) == 500
-    headers = 500 * (common.ENTRY.size + len("0000.txt"))
+    assert len(list((inbox / "small").iterdir())) == 200
+    headers = 200 * (common.ENTRY.size + len("0000.txt"))
     chunks = -(-headers // common.CHUNK_SIZE) + 1  # what the headers add, and where a chunk's end falls
     assert one[0] < many[0] <= one[0] + chunks and one[1] <= many[1] <= one[1] + chunks, (one, many)
 
