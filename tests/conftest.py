@@ -7,6 +7,10 @@ import procs
 import pytest
 from hypothesis import HealthCheck, settings
 
+# The programs under test run as on a user's machine, their bytecode cached: where the environment forbids it (this
+# machine sets PYTHONDONTWRITEBYTECODE), each process the suite starts compiled common.py afresh: 30 s of 265.
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+
 settings.register_profile("ci", max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("dev", max_examples=100, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
