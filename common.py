@@ -4196,8 +4196,8 @@ _TAKEN = collections.OrderedDict()  # (folder, name) -> the number to try first:
 
 def claim(folder, name, make):
     """Make name in folder (make(path) must fail with FileExistsError if it is taken), or name (1).ext, ... never
-    over what is there; returns the path made. The next number to try is remembered, so that a peer who sends one
-    name again and again costs a try each time, not one for every file of that name already made."""
+    over what is there; returns the path made and its number. The next number to try is remembered, so that a peer
+    who sends one name again and again costs a try each time, not one for every file of that name already made."""
     key = (folder, name)
     start = _TAKEN.pop(key, 0)
     for number in range(start, 10_000):
@@ -4209,8 +4209,14 @@ def claim(folder, name, make):
         _TAKEN[key] = number + 1
         while len(_TAKEN) > KEPT_NETWORKS:
             _TAKEN.popitem(last=False)
-        return target
+        return target, number
     raise OSError(errno.EEXIST, "too many files of that name")
+
+
+def unclaim(folder, name, number):
+    """What claim made as name's `number` is gone again: that number is the first the next claim of name tries."""
+    key = (folder, name)
+    _TAKEN[key] = min(_TAKEN.get(key, number), number)
 
 
 class Incoming:
@@ -4236,7 +4242,7 @@ class Incoming:
             expected = sha256 if isinstance(sha256, str) else sha256.hex()
             if not hmac.compare_digest(self.digest.hexdigest(), expected):
                 raise ValueError("its SHA-256 did not match what the sender announced")
-            return claim(self.folder, name, self._move)
+            return claim(self.folder, name, self._move)[0]
         except BaseException:
             self.discard()
             raise
@@ -4391,7 +4397,8 @@ class FolderWriter:
     def __init__(self, parent, name, size, files):
         self.parent, self.files_offered = parent, files
         self.parser = FolderParser(size)
-        self.root = claim(parent, safe_name(name), lambda path: os.mkdir(path, 0o700))
+        self._name = safe_name(name)
+        self.root, self._number = claim(parent, self._name, lambda path: os.mkdir(path, 0o700))
         self._made = {(): self.root}  # path parts as sent -> the folder made for them
         self._entry = self._file = None
         self.saved, self.saved_bytes, self.problems, self._folders = 0, 0, [], 0
@@ -4436,7 +4443,7 @@ class FolderWriter:
         self._folders += 1
         if self._folders > self.MAX_FOLDERS:
             raise RemoteProtocolError("a folder's stream makes too many folders")
-        made = self._made[parts] = claim(parent, safe_name(parts[-1]), lambda path: os.mkdir(path, 0o700))
+        made = self._made[parts] = claim(parent, safe_name(parts[-1]), lambda path: os.mkdir(path, 0o700))[0]
         return made
 
     def finish(self, sha256):
@@ -4456,6 +4463,8 @@ class FolderWriter:
         for folder in sorted(self._made.values(), key=len, reverse=True):
             with contextlib.suppress(OSError):
                 os.rmdir(folder)  # only the empty ones go
+        if not os.path.lexists(self.root):  # its name is free again for the next folder of that name
+            unclaim(self.parent, self._name, self._number)
 
 
 class Files:

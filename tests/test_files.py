@@ -518,3 +518,29 @@ def test_a_name_sent_again_and_again_costs_one_try_each_time(tmp_path):
     for _ in range(300):
         common.claim(str(tmp_path), "x", make)
     assert len(tries) == 300 and len(list(tmp_path.iterdir())) == 300
+
+
+def test_a_folder_given_up_with_nothing_in_it_frees_its_name_and_costs_one_try_again(tmp_path, monkeypatch):
+    """Outside round two on this work: a folder given up (nothing saved in it) left its name taken in memory, so the
+    next folder of that name came as "NAME (1)" beside no NAME. A peer that offers and gives up one name again and
+    again still costs a try each time."""
+    (tmp_path / "f").mkdir()  # the user's own
+    tries = []
+    real_mkdir = os.mkdir
+
+    def counted(path, mode=0o777):
+        tries.append(path)
+        real_mkdir(path, mode)
+
+    stream = stream_of([(b"f", "a", b"content")])
+    for _ in range(3):
+        common.FolderWriter(str(tmp_path), "f", len(stream), 1).discard()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
+    writer = common.FolderWriter(str(tmp_path), "f", len(stream), 1)
+    writer.write(stream)
+    assert writer.finish(hashlib.sha256(stream[: common.ENTRY.size + 1]).hexdigest()) == str(tmp_path / "f (1)")
+    assert (tmp_path / "f (1)" / "a").read_bytes() == b"content"
+    monkeypatch.setattr(os, "mkdir", counted)
+    for _ in range(50):
+        common.FolderWriter(str(tmp_path), "f", len(stream), 1).discard()
+    assert len(tries) == 50 and all(path.endswith("f (2)") for path in tries)
