@@ -96,6 +96,8 @@ def test_a_line_of_30_mb_is_refused_without_being_read_whole(spawn):
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_ctrl_c_and_sigterm_leave_with_a_goodbye_and_the_shell_code(spawn, sig, code):
     server, client, _ = connected(spawn, "--once")
+    server.send("are you there\n")  # the chat runs: the client is past attaching its connection, in its input loop
+    client.expect("Received: are you there")
     client.proc.send_signal(sig)
     assert client.wait() == code
     _, err = client.output()
