@@ -3940,8 +3940,9 @@ class Gate:
 #                 (prompt_toolkit's event loop inside                                    (never while holding
 #                 TerminalUI.read_line)                                                  Chat.lock)
 #   clock         Chat._tick: sleeps until next_wakeup   Tick                            Chat.lock (its Condition)
-#   reader        Link._read, one per connection: recv,  Got, Drained, Failed            Chat.lock
-#                 open records
+#   reader        Link._read, one per connection: recv,  Got, Drained, Failed            Chat.lock; Link._closed
+#                 open records; the last of reader and                                   (at its end)
+#                 writer to end closes the socket
 #   writer        Link._write, one per connection:       FileFailed (a chunk that cannot Link._closed (its latest-
 #                 seal, sendall; reads a file's chunks   be read, through _post)         only records); Chat.lock
 #   close timer   Link._shutdown after CLOSE_GRACE       nothing                         Link._closed
@@ -4041,6 +4042,7 @@ class Link:
         self._replies = 0  # REPLIES in the outbox
         self._closed = threading.Lock()
         self._is_closed = False
+        self._users = 2  # the reader and the writer: the last of them to end closes the socket
         self.closing = False  # a close was asked for
         self._read_done = False  # the reader saw the peer's end, or failed
         self.written = threading.Event()  # the link is done: what was queued before a close is out, the socket shut
@@ -4077,14 +4079,23 @@ class Link:
         timer.start()
 
     def _shutdown(self):
+        """Shut the socket both ways: the reader and the writer wake, end, and the last of them closes it."""
         with self._closed:
             if self._is_closed:
                 return
             self._is_closed = True
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
         self.written.set()
+
+    def _release(self):
+        """The reader or the writer is done with the socket. Closed while the other could still be about to use it,
+        its descriptor could go to the next connection's socket, to be read or written there."""
+        with self._closed:
+            self._users -= 1
+            last = self._users == 0
+        if last:
+            self.sock.close()
 
     def _written(self):
         """All queued is written: a FIN follows it, and the socket stays open for the reader to take what the peer
@@ -4115,6 +4126,12 @@ class Link:
         self._failed(error)
 
     def _read(self):
+        try:
+            self._reading()
+        finally:
+            self._release()
+
+    def _reading(self):
         # Whole records already buffered (they came with the handshake) are taken before the next recv.
         conn, step = self.conn, self.chat.step
         while True:
@@ -4133,6 +4150,12 @@ class Link:
     FLUSH_AT = 16 * 1024  # small records queued together go out in one write; a file's chunk goes at once
 
     def _write(self):
+        try:
+            self._writing()
+        finally:
+            self._release()
+
+    def _writing(self):
         seal, outbox, pending = self.conn.seal, self._outbox, bytearray()
         while True:
             event = outbox.get()
