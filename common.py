@@ -1334,7 +1334,8 @@ class LegacyConnection:
 VERIFIED, FAILED = "☒", "☐"  # the seed's tags: ☒ verified, ☐ failed
 ORIGINAL_VERIFIED, ORIGINAL_FAILED = "☑", "☒"  # what the original scripts print instead
 MARK = "  │ "  # begins every row of a message after its first
-TRANSCRIPT = ("chat", "sent")  # the kinds of Show that are messages (stdout, and MARK)
+MESSAGES = ("chat", "sent")  # the kinds of Show that are messages: their rows after the first begin with MARK
+TRANSCRIPT = (*MESSAGES, "event")  # the kinds a pipe's stdout carries: messages, and what became of files
 OWN = "    "  # begins every row of aeschat's own lines after their first
 MAX_MARKS = 4  # combining marks shown on one character; more are escaped, so text cannot stack or hide
 _SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
@@ -1505,7 +1506,7 @@ def layout(lines, width=None, kind="chat"):
     aeschat's own lines, so that a row that begins with MARK is always a message's. Every row goes through
     visible(), so nothing reaches the terminal unescaped, whoever composed the line. width None (a pipe) wraps
     nothing."""
-    indent = MARK if kind in TRANSCRIPT else OWN
+    indent = MARK if kind in MESSAGES else OWN
     rows = [visible(lines[0])] + [indent + visible(line) for line in lines[1:]]
     if width is None:
         return rows
@@ -1793,7 +1794,8 @@ class Send(Action):
 
 class Show(Action):
     """Show lines as one block; kind is chat (the transcript), sent (the transcript's copy of a line just sent,
-    which a terminal showing typed lines itself leaves out), notice, keys (the editor's keys, which an interface
+    which a terminal showing typed lines itself leaves out), event (the transcript's lines of our own: a file
+    delivered or received, a line queued), notice, keys (the editor's keys, which an interface
     without one leaves out), warning or error."""
 
     __slots__ = ("lines", "kind")
@@ -2053,12 +2055,11 @@ def briefly(items, limit=5):
 def listed(transfers, what):
     """ "2 files not delivered: a.txt, b.txt", each name once (a name sent twice: "a.txt (2x)"), at most five."""
     counts = collections.Counter(f"{t.kind}\0{t.name}" for t in transfers)
-    kinds = {t.kind for t in transfers}
-    noun = kinds.pop() if len(kinds) == 1 else "file or folder"
-    n = len(transfers)
+    counted = " and ".join(f"{n} {kind}{'s' if n != 1 else ''}" for kind in ("file", "folder")
+                           if (n := sum(t.kind == kind for t in transfers)))  # "2 files and 1 folder"
     names = [visible(key.split("\0", 1)[1]) + (f" ({c}x)" if c > 1 else "") for key, c in list(counts.items())[:5]]
     more = f" and {len(counts) - 5} more" if len(counts) > 5 else ""
-    return f"{n} {noun}{'s' if n != 1 else ''} {what}: {', '.join(names)}{more}"
+    return f"{counted} {what}: {', '.join(names)}{more}"
 
 
 def progress_field(t, others, now, live):
@@ -2250,7 +2251,7 @@ class Sending:
     def _our_done(self, t, old):
         t.done = t.size
         self.out.do(ReleaseFile(t.file))
-        self.out.show([f"delivered {t.kind} {visible(t.name)}"])
+        self.out.show([f"delivered {t.kind} {visible(t.name)}"], "event")
 
     def _our_refuse(self, t, old, reason):
         t.reason = reason
@@ -2459,7 +2460,7 @@ class Receiving:
         if t.folder:
             files, size = got or (t.folder[0] - len(problems), t.folder[1])  # what arrived, not what was claimed
             self.out.show([f"received folder {visible(t.name)} ({files:,} file{'s' if files != 1 else ''}, "
-                           f"{size_text(size)}) → {visible(path)}"])
+                           f"{size_text(size)}) → {visible(path)}"], "event")
             shown, more = briefly(problems)
             for problem in shown:
                 self.out.show([f"not saved from folder {visible(t.name)}: {problem}"], "error")
@@ -2467,7 +2468,7 @@ class Receiving:
                 self.out.show([f"not saved from folder {visible(t.name)}: {more} more files"], "error")
         else:
             self.out.show([f"received file {visible(t.name)} ({t.size:,} bytes, sha256 {t.sha256[:12]}…) → "
-                           f"{visible(path)}"])
+                           f"{visible(path)}"], "event")
 
     def _their_failed(self, t, old, reason, detail):
         self._refuse(t, old, reason)
@@ -2813,7 +2814,10 @@ class Leaving:
 
     def deadline(self, waits):
         """Messages get FLUSH_TIMEOUT; a file on its way, as long as it keeps moving; an offer not yet answered, as
-        long as the leaving allows (a script's --send waits for a person; inf, where there is no bound)."""
+        long as the leaving allows (a script's --send waits for a person; inf, where there is no bound), and that
+        alone when nothing else is waited for (--wait 3 is 3 s, not the messages' 10)."""
+        if waits.unanswered and not (waits.messages or waits.paced or waits.moving):
+            return self.answers_by
         deadline = max(self.by, waits.progress + FILE_STALL) if waits.moving else self.by
         return max(deadline, self.answers_by) if waits.unanswered else deadline
 
@@ -2853,7 +2857,9 @@ class Leaving:
             n = waits.paced
             parts.append(f"for {n} message{'s' if n != 1 else ''} to go, one every {waits.pace} s")
         if waits.moving:
-            parts.append(f"for {', '.join(waits.moving)} to arrive, while it moves")
+            *rest, last = waits.moving
+            moving = f"{', '.join(rest)} and {last}" if rest else last
+            parts.append(f"for {moving} to arrive, while {'they move' if rest else 'it moves'}")
         elif waits.unanswered and self.answers_by == math.inf:
             parts.append("for the peer to answer the files offered")
         elif waits.files:
@@ -2996,7 +3002,8 @@ class Messages:
             self.send(message)
             self.out.show(sent_lines(text, timestamp), "sent")
         else:
-            self.out.show(sent_lines(text, timestamp, "Queued") + ["(to be sent when the connection is back)"])
+            self.out.show(sent_lines(text, timestamp, "Queued"))
+            self.out.show(["(to be sent when the connection is back)"], "event")
 
     def _not_sent(self, why):
         self.refused += 1
@@ -5367,7 +5374,8 @@ class Server:
         timestamp = now_iso()
         with self.lock:
             self.queued.append((line, timestamp))
-        self.ui.show(sent_lines(line, timestamp, "Queued") + ["(to be sent when a client connects)"])
+        self.ui.show(sent_lines(line, timestamp, "Queued"))
+        self.ui.show(["(to be sent when a client connects)"], "event")
         self._idle_status()
 
     def interrupt(self, code):

@@ -863,6 +863,13 @@ def test_rows_break_at_a_space_when_one_is_near_and_never_inside_a_grapheme():
     assert rows[1] == common.MARK + "e\u0301\u0301"
 
 
+def test_what_became_of_a_file_wraps_as_a_line_of_ours_not_as_a_message():
+    """Outside round three: "received file ... → ./single" went on in a row beginning with the message mark."""
+    line = "received file single.bin (200,000 bytes, sha256 ed9561f27449…) → ./single (1).bin"
+    rows = common.layout([line], 40, "event")
+    assert len(rows) == 3 and all(row.startswith(common.OWN) for row in rows[1:])
+
+
 def test_nothing_reaches_the_terminal_unescaped_whoever_composed_the_line():
     assert common.layout(["our own line with \x1b[2J in it", "and \u202e"]) == [
         "our own line with \\x1b[2J in it", common.MARK + "and \\u202e"]

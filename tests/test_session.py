@@ -6,6 +6,7 @@ checks the exact actions. No sockets, threads or sleeps.
 
 import datetime
 import time
+import types
 
 import pytest
 from hypothesis import given, settings
@@ -455,7 +456,9 @@ def test_a_reconnection_resumes_the_conversation_and_says_so():
 def test_a_message_typed_while_disconnected_shows_as_queued_not_sent():
     run = away_client()
     actions = run(Typed("later", TS))
-    assert sends(actions) == [] and shown(actions)[0].startswith("Queued: later")
+    assert sends(actions) == [] and shown(actions, "chat") == ["Queued: later  " + common.local_time(TS)]
+    # The note is ours: on a row of its own, not one that begins with the mark of a message's rows (outside round 3).
+    assert shown(actions, "event") == ["(to be sent when the connection is back)"]
 
 
 def test_a_pipe_client_that_the_server_no_longer_knows_stops_without_offering_the_passphrase():
@@ -1252,3 +1255,23 @@ def test_a_bounded_wait_for_an_answer_gives_up_at_its_bound():
     assert ended(run(Tick(), after=30)) is None
     code, text = ended(run(Tick(), after=30))
     assert code == EXIT_NETWORK and text.endswith("1 file not delivered: build.tar.gz")
+
+
+def test_a_wait_for_an_answer_bounded_below_ten_seconds_gives_up_at_its_bound():
+    """Outside round three: --wait 3 waited the messages' 10 s all the same, for nothing but an answer."""
+    run = Run()
+    run.live()
+    run.session.transfers.send("/tmp/build.tar.gz")
+    run(common.FileReady(0, "build.tar.gz", 10, SHA))
+    run(Leave(10, answers=3))
+    told = shown(run(Tick(), after=common.LEAVING_NOTICE))
+    assert told == ["leaving: waiting up to 2 s for the peer to take the files offered; Ctrl-C leaves now"]
+    code, text = ended(run(Tick(), after=2))
+    assert code == EXIT_NETWORK and text.endswith("1 file not delivered: build.tar.gz")
+
+
+def test_files_and_folders_left_behind_are_counted_each_by_its_kind():
+    """Outside round three: "2 file or folders not delivered"."""
+    transfers = [types.SimpleNamespace(kind=kind, name=name) for kind, name in
+                 [("file", "a.txt"), ("folder", "tree"), ("file", "a.txt")]]
+    assert common.listed(transfers, "not delivered") == "2 files and 1 folder not delivered: a.txt (2x), tree"

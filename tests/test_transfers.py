@@ -208,7 +208,7 @@ def test_a_file_goes_out_offered_accepted_in_a_window_of_chunks_and_delivered():
     transfers.record(FileAck(0, 40_000), 1.0)
     assert take(transfers) == [common.Progress("file report.pdf (39.1 KiB)", True, 100, 40_000, 40_000, None)]
     transfers.record(Done(0), 2.0)
-    assert take(transfers) == [ReleaseFile(0), Show(["delivered file report.pdf"])]
+    assert take(transfers) == [ReleaseFile(0), Show(["delivered file report.pdf"], "event")]
 
 
 def test_a_file_received_is_written_acknowledged_checked_and_saved():
