@@ -5333,9 +5333,8 @@ class Server:
             elif line.strip():
                 chat.typed(line)
         elif line is None or is_quit(line, interactive):
-            if line is None:
-                self.ui.show(["the server stops" if interactive else
-                              "end of input: the server stops (--receive-only keeps it serving)"], "notice")
+            self.ui.show(["the server stops" if interactive or line is not None else
+                          "end of input: the server stops (--receive-only keeps it serving)"], "notice")
             return self._leave_idle()
         elif interactive and line.strip() == "/help":
             for help_line in HELP + HELP_KEYS:

@@ -275,3 +275,11 @@ def test_without_receive_only_end_of_input_stops_a_waiting_server_and_says_so(sp
     server = spawn("proc", ["server.py", "0", "--host", "127.0.0.1"], stdin=subprocess.DEVNULL)
     assert server.wait() == 0
     assert "end of input: the server stops" in server.output()[1]
+
+
+def test_quit_stops_a_waiting_server_and_says_so_as_the_end_of_input_does(spawn):
+    """Outside round three: quit() with no client stopped the server without a word; Ctrl-D said so."""
+    server, _ = spawn("server")
+    server.send("quit()\n")
+    server.expect("^the server stops$")
+    assert server.wait() == 0
