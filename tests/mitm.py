@@ -31,17 +31,30 @@ class Relay:
             event.set()
         self.closed = threading.Event()
         self._lock = threading.Lock()
+        self._pumps = 2  # the last pump to end closes the sockets
 
     def start(self):
         for direction in (C2S, S2C):
             threading.Thread(target=self._pump, args=(direction,), daemon=True).start()
 
     def send(self, direction, data):
-        """Write data to the receiving end of direction (used to inject and reflect)."""
+        """Write data to the receiving end of direction (used to inject and reflect); nothing once closed."""
         with self._lock, contextlib.suppress(OSError):
-            self.sockets[direction][1].sendall(data)
+            if not self.closed.is_set():
+                self.sockets[direction][1].sendall(data)
 
     def _pump(self, direction):
+        try:
+            self._pumping(direction)
+        finally:
+            with self._lock:
+                self._pumps -= 1
+                last = self._pumps == 0
+            if last:
+                for sock in (self.sockets[C2S][0], self.sockets[S2C][0]):
+                    sock.close()
+
+    def _pumping(self, direction):
         src, _ = self.sockets[direction]
         buffer = bytearray()
         while not self.closed.is_set():
@@ -93,17 +106,22 @@ class Relay:
         self._flowing[direction].set()
 
     def close(self, reset=False):
+        """Cut the connection: a FIN each way, or (reset) a RST. The sockets are only shut here: the pumps wake, end,
+        and the last closes them. (Closed here, while a pump was about to recv or send, a socket's descriptor could
+        go to the next connection the proxy made, and the pump read or wrote that one: a chat after a reconnection
+        then failed its integrity check, once in a few dozen runs under load.)"""
         if self.closed.is_set():
             return
         self.closed.set()
+        for event in self._flowing.values():  # a frozen pump wakes, and ends
+            event.set()
         for sock in (self.sockets[C2S][0], self.sockets[S2C][0]):
             with contextlib.suppress(OSError):
-                if reset:  # RST instead of FIN; SHUT_RD wakes a pump blocked reading it, so the close happens now
+                if reset:  # RST instead of FIN, when the last pump closes it; SHUT_RD wakes a pump blocked reading it
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                     sock.shutdown(socket.SHUT_RD)
                 else:  # a FIN now, though a pump may be blocked reading this socket
                     sock.shutdown(socket.SHUT_RDWR)
-                sock.close()
 
 
 class Proxy:
