@@ -369,7 +369,8 @@ def test_spake2_message_with_junk_appended_is_refused():
         server.next_event()
 
 
-@settings(max_examples=300)  # each example is a SPAKE2 computation, 7 ms: 1,000 would be 7 s of the suite
+# Each example is a SPAKE2 computation, 7 ms: 1,000 would be 7 s of the suite (a quick run has its 100).
+@settings(max_examples=min(300, settings.default.max_examples))
 @given(st.binary(min_size=32, max_size=32))
 def test_malformed_spake2_element_is_a_remote_error(point):
     server = ServerConnection(entropy=fixed_entropy(b"s"))
@@ -724,7 +725,8 @@ def test_random_bytes_to_the_frame_decoder(data):
     _drain(decoder.next_frame)
 
 
-@settings(max_examples=300)  # half the examples are a whole handshake, 28 ms: 1,000 would be 14 s of the suite
+# Half the examples are a whole handshake, 28 ms: 1,000 would be 14 s of the suite (a quick run has its 100).
+@settings(max_examples=min(300, settings.default.max_examples))
 @given(st.binary(max_size=600), st.booleans())
 def test_random_bytes_to_a_connection_in_every_state(data, open_first):
     pair = Pair(entropy=fixed_entropy(b"x"))

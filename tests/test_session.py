@@ -771,7 +771,7 @@ def _inputs():
     )
 
 
-@settings(max_examples=300)
+@settings(max_examples=min(300, settings.default.max_examples))
 @given(st.sampled_from([CLIENT, SERVER]), st.sampled_from([V2, LEGACY]), st.booleans(),
        st.lists(st.tuples(_inputs(), st.floats(0, 20)), max_size=40))
 def test_any_sequence_of_inputs_keeps_the_rules(role, fmt, interactive, inputs):
