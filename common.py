@@ -2687,6 +2687,13 @@ class Redial:
             return self.wait_turn(interactive, error)
         if isinstance(error, Refused):
             return self.refused(error, interactive)
+        if kind == PASSPHRASE and interactive and type(error) is AuthenticationError:
+            # The user's own attempt was refused (the server may have started again with another passphrase): theirs
+            # to type again, each a try the server counts; not the sign of interference that stops reconnecting.
+            self.move("ask")
+            self.out.show([f"the reconnection failed: {describe(error)}. /reconnect asks for the passphrase again."],
+                          "notice")
+            return None
         if isinstance(error, RemoteProtocolError) and not isinstance(error, TruncatedFrame):
             why = str(error) if "interfer" in str(error) else f"{error}; someone may be interfering"
             self.failures += 1
@@ -2724,7 +2731,8 @@ class Redial:
                     "to begin afresh)", True)
         self.move("ask")
         self.out.show([f"{error}."], "notice")
-        self.out.show(["Type /reconnect to connect again with the passphrase, or quit() to leave."], "notice")
+        self.out.show(["Type /reconnect to connect again with the passphrase (it is asked for), or quit() to leave."],
+                      "notice")
         return None
 
     # -- rules: _on_<input>(self, the state it was in, ...)
@@ -2946,7 +2954,7 @@ KEYS = ["Enter sends; Alt-Enter starts a new line; Tab completes.",
 HELP = ["/help          this list; /quit (or quit(), or Ctrl-D) leaves",
         "/send PATH     offer a file or a folder; the peer accepts or declines it",
         "/accept        save the file the peer offers (/decline: do not)",
-        "/reconnect     connect again with the passphrase (when the server asks)",
+        "/reconnect     ask for the passphrase and connect again (when the server asks)",
         "//text         send a message that begins with /text"]
 HELP_KEYS = ["Alt-Enter (or Esc, then Enter) starts a new line in a message.",
              "Tab completes a command, or the path after /send.",
@@ -4631,6 +4639,14 @@ class Chat:
         with self.lock:
             return self.session.link is not None and not self.session.ended
 
+    def waiting_for_user(self):
+        """Only the user may offer the passphrase now (/reconnect)."""
+        with self.lock:
+            return self.session.redial.state is Away.ASKING
+
+    def new_passphrase(self, passphrase):
+        self._dial.passphrase = passphrase
+
     def over(self):
         """The session has ended, though its End may not be carried out yet (the chat still active until then):
         a connection attached now would be closed without a word."""
@@ -5431,6 +5447,8 @@ def run_chat(chat, answers=None):
             if line is None or is_quit(line, ui.interactive):
                 chat.leave(answers=FLUSH_TIMEOUT if ui.interactive else answers)
                 chat.done.wait()
+            elif line.strip() == "/reconnect" and chat.waiting_for_user() and not passphrase_again(chat, ui):
+                continue
             elif line.strip():
                 chat.typed(line)
     except KeyboardInterrupt:
@@ -5445,6 +5463,18 @@ def run_chat(chat, answers=None):
         report(chat)
         raise
     return report(chat)
+
+
+def passphrase_again(chat, ui):
+    """/reconnect, when the server no longer knows the conversation or refused the passphrase: it may have started
+    again with another, so the user is asked (Enter: the same as before). False: they changed their mind."""
+    answer = ui.ask_passphrase("Passphrase (Enter: the same as before; Ctrl-C: not now): ")
+    if answer is None:
+        ui.show(["/reconnect: not now"], "notice")
+        return False
+    if answer.strip():
+        chat.new_passphrase(answer)
+    return True
 
 
 # ===================================================================================================
@@ -5513,6 +5543,13 @@ class PlainUI:
 
     def set_status(self, fields, order):
         pass  # a pipe has no status line
+
+    def ask_passphrase(self, prompt):
+        """A terminal with no editor of ours (TERM=dumb, or output to a pipe) cannot be asked unseen while the stdin
+        thread reads it: the passphrase given at the start goes again."""
+        self.show(["(this terminal cannot ask for a passphrase unseen: the one given at the start goes again)"],
+                  "notice")
+        return ""
 
     def progress(self, action):
         if self._bar:
@@ -5697,6 +5734,14 @@ class TerminalUI:
         if _signalled:
             raise _signalled[0]
         return text if text is WAKE else text.rstrip("\n")
+
+    def ask_passphrase(self, prompt):
+        """A passphrase typed unseen (a code's words complete with Tab), between two prompts of the chat's; None if
+        the user gives up (Ctrl-C, Ctrl-D)."""
+        try:
+            return read_code(prompt)
+        except (EOFError, KeyboardInterrupt):
+            return None
 
     def _toolbar(self):
         text = self._session.default_buffer.text

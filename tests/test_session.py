@@ -499,6 +499,21 @@ def test_a_reconnect_asked_for_makes_one_passphrase_attempt_and_never_another_on
     assert not any(isinstance(a, Dial) for a in run(Tick(), after=60))
 
 
+def test_a_passphrase_the_server_refuses_after_reconnect_is_the_users_to_type_again_said_once():
+    """Once, a server started again with a new code refused every /reconnect (the passphrase the client began with),
+    each said twice, and two of them ended the chat as interference."""
+    run = away_client(interactive=True)
+    run(DialFailed(common.Refused("unknown", common.REFUSALS[common.UNKNOWN])))
+    for _ in range(common.AUTH_FAILURES + 1):
+        assert run(Typed("/reconnect", TS)) == [Dial(PASSPHRASE)]
+        actions = run(DialFailed(common.AuthenticationError(common.REFUSALS[common.DENIED])))
+        assert ended(actions) is None and not shown(actions, "warning")
+        assert [line for line in shown(actions) if "passphrases differ" in line] == [
+            "the reconnection failed: the server says the passphrases differ (or someone interfered with the "
+            "connection). /reconnect asks for the passphrase again."]
+        assert not any(isinstance(a, Dial) for a in run(Tick(), after=60))
+
+
 def test_failed_authentication_while_reconnecting_is_told_and_twice_in_a_row_stops():
     run = away_client()
     unfinished = common.UnfinishedAuthentication("the server closed the connection after our key confirmation")

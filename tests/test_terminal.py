@@ -266,11 +266,12 @@ class Tmux:
                               text=True).stdout.split("\n")
 
     def wait_for(self, pattern, timeout=TIMEOUT):
-        """The screen once a row matches pattern (polling the pane: the screen has no events to wait on)."""
+        """The screen once a row matches pattern, or the rows pass a test (polling the pane: the screen has no events
+        to wait on)."""
         end = time.monotonic() + timeout
         while True:
             rows = self.screen()
-            if any(re.search(pattern, row) for row in rows):
+            if pattern(rows) if callable(pattern) else any(re.search(pattern, row) for row in rows):
                 return rows
             if time.monotonic() > end:
                 raise AssertionError(f"no row matching {pattern!r} on the screen:\n" + "\n".join(rows))
@@ -641,5 +642,35 @@ def test_long_lines_before_the_chat_break_at_spaces_on_a_narrow_terminal():
         warning = warning[: next(i for i, row in enumerate(warning) if row.endswith("bits")) + 1]
         assert all(len(row) <= 39 for row in warning) and all(row.startswith("  ") for row in warning[1:])
         assert " ".join(row.strip() for row in warning).endswith("--new-code makes a code of 44 bits")
+    finally:
+        pane.kill()
+
+
+def test_reconnect_to_a_server_started_again_asks_for_the_passphrase_it_now_has(spawn):
+    """Once, /reconnect offered only the passphrase the client began with: to a server started again with a new code
+    it failed every time, twice said, and the code typed next was queued as a message for the peer."""
+    if shutil.which("tmux") is None:
+        pytest.skip("tmux is not installed: the screen cannot be read back as rows")
+    server, port = spawn("server", "--once")
+    pane = Tmux(["client.py", "127.0.0.1", port])
+    try:
+        server.expect("authenticated and encrypted")
+        pane.wait_for("undelivered")
+        server.kill()
+        again = spawn("proc", ["server.py", port, "--host", "127.0.0.1", "--once"], passphrase="a new code")
+        pane.wait_for("Type /reconnect")
+        pane.keys("/reconnect", "Enter")
+        pane.wait_for(r"^Passphrase \(Enter: the same as before")
+        pane.keys("Enter")  # the one it began with: refused, and said once
+        pane.wait_for("/reconnect asks for the passphrase again")
+        assert not any("failed to authenticate" in row for row in pane.screen())
+        pane.keys("/reconnect", "Enter")
+        asked = re.compile(r"^Passphrase \(Enter: the same as before")
+        pane.wait_for(lambda rows: sum(bool(asked.match(row)) for row in rows) == 2)  # the second time
+        pane.keys("a new code", "Enter")
+        again.expect("authenticated and encrypted")
+        pane.keys("hello again", "Enter")
+        again.expect(r"^Received: hello again  ☒")
+        assert not any("a new code" in row for row in pane.screen()), "\n".join(pane.screen())
     finally:
         pane.kill()
