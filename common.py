@@ -5652,6 +5652,7 @@ class TerminalUI:
 
         self.prog = prog
         self._too_long = None  # a line over the limit the user was told of: Enter again sends it as a file
+        self._pastes = []  # the folders of the texts sent as files: removed when the program ends
         self._session = PromptSession(history=None, key_bindings=self._keys(), erase_when_done=True,
                                       enable_suspend=True, completer=_completer(), complete_while_typing=False,
                                       input_processors=[_escaped_processor()])
@@ -5701,7 +5702,9 @@ class TerminalUI:
             self._too_long = text
             return buffer.app.invalidate() if hasattr(buffer, "app") else None
         self._too_long = None
-        buffer.text = f"/send {shell_quoted(paste_file(text))}"
+        path = paste_file(text)
+        self._pastes.append(os.path.dirname(path))
+        buffer.text = f"/send {shell_quoted(path)}"
         buffer.validate_and_handle()
 
     def __enter__(self):
@@ -5711,6 +5714,10 @@ class TerminalUI:
 
     def __exit__(self, *exc):
         _on_terminate.remove(self._terminate)
+        import shutil
+
+        for folder in self._pastes:  # the chat is over: no copy of what was pasted outlives it
+            shutil.rmtree(folder, ignore_errors=True)
         return self._patch.__exit__(*exc)
 
     def _terminate(self):

@@ -300,8 +300,8 @@ def tmux_server():
         pytest.skip("tmux is not installed: the screen cannot be read back as rows")
     made = []
 
-    def _start(*args, width=80, height=24):
-        pane = Tmux(["server.py", "0", "--host", "127.0.0.1", "--once", *args], width, height)
+    def _start(*args, width=80, height=24, env=None):
+        pane = Tmux(["server.py", "0", "--host", "127.0.0.1", "--once", *args], width, height, env)
         made.append(pane)
         port = re.search(r"listening on 127\.0\.0\.1:(\d+)", "\n".join(pane.wait_for("listening on"))).group(1)
         return pane, port
@@ -525,9 +525,11 @@ def test_tab_completes_commands_and_the_path_after_send(tmux_server, spawn, tmp_
 
 
 def test_a_paste_over_the_limit_stays_in_the_editor_and_can_go_as_a_file(tmux_server, spawn, tmp_path):
-    """Once, a paste over 64 KiB was thrown away: the input emptied, only Up-arrow brought it back."""
+    """Once, a paste over 64 KiB was thrown away: the input emptied, only Up-arrow brought it back. Then, the copy
+    sent as a file stayed in /tmp for good."""
     (tmp_path / "in").mkdir()
-    pane, port = tmux_server()
+    (tmp_path / "tmp").mkdir()
+    pane, port = tmux_server(env={"TMPDIR": tmp_path / "tmp"})
     client = spawn("client", port, "--receive-dir", tmp_path / "in")
     client.expect("authenticated and encrypted")
     pane.wait_for("undelivered")
@@ -540,6 +542,10 @@ def test_a_paste_over_the_limit_stays_in_the_editor_and_can_go_as_a_file(tmux_se
     client.expect(r"^received file paste-\d+-\d+\.txt \(75,690 bytes")
     [saved] = list((tmp_path / "in").iterdir())
     assert saved.read_text() == text
+    pane.wait_for(r"^delivered file paste-")
+    pane.keys("quit()", "Enter")
+    pane.wait_for(r"^EXITED=0")
+    assert list((tmp_path / "tmp").iterdir()) == []
 
 
 def test_the_input_line_shows_what_it_holds_escaped_and_no_paste_leaves_a_stray_row(tmux_server, spawn):
