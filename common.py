@@ -2978,6 +2978,22 @@ def is_quit(line, interactive):
     return line.strip() == "quit()" or (interactive and line.strip() == "/quit")
 
 
+COMMAND_NAMES = ("help", "quit", "send", "accept", "decline", "reconnect")
+
+
+def command_of(text):
+    """The name of the command a person typed (without its /), or None: the text is a message. A text of several
+    lines (a paste) is never a command, nor one that begins with //."""
+    if text.startswith("/") and not text.startswith("//") and "\n" not in text:
+        return text[1:].partition(" ")[0]
+    return None
+
+
+def message_of(text):
+    """What a person's typed text sends: //text sends /text; a text of several lines goes as it is."""
+    return text[1:] if text.startswith("//") and "\n" not in text else text
+
+
 class Messages:
     """The messages of a chat, both ways, without I/O: numbered, shown once each and acknowledged cumulatively (v2,
     through the Conversation), or paced one at a time for an original (legacy); what was typed and could not be
@@ -3218,10 +3234,9 @@ class Session:
 
     def _typed(self, event):
         text = event.text
-        if self.interactive and text.startswith("/") and not text.startswith("//"):
+        if self.interactive and command_of(text) is not None:
             return self._command(text[1:])  # a person's commands; a script's lines are messages, as they are
-        text = text[1:] if self.interactive and text.startswith("//") else text
-        self.messages.typed(text, event.timestamp, self.now)
+        self.messages.typed(message_of(text) if self.interactive else text, event.timestamp, self.now)
 
     def _command(self, text):
         name, _, argument = text.partition(" ")
@@ -3243,6 +3258,7 @@ class Session:
                 return self.out.show(["/reconnect: the connection is not waiting for you"], "error")
             self.redial.move("reconnect")
         else:
+            name = visible(name if len(name) <= 40 else name[:40] + "…")
             self.out.show([f"unknown command /{name}: /help lists the commands (//text sends /text)"], "error")
 
     def _leave(self, event):
@@ -5635,7 +5651,7 @@ def prefixed(prog, lines, kind):
 _MOUSE_REPORT = re.compile(r"\x1b\[(<\d+;\d+;\d+[mM]|\d+;\d+;\d+M|M...)\Z", re.S)
 
 
-COMMANDS = ("/help", "/quit", "/send ", "/accept", "/decline", "/reconnect")
+COMMANDS = tuple(f"/{name} " if name == "send" else f"/{name}" for name in COMMAND_NAMES)
 
 
 class TerminalUI:
@@ -5651,7 +5667,7 @@ class TerminalUI:
         from prompt_toolkit.patch_stdout import patch_stdout
 
         self.prog = prog
-        self._too_long = None  # a line over the limit the user was told of: Enter again sends it as a file
+        self._held = None  # (why, text): a line kept in the editor, the user told why: Enter again sends it anyway
         self._pastes = []  # the folders of the texts sent as files: removed when the program ends
         self._session = PromptSession(history=None, key_bindings=self._keys(), erase_when_done=True,
                                       enable_suspend=True, completer=_completer(), complete_while_typing=False,
@@ -5691,21 +5707,32 @@ class TerminalUI:
         return keys
 
     def _enter(self, buffer):
-        """Enter sends the line; one over the limit stays in the editor, and the user is offered to send it as a
-        text file instead (Enter again)."""
+        """Enter sends the line. An unknown command stays in the editor (Enter again: it goes as a message, the
+        slash and all); so does a message over the limit (Enter again: it goes as a text file instead). The user is
+        told on the status line: above a long text, a line would scroll away."""
         text = buffer.text
-        size = len(text.encode("utf-8", "surrogatepass"))
-        if size <= MAX_MESSAGE or text.startswith("/"):
-            self._too_long = None
+        name = command_of(text)
+        if name in COMMAND_NAMES:
+            self._held = None
             return buffer.validate_and_handle()
-        if self._too_long != text:  # told on the status line: above a long text, a line would scroll away
-            self._too_long = text
-            return buffer.app.invalidate() if hasattr(buffer, "app") else None
-        self._too_long = None
-        path = paste_file(text)
+        if name is not None and self._held != ("command", text):
+            return self._hold("command", text, buffer)
+        message = text if name is not None else message_of(text)
+        if len(message.encode("utf-8", "surrogatepass")) <= MAX_MESSAGE:
+            self._held = None
+            buffer.text = "/" + text if name is not None else text  # //text sends /text
+            return buffer.validate_and_handle()
+        if self._held != ("long", text):
+            return self._hold("long", text, buffer)
+        self._held = None
+        path = paste_file(message)
         self._pastes.append(os.path.dirname(path))
         buffer.text = f"/send {shell_quoted(path)}"
         buffer.validate_and_handle()
+
+    def _hold(self, why, text, buffer):
+        self._held = (why, text)
+        return buffer.app.invalidate() if hasattr(buffer, "app") else None
 
     def __enter__(self):
         self._patch.__enter__()
@@ -5752,11 +5779,15 @@ class TerminalUI:
 
     def _toolbar(self):
         text = self._session.default_buffer.text
-        if self._too_long is not None and self._too_long == text:
-            size = len(text.encode("utf-8", "surrogatepass"))
+        if self._held == ("long", text):
+            size = len(message_of(text).encode("utf-8", "surrogatepass"))
             return fit_status([[f"this message is {size:,} bytes, over the limit of {MAX_MESSAGE:,}: Enter again "
                                 "sends it as a text file instead; or edit it", f"{size:,} bytes: too long; Enter "
                                 "again sends it as a file"]], (0,), self._width())
+        if self._held == ("command", text):
+            name = visible(command_of(text)[:20])
+            return fit_status([[f"unknown command /{name}: Enter again sends it as a message; /help lists them",
+                                "unknown command: Enter again sends it as a message"]], (0,), self._width())
         return fit_status(*self._status, self._width())
 
     def _exit_if_woken(self):

@@ -297,6 +297,18 @@ def test_commands_are_not_sent_and_a_double_slash_sends_a_slash():
     assert "not waiting" in shown(run(Typed("/reconnect", TS)), "error")[0]
 
 
+def test_a_text_of_several_lines_is_a_message_as_it_is_even_with_a_slash_in_front():
+    """Once, a paste that began with a path was taken for an unknown command, thrown away, and the error repeated
+    its whole first word (70 KB of it, on 934 rows)."""
+    run = Run(interactive=True)
+    run.live()
+    assert sends(run(Typed("/var/log/syslog says:\nerror at line 3", TS))) == [
+        Message(0, "/var/log/syslog says:\nerror at line 3", TS)]
+    assert sends(run(Typed("// a comment\ncode()", TS))) == [Message(1, "// a comment\ncode()", TS)]
+    [error] = shown(run(Typed("/" + "y" * 70_000, TS)), "error")
+    assert len(error) < 120 and "unknown command /" + "y" * 40 + "…:" in error
+
+
 # ---------------------------------------------------------------------------------------------------
 # Losing the connection
 

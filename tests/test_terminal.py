@@ -680,3 +680,19 @@ def test_reconnect_to_a_server_started_again_asks_for_the_passphrase_it_now_has(
         assert not any("a new code" in row for row in pane.screen()), "\n".join(pane.screen())
     finally:
         pane.kill()
+
+
+def test_an_unknown_command_stays_in_the_editor_and_a_paste_with_a_slash_in_front_is_a_message(tmux_server, spawn):
+    """Once, a paste that began with a path was taken for an unknown command and left the editor."""
+    pane, port = tmux_server()
+    client = spawn("client", port)
+    client.expect("authenticated and encrypted")
+    pane.wait_for("undelivered")
+    pane.paste("/var/log/syslog says:\nerror at line 3")
+    pane.keys("Enter")
+    client.expect(r"^Received: /var/log/syslog says:  ☒")
+    pane.keys("/varlog is full", "Enter")
+    pane.wait_for(r"unknown command /varlog: Enter again sends it as a message; /help lists them")
+    assert any(row.startswith("> /varlog is full") for row in pane.screen())  # still in the editor
+    pane.keys("Enter")
+    client.expect(r"^Received: /varlog is full  ☒")
