@@ -2015,6 +2015,7 @@ class _Transfer:
         self.reason = None  # why it was refused or cancelled
         self.folder = None  # for a folder: (its files, their bytes)
         self.bits = 0  # a file's execute bits
+        self.unread = 0  # for a sender's folder: its files that could not be read, and so are not in it
         self.shown_percent = -1  # the last progress told
 
     @property
@@ -2044,7 +2045,12 @@ def progressed(out, t, now):
     percent, rate = t.progress(now)
     if percent != t.shown_percent:
         t.shown_percent = percent
-        out.do(Progress(t.described(), t.outgoing, percent, t.done, t.size, rate))
+        if t.folder and t.size:  # its stream holds a header for each entry: the bytes shown are its files'
+            scale = t.folder[1] / t.size
+            done, size, rate = round(t.done * scale), t.folder[1], rate and rate * scale
+        else:
+            done, size = t.done, t.size
+        out.do(Progress(t.described(), t.outgoing, percent, done, size, rate))
 
 
 def briefly(items, limit=5):
@@ -2129,6 +2135,7 @@ class Sending:
     def note(self, event):
         t = self.outgoing.get(event.file)
         if t is not None:
+            t.unread += len(event.lines)
             for line in event.lines:
                 self.out.show([f"{t.kind} {visible(t.name)}: cannot read {visible(line)} any more: it goes damaged, "
                                "and the peer will not save it"], "error")
@@ -2166,10 +2173,15 @@ class Sending:
 
     def left_behind(self, code, text):
         """The last line, with our files that did not arrive. Declined is the peer's choice: listed as such, and an
-        error only for a script (strict), whose --send promises exit 1 unless every file was saved. Not delivered:
+        error only for a script (strict), whose --send promises exit 1 unless every file was saved; so is a folder
+        delivered without the files of it that could not be read (the user was told of each). Not delivered:
         unfinished, refused otherwise, or stopped because we left (not the unreadable, nor those abandoned on the
         way: the user was told at the time)."""
         ours = list(self.outgoing.values())
+        partly = [t for t in ours if t.state is Out.DONE and t.unread]  # folders without what could not be read
+        if partly:
+            text = f"{text}; {listed(partly, 'delivered without the files that could not be read')}"
+            code = code or EXIT_NETWORK * self.strict
         declined = [t for t in ours if t.state is Out.REFUSED and t.reason == "declined"]
         lost = [t for t in ours if t.active or (t.state is Out.REFUSED and t.reason != "declined")
                 or (t.state is Out.CANCELLED and t.reason == "left")]
@@ -2215,6 +2227,7 @@ class Sending:
         t.name, t.size, t.sha256, t.folder, t.bits = event.name, event.size, event.sha256, event.folder, event.bits
         self.progress_at = self.now
         for note in event.notes:
+            t.unread += note.startswith("cannot")
             self.out.show([f"{t.kind} {visible(t.name)}: {note}"], "error" if note.startswith("cannot") else "notice")
 
     def _our_unreadable(self, t, old, detail):
@@ -2251,7 +2264,8 @@ class Sending:
     def _our_done(self, t, old):
         t.done = t.size
         self.out.do(ReleaseFile(t.file))
-        self.out.show([f"delivered {t.kind} {visible(t.name)}"], "event")
+        unread = f", without {t.unread} file{'s' if t.unread != 1 else ''} that could not be read" if t.unread else ""
+        self.out.show([f"delivered {t.kind} {visible(t.name)}{unread}"], "event")
 
     def _our_refuse(self, t, old, reason):
         t.reason = reason
@@ -2475,16 +2489,16 @@ class Receiving:
         self.out.show([f"{t.kind} {visible(t.name)} not saved: {detail}"], "error")
 
     def _their_cancel(self, t, old, reason):
-        self._discard(t, old)
         self.out.show([f"transfer of {t.kind} {visible(t.name)} abandoned: the peer {CANCELS_OF_FILES[reason]}"],
                       "notice")
+        self._discard(t, old)  # (after: what of a folder stays is said after it)
 
     def _their_stop(self, t, old):
         self._refuse(t, old, "cancelled")
 
     def _their_abandon(self, t, old, why):
-        self._discard(t, old)
         self.out.show([f"transfer of {t.kind} {visible(t.name)} abandoned: {why}"], "notice")
+        self._discard(t, old)
 
     def _refuse(self, t, old, reason):
         self._discard(t, old)
@@ -4380,7 +4394,10 @@ class FolderReader:
         self._add(b"f", info.st_mode, size, digest.digest(), relative, path)
 
     def _unreadable(self, error, relative=None):
-        self.damaged.append(f"{relative or getattr(error, 'filename', '?')}: {describe(error)}")
+        if relative is None:  # a folder os.walk could not list: named as its files are, from the folder sent
+            where = getattr(error, "filename", None)
+            relative = os.path.relpath(where, self.root).replace(os.sep, "/") if where else "?"
+        self.damaged.append(f"{relative}: {describe(error)}")
 
     def _sendable(self, relative):
         """Whether the receiver would take this path; if not, it is named among those skipped."""
@@ -4510,7 +4527,8 @@ class FolderWriter:
         return self.root
 
     def discard(self):
-        """Given up: the file half-written goes; the folder stays only if something was saved in it."""
+        """Given up: the file half-written goes; the folder stays only if something was saved in it, and then says
+        so (a folder only partly there must not pass for one that arrived)."""
         if self._file is not None:
             self._file.discard()
             self._file = None
@@ -4519,6 +4537,9 @@ class FolderWriter:
                 os.rmdir(folder)  # only the empty ones go
         if not os.path.lexists(self.root):  # its name is free again for the next folder of that name
             unclaim(self.parent, self._name, self._number)
+            return None
+        return (f"an unfinished folder stays: {self.saved:,} of its {self.files_offered:,} files arrived whole, in "
+                f"{visible(self.root)}")
 
 
 class Files:
@@ -4619,9 +4640,9 @@ class Files:
         return path, [], None
 
     def discard(self, file):
+        """Give up a file or folder being received; what of a folder stays, to tell the user (or None)."""
         target = self._receiving.pop(file, None)
-        if target is not None:
-            target.discard()
+        return target.discard() if target is not None else None
 
     def close(self):
         for file in list(self._receiving):
@@ -4758,6 +4779,11 @@ class Chat:
                                          describe(e)))
         self._post(FileOpened(action.file))
 
+    def _discard(self, action):
+        unfinished = self.files.discard(action.file)
+        if unfinished:
+            self.ui.show([unfinished], "notice")
+
     def _write_file(self, action):
         try:
             self.files.write(action.file, action.data)
@@ -4781,7 +4807,7 @@ class Chat:
         guarded(run, self._crashed, "file")
 
     _FILE_ACTIONS = {PrepareFile: _prepare, OpenFile: _open, WriteFile: _write_file, SaveFile: _save,
-                     DiscardFile: lambda self, action: self.files.discard(action.file),
+                     DiscardFile: _discard,
                      ReleaseFile: lambda self, action: self.files.release(action.file)}
 
     def read_chunk(self, event):

@@ -297,6 +297,31 @@ def test_a_path_with_a_tilde_is_the_home_folders(tmp_path, monkeypatch):
     assert (name, size) == ("notes.txt", 10)
 
 
+def test_what_a_folders_walk_cannot_read_is_named_from_the_folder_sent(tmp_path, monkeypatch):
+    """Once, a file that could not be read was named from the folder sent, and a folder that could not be listed by
+    its absolute path. (This suite runs as root, for whom modes deny nothing: the system says no here instead.)"""
+    (tmp_path / "proj" / "sub").mkdir(parents=True)
+    make_file(tmp_path / "proj", "ok.txt", 3)
+    make_file(tmp_path / "proj", "secret.txt", 3)
+    scandir, real_open = os.scandir, open
+
+    def refusing_scandir(path="."):
+        if os.fspath(path).endswith("sub"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    def refusing_open(path, *args, **kwargs):
+        if os.fspath(path).endswith("secret.txt"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "scandir", refusing_scandir)
+    monkeypatch.setattr("builtins.open", refusing_open)
+    reader, name, size, sha256, folder, bits, notes = common.Files().prepare(str(tmp_path / "proj"))
+    assert notes == ["cannot read secret.txt: permission denied", "cannot read sub: permission denied"]
+    assert folder == (1, 3)
+
+
 def test_a_named_pipe_is_not_a_file_to_send(tmp_path):
     """Opening it waited for a writer for ever, and the offer never came."""
     os.mkfifo(tmp_path / "pipe")
@@ -544,3 +569,14 @@ def test_a_folder_given_up_with_nothing_in_it_frees_its_name_and_costs_one_try_a
     for _ in range(50):
         common.FolderWriter(str(tmp_path), "f", len(stream), 1).discard()
     assert len(tries) == 50 and all(path.endswith("f (2)") for path in tries)
+
+
+def test_a_folder_given_up_half_way_says_what_of_it_stays(tmp_path):
+    """Once, a folder whose sender left half way stayed, a third of it, with nothing to tell it from one that had
+    arrived whole."""
+    stream = stream_of([(b"f", "a", b"first"), (b"f", "b", b"second")])
+    writer = common.FolderWriter(str(tmp_path), "photos", len(stream), 2)
+    writer.write(stream[:-3])
+    assert writer.discard() == f"an unfinished folder stays: 1 of its 2 files arrived whole, in {tmp_path}/photos"
+    assert sorted(p.name for p in (tmp_path / "photos").iterdir()) == ["a"]
+    assert common.FolderWriter(str(tmp_path), "empty", len(stream), 2).discard() is None

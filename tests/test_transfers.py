@@ -338,3 +338,25 @@ def test_an_offer_made_again_is_answered_once_on_each_link():
     transfers.record(Offer(0, "x.bin", 20_000, SHA), 1.0)
     transfers.record(Offer(0, "x.bin", 20_000, SHA), 1.0)
     assert sends(take(transfers)) == [Accept(0, 0)]
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_a_folder_delivered_without_what_could_not_be_read_says_so_and_fails_only_a_script(strict):
+    """Once, a folder whose files could not all be read was "delivered", exit 0: the README promises a script exit 1
+    unless every file was saved. And its progress counted the stream's headers: "100%, 354 bytes" of 32."""
+    transfers = machine(interactive=not strict)
+    transfers.send("/tmp/proj")
+    take(transfers)
+    notes = ["cannot read secret.txt: permission denied", "skipped, being links or not files (never followed): fifo"]
+    transfers.ready(FileReady(0, "proj", 354, SHA, (1, 32), 0, notes))
+    assert [(list(a.lines), a.kind) for a in take(transfers) if isinstance(a, Show)][:2] == [
+        (["folder proj: cannot read secret.txt: permission denied"], "error"),
+        (["folder proj: skipped, being links or not files (never followed): fifo"], "notice")]
+    transfers.record(Accept(0, 0), 1.0)
+    take(transfers)
+    transfers.record(FileAck(0, 354), 1.0)
+    assert take(transfers) == [common.Progress("folder proj (1 file, 32 bytes)", True, 100, 32, 32, None)]
+    transfers.record(Done(0), 1.0)
+    assert shown(take(transfers)) == ["delivered folder proj, without 1 file that could not be read"]
+    assert transfers.left_behind(0, "you left the chat") == (
+        int(strict), "you left the chat; 1 folder delivered without the files that could not be read: proj")
