@@ -2337,6 +2337,7 @@ class Receiving:
         self.out, self.interactive = out, interactive
         self.receive_files, self.max_file_size = receive_files, max_file_size  # accept offers into a folder
         self.incoming = {}  # file number (the peer's) -> _Transfer
+        self.left_unfinished = []  # accepted files we stopped receiving when we left
         self.now = 0.0
 
     def _in(self, t, name, *args):
@@ -2495,6 +2496,8 @@ class Receiving:
 
     def _their_stop(self, t, old):
         self._refuse(t, old, "cancelled")
+        if old is not In.ASKED:  # accepted, and on its way when we left: the last line lists it
+            self.left_unfinished.append(t)
 
     def _their_abandon(self, t, old, why):
         self.out.show([f"transfer of {t.kind} {visible(t.name)} abandoned: {why}"], "notice")
@@ -2605,7 +2608,11 @@ class Transfers:
         self.sending.progress_at = when
 
     def left_behind(self, code, text):
-        return self.sending.left_behind(code, text)
+        """The last line, with our files that did not arrive, and the peer's we left before they had."""
+        code, text = self.sending.left_behind(code, text)
+        if self.receiving.left_unfinished:
+            text = f"{text}; {listed(self.receiving.left_unfinished, 'left unfinished')}"
+        return code, text
 
     def status(self, now, live):
         """The status line's field for the first file moving, in ever shorter forms."""

@@ -360,3 +360,13 @@ def test_a_folder_delivered_without_what_could_not_be_read_says_so_and_fails_onl
     assert shown(take(transfers)) == ["delivered folder proj, without 1 file that could not be read"]
     assert transfers.left_behind(0, "you left the chat") == (
         int(strict), "you left the chat; 1 folder delivered without the files that could not be read: proj")
+
+
+def test_a_file_we_leave_while_it_arrives_is_listed_at_the_end_and_one_never_answered_is_not():
+    """Once, leaving half way through a download said only "you left the chat"."""
+    transfers = received_to(In.RECEIVING)
+    transfers.record(Offer(1, "unanswered.txt", 10, SHA), 1.0)
+    take(transfers)
+    transfers.stop_incoming()
+    assert sends(take(transfers)) == [Refuse(0, "cancelled"), Refuse(1, "cancelled")]
+    assert transfers.left_behind(0, "you left the chat") == (0, "you left the chat; 1 file left unfinished: x.bin")
