@@ -6009,12 +6009,15 @@ def prompt_passphrase(prompt="Passphrase: ", empty_is_none=False, codes=False):
         raise UsageError("no passphrase: give one with --key-file PATH or the AESCHAT_KEY environment variable")
     import getpass
 
-    try:
-        text = read_code(prompt) if codes and not dumb_terminal() else getpass.getpass(prompt)
-    except EOFError:  # Ctrl-D at the prompt
-        print(file=sys.stderr)  # the error on a line of its own, not after the prompt
-        raise UsageError("no passphrase: the input ended at the prompt") from None
-    return None if empty_is_none and not text.strip() else checked_passphrase(text)
+    while True:
+        try:
+            text = read_code(prompt) if codes and not dumb_terminal() else getpass.getpass(prompt)
+        except EOFError:  # Ctrl-D at the prompt
+            print(file=sys.stderr)  # the error on a line of its own, not after the prompt
+            raise UsageError("no passphrase: the input ended at the prompt") from None
+        if text.strip() or empty_is_none:
+            return checked_passphrase(text) if text.strip() else None
+        tell(f"{program}: the passphrase is empty; type it (Ctrl-C or Ctrl-D stops)")  # Enter alone: asked again
 
 
 YEAR = 365 * 24 * 3600.0

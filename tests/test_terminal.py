@@ -473,6 +473,21 @@ def test_a_wrong_passphrase_on_a_terminal_is_asked_again(spawn):
         child.terminate(force=True)
 
 
+def test_enter_alone_at_the_passphrase_prompt_asks_again(spawn):
+    """Once, Enter alone at "Passphrase (try 2 of 3):" ended the client (exit 2)."""
+    server, port = spawn("server", "--once")
+    child = keyless_client(port)
+    try:
+        child.expect("Passphrase:")
+        child.sendline("")
+        child.expect("the passphrase is empty; type it \\(Ctrl-C or Ctrl-D stops\\)")
+        child.expect("Passphrase:")
+        child.sendline(PASSPHRASE)
+        child.expect("authenticated and encrypted")
+    finally:
+        child.terminate(force=True)
+
+
 def test_a_server_not_yet_listening_is_waited_for(spawn):
     probe = socket.socket()
     probe.bind(("127.0.0.1", 0))
