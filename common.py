@@ -5868,7 +5868,12 @@ def _completer():
             text = document.text_before_cursor
             if text.startswith("/send "):
                 rest = text[len("/send ") :]
-                yield from paths.get_completions(Document(rest, len(rest)), event)
+                for completion in paths.get_completions(Document(rest, len(rest)), event):
+                    whole = os.path.expanduser(rest[: len(rest) + completion.start_position] + completion.text)
+                    if os.path.isdir(whole) and not completion.text.endswith("/"):  # Tab again goes inside it
+                        completion = Completion(completion.text + "/", completion.start_position,
+                                                completion.display)
+                    yield completion
             elif text.startswith("/") and " " not in text and "\n" not in text:
                 for command in COMMANDS:
                     if command.startswith(text) and command != text:

@@ -537,6 +537,12 @@ def test_tab_completes_commands_and_the_path_after_send(tmux_server, spawn, tmp_
     pane.wait_for(r"6\.pdf\s*$")  # the line may wrap: the whole name, however it is cut
     typed = "".join(row.rstrip() for row in pane.screen() if row.strip() and "|" not in row)
     assert typed.endswith(f"> /send {tmp_path}/report-2026.pdf")
+    (tmp_path / "photos" / "2026").mkdir(parents=True)  # a folder completes with its slash: Tab again goes inside
+    (tmp_path / "photos" / "2026" / "cat.jpg").write_text("x")
+    pane.keys("C-u", f"/send {tmp_path}/pho", "Tab", "Tab", "Tab")
+    pane.wait_for(r"t\.jpg\s*$")
+    typed = "".join(row.rstrip() for row in pane.screen() if row.strip() and "|" not in row)
+    assert typed.endswith(f"> /send {tmp_path}/photos/2026/cat.jpg")
 
 
 def test_a_paste_over_the_limit_stays_in_the_editor_and_can_go_as_a_file(tmux_server, spawn, tmp_path):
