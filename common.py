@@ -1764,12 +1764,13 @@ class FileOpened(Input):
 
 class FileSaved(Input):
     """(receiver) The file's SHA-256 matched and it is in place at path; or the folder is made there, problems
-    naming its files that could not be saved, got the (files, bytes) saved in it."""
+    naming its files that could not be saved (the first few; more: how many others), got the (files, bytes) saved
+    in it."""
 
-    __slots__ = ("file", "path", "problems", "got")
+    __slots__ = ("file", "path", "problems", "got", "more")
 
-    def __init__(self, file, path, problems=(), got=None):
-        super().__init__(file, path, tuple(problems), got)
+    def __init__(self, file, path, problems=(), got=None, more=0):
+        super().__init__(file, path, tuple(problems), got, more)
 
 
 class FileNote(Input):
@@ -2356,7 +2357,7 @@ class Receiving:
 
     def saved(self, event):
         t = self.incoming.get(event.file)
-        if t is not None and self._in(t, "saved", event.path, event.problems, event.got):
+        if t is not None and self._in(t, "saved", event.path, event.problems, event.got, event.more):
             self._open_waiting()
 
     def answer(self, accept):
@@ -2470,13 +2471,14 @@ class Receiving:
     def _their_whole(self, t, old):
         self.out.do(SaveFile(t.file, t.sha256, t.name, t.bits))
 
-    def _their_saved(self, t, old, path, problems, got):
+    def _their_saved(self, t, old, path, problems, got, unlisted=0):
         self.out.send(Done(t.file))
         if t.folder:
-            files, size = got or (t.folder[0] - len(problems), t.folder[1])  # what arrived, not what was claimed
+            files, size = got or (t.folder[0] - len(problems) - unlisted, t.folder[1])  # what arrived, not claimed
             self.out.show([f"received folder {visible(t.name)} ({files:,} file{'s' if files != 1 else ''}, "
                            f"{size_text(size)}) → {visible(path)}"], "event")
             shown, more = briefly(problems)
+            more += unlisted
             for problem in shown:
                 self.out.show([f"not saved from folder {visible(t.name)}: {problem}"], "error")
             if more:
@@ -4266,14 +4268,19 @@ def sha256_of(handle, expected):
     return digest, size
 
 
-_TAKEN = collections.OrderedDict()  # (folder, name) -> the number to try first: names taken are not tried again
+_TAKEN = collections.OrderedDict()  # digest of (folder, name) -> the number to try first: names taken are not tried
+# again (a digest: the key of a folder deep in a received tree would hold its whole path, kilobytes, 4,096 times)
+
+
+def _taken_key(folder, name):
+    return hashlib.sha256(os.fsencode(folder) + b"\0" + os.fsencode(name)).digest()[:16]
 
 
 def claim(folder, name, make):
     """Make name in folder (make(path) must fail with FileExistsError if it is taken), or name (1).ext, ... never
     over what is there; returns the path made and its number. The next number to try is remembered, so that a peer
     who sends one name again and again costs a try each time, not one for every file of that name already made."""
-    key = (folder, name)
+    key = _taken_key(folder, name)
     start = _TAKEN.pop(key, 0)
     for number in range(start, 10_000):
         target = os.path.join(folder, numbered(name, number))
@@ -4290,7 +4297,7 @@ def claim(folder, name, make):
 
 def unclaim(folder, name, number):
     """What claim made as name's `number` is gone again: that number is the first the next claim of name tries."""
-    key = (folder, name)
+    key = _taken_key(folder, name)
     _TAKEN[key] = min(_TAKEN.get(key, number), number)
 
 
@@ -4464,22 +4471,52 @@ class FolderReader:
         self._open = (None, None)
 
 
+class _Made:
+    """A folder a FolderWriter made: its name (the root: its whole path), its parent, and those made inside it, by
+    their names as sent."""
+
+    __slots__ = ("parent", "name", "children")
+
+    def __init__(self, parent, name):
+        self.parent, self.name, self.children = parent, name, {}
+
+    def path(self):
+        names, node = [], self
+        while node is not None:
+            names.append(node.name)
+            node = node.parent
+        return os.path.join(*reversed(names))
+
+    def paths(self):
+        """Its path and those of every folder inside it, each folder before those inside it."""
+        stack = [self]
+        while stack:
+            node = stack.pop()
+            yield node.path()
+            stack.extend(node.children.values())
+
+
 class FolderWriter:
     """A folder being received: a new folder under the receiving one (a name that takes nothing's place), and each
     entry of its stream made inside it as it arrives: a folder at once, a file into a temporary file put in place
     once its SHA-256 matched. Nothing is written outside it: every part of every path is made safe as a file's name
     is, and every folder on the way is one this writer made (private to this user until the end)."""
 
-    MAX_FOLDERS = 100_000  # folders a stream may make; files are held to the offer's count
+    # Folders a stream may make (files are held to the offer's count). What the writer remembers of them is their
+    # names, a few hundred bytes each: a peer that sends paths of 64 folders each, 4 KiB of names, again and again,
+    # gets no more than this many held (the tree of names, not a path a folder), nor more lines of problems than
+    # PROBLEMS_KEPT: its memory stays a few MiB whatever the stream.
+    MAX_FOLDERS, PROBLEMS_KEPT = 10_000, 5
 
     def __init__(self, parent, name, size, files):
         self.parent, self.files_offered = parent, files
         self.parser = FolderParser(size)
         self._name = safe_name(name)
         self.root, self._number = claim(parent, self._name, lambda path: os.mkdir(path, 0o700))
-        self._made = {(): self.root}  # path parts as sent -> the folder made for them
+        self._made = _Made(None, self.root)  # the folders made, a tree: each by its name as sent
         self._entry = self._file = None
-        self.saved, self.saved_bytes, self.problems, self._folders = 0, 0, [], 0
+        self.saved, self.saved_bytes, self._folders = 0, 0, 0
+        self.problems, self.unsaved = [], 0  # the first files not saved (why), and how many in all
 
     def write(self, data):
         for item in self.parser.feed(data):
@@ -4495,7 +4532,7 @@ class FolderWriter:
         if entry.kind == b"d":
             self._folder(entry.parts)
             return
-        if self.saved + len(self.problems) >= self.files_offered:
+        if self.saved + self.unsaved >= self.files_offered:
             raise RemoteProtocolError("a folder's stream holds more files than it was offered with")
         self._file = Incoming(self._folder(entry.parts[:-1]))
 
@@ -4509,26 +4546,34 @@ class FolderWriter:
             incoming.finish_mode(path, entry.mode)
             self.saved, self.saved_bytes = self.saved + 1, self.saved_bytes + entry.size
         except ValueError:
-            self.problems.append(f"{visible(shown)}: it changed or was damaged on the way (its SHA-256 did not match)")
+            self._problem(f"{visible(shown)}: it changed or was damaged on the way (its SHA-256 did not match)")
         except OSError as e:
-            self.problems.append(f"{visible(shown)}: {describe(e)}")
+            self._problem(f"{visible(shown)}: {describe(e)}")
+
+    def _problem(self, text):
+        self.unsaved += 1
+        if len(self.problems) < self.PROBLEMS_KEPT:
+            self.problems.append(text)
 
     def _folder(self, parts):
-        """The folder made for these parts as sent (making it and those on the way as needed)."""
-        if parts in self._made:
-            return self._made[parts]
-        parent = self._folder(parts[:-1])
-        self._folders += 1
-        if self._folders > self.MAX_FOLDERS:
-            raise RemoteProtocolError("a folder's stream makes too many folders")
-        made = self._made[parts] = claim(parent, safe_name(parts[-1]), lambda path: os.mkdir(path, 0o700))[0]
-        return made
+        """The path of the folder made for these parts as sent (making it and those on the way as needed)."""
+        node = self._made
+        for part in parts:
+            child = node.children.get(part)
+            if child is None:
+                self._folders += 1
+                if self._folders > self.MAX_FOLDERS:
+                    raise RemoteProtocolError(f"a folder's stream makes more than {self.MAX_FOLDERS:,} folders")
+                made = claim(node.path(), safe_name(part), lambda path: os.mkdir(path, 0o700))[0]
+                child = node.children[part] = _Made(node, os.path.basename(made))
+            node = child
+        return node.path()
 
     def finish(self, sha256):
         """The stream is whole: check its headers against the offer; the folders get the umask's permissions."""
         if not hmac.compare_digest(self.parser.manifest.hexdigest(), sha256):
             self.problems.append("the folder's list of entries did not match what the sender announced")
-        for folder in self._made.values():
+        for folder in self._made.paths():
             with contextlib.suppress(OSError):
                 os.chmod(folder, 0o777 & ~UMASK)
         return self.root
@@ -4539,7 +4584,7 @@ class FolderWriter:
         if self._file is not None:
             self._file.discard()
             self._file = None
-        for folder in sorted(self._made.values(), key=len, reverse=True):
+        for folder in reversed(list(self._made.paths())):  # each after those inside it
             with contextlib.suppress(OSError):
                 os.rmdir(folder)  # only the empty ones go
         if not os.path.lexists(self.root):  # its name is free again for the next folder of that name
@@ -4637,18 +4682,23 @@ class Files:
         self._receiving[file].write(data)
 
     def save(self, file, sha256, name, bits):
-        """Put what was received in place; returns (its path, what could not be saved in a folder, the (files, bytes)
-        saved in a folder)."""
+        """Put what was received in place; returns (its path, what could not be saved in a folder (the first few), the
+        (files, bytes) saved in a folder, and how many more could not be saved)."""
         target = self._receiving.pop(file)
         if isinstance(target, FolderWriter):
-            return target.finish(sha256), target.problems, (target.saved, target.saved_bytes)
+            unlisted = max(0, target.unsaved - target.PROBLEMS_KEPT)
+            return target.finish(sha256), target.problems, (target.saved, target.saved_bytes), unlisted
         path = target.save(sha256, name)
         target.finish_mode(path, bits)
-        return path, [], None
+        return path, [], None, 0
+
+    def forget(self, file):
+        """A file or folder being received, given up: no longer written; the caller discards it."""
+        return self._receiving.pop(file, None)
 
     def discard(self, file):
         """Give up a file or folder being received; what of a folder stays, to tell the user (or None)."""
-        target = self._receiving.pop(file, None)
+        target = self.forget(file)
         return target.discard() if target is not None else None
 
     def close(self):
@@ -4787,7 +4837,17 @@ class Chat:
         self._post(FileOpened(action.file))
 
     def _discard(self, action):
-        unfinished = self.files.discard(action.file)
+        """(DiscardFile, or a file that cannot be written.) A file's temporary file goes at once; a folder's, in a
+        thread of its own: removing what a stream of ten thousand folders made takes seconds, which the chat must
+        not wait for."""
+        target = self.files.forget(action.file)
+        if isinstance(target, FolderWriter):
+            guarded(lambda: self._discarded(target), self._crashed, "file")
+        elif target is not None:
+            target.discard()
+
+    def _discarded(self, writer):
+        unfinished = writer.discard()
         if unfinished:
             self.ui.show([unfinished], "notice")
 
@@ -4795,21 +4855,21 @@ class Chat:
         try:
             self.files.write(action.file, action.data)
         except (OSError, KeyError) as e:
-            self.files.discard(action.file)
+            self._discard(action)
             self._post(FileFailed(action.file, False, "unwritable", describe(e)))
         except RemoteProtocolError as e:  # a folder's stream that is not one: refused, the chat goes on
-            self.files.discard(action.file)
+            self._discard(action)
             self._post(FileFailed(action.file, False, "failed verification", f"{e}"))
 
     def _save(self, action):
         def run():
             try:
-                path, problems, got = self.files.save(action.file, action.sha256, action.name, action.bits)
+                path, problems, got, unlisted = self.files.save(action.file, action.sha256, action.name, action.bits)
             except ValueError as e:
                 return self.step(FileFailed(action.file, False, "failed verification", f"{e}"))
             except (OSError, KeyError) as e:
                 return self.step(FileFailed(action.file, False, "unwritable", describe(e)))
-            self.step(FileSaved(action.file, path, problems, got))
+            self.step(FileSaved(action.file, path, problems, got, unlisted))
 
         guarded(run, self._crashed, "file")
 
