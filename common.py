@@ -3597,7 +3597,13 @@ class Admit(Action):
 
 
 class Log(Action):
-    __slots__ = ("line",)
+    """A line for the server's user. paced: the Gate already holds it to one a minute (guessing is told), so the
+    door's own limit on lines, which a flood of junk connections uses up, must not swallow it."""
+
+    __slots__ = ("line", "paced")
+
+    def __init__(self, line, paced=False):
+        super().__init__(line, paced)
 
 
 def network_of(host):
@@ -3928,7 +3934,7 @@ class Gate:
         if self._report_at is None:
             self._report_at = now + GUESS_REPORT
             return [Log(f"failed passphrase attempt from {pending.peer} (further ones are counted and told once a "
-                        "minute)")]
+                        "minute)", paced=True)]
         self._wrong += 1
         self._wrong_networks.add(pending.network)
         return []
@@ -3940,7 +3946,7 @@ class Gate:
         n, k = self._wrong, len(self._wrong_networks)
         self._wrong, self._wrong_networks, self._report_at = 0, set(), now + GUESS_REPORT
         return [Log(f"{n} wrong passphrase{'s' if n != 1 else ''} from {k} network{'s' if k != 1 else ''} in the "
-                    f"last minute")]
+                    f"last minute", paced=True)]
 
     def _drop(self, pending, line):
         if self.pending.pop(pending.key, None) is not None and pending.stage == "confirm":
@@ -5310,7 +5316,7 @@ class Door:
     def _apply(self, actions):
         for action in actions:
             if isinstance(action, Log):
-                self.log(action.line)
+                (self._log if action.paced else self.log)(action.line)
                 continue
             sock = action.key
             if sock not in self._conns:

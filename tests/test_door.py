@@ -484,3 +484,16 @@ def test_many_lines_from_a_flood_become_a_few_and_then_one_a_minute():
     door._log_at -= 1 / common.Door.LOG_RATE  # a minute on
     door.log(None)
     assert lines[-1] == f"({500 - common.Door.LOG_BURST} more connections dropped: not each shown, too many at once)"
+
+
+def test_the_guessing_summary_is_never_swallowed_by_a_flood_of_other_lines():
+    """The outside round: twelve junk connections used up the door's lines, then 52 wrong passphrases from 52 networks
+    in two minutes were never told: the door's "(N more connections dropped ...)" took each minute's one line."""
+    lines = []
+    door = common.Door(None, None, None, lines.append)
+    for i in range(500):
+        door.log(f"connection {i} dropped")
+    door._apply([common.Log("52 wrong passphrases from 52 networks in the last minute", paced=True)])
+    assert lines[-1] == "52 wrong passphrases from 52 networks in the last minute"
+    door._apply([common.Log("connection 501 dropped")])  # the rest still waits for its minute
+    assert lines[-1] == "52 wrong passphrases from 52 networks in the last minute"
