@@ -2198,6 +2198,8 @@ class Sending:
         t = self.outgoing.get(accept.file)
         if t is None or accept.offset > t.size:
             raise RemoteProtocolError("an acceptance of a file never offered, or past its end")
+        if accept.offset < t.done:  # a receiver keeps what it acknowledged: asking for it again is only a way to
+            raise RemoteProtocolError("an acceptance from before what the peer acknowledged")  # make us resend
         self._out(t, "accept", accept.offset)
 
     def _got_fack(self, ack):

@@ -329,6 +329,20 @@ def test_an_accept_repeated_while_sending_makes_us_send_nothing_again():
     assert sends(take(transfers)) == [ChunkOf(0, 65536, 16384)]  # only what the window lets go next
 
 
+def test_an_accept_from_before_what_the_peer_acknowledged_is_its_violation():
+    """The outside round: a receiver that acknowledged all but the last chunk, resumed and accepted from 0 again,
+    round after round, had a 1 MiB file sent 14 times in 30 s, for as long as it liked."""
+    transfers = sent_to(Out.SENDING)
+    transfers.record(FileAck(0, 16384), 2.0)
+    take(transfers)
+    transfers.resumed(None)  # a reconnection: offered again
+    take(transfers)
+    transfers.record(Accept(0, 16384), 2.0)  # from what it has: fine
+    assert sends(take(transfers))[0] == ChunkOf(0, 16384, 16384)
+    with pytest.raises(RemoteProtocolError, match="from before what the peer acknowledged"):
+        transfers.record(Accept(0, 0), 2.0)
+
+
 def test_an_offer_made_again_is_answered_once_on_each_link():
     transfers = received_to(In.RECEIVING)
     for _ in range(100):
