@@ -2722,6 +2722,8 @@ class Redial:
         if isinstance(error, RemoteProtocolError) and not isinstance(error, TruncatedFrame):
             why = str(error) if "interfer" in str(error) else f"{error}; someone may be interfering"
             self.failures += 1
+            if kind == PASSPHRASE and not interactive:  # a script's client waiting its turn: never a second guess
+                return EXIT_SECURITY, f"a connection with the passphrase failed to authenticate: {why}", True
             if self.failures >= AUTH_FAILURES:
                 return (EXIT_SECURITY, f"stopped reconnecting: {self.failures} reconnections in a row failed to "
                         f"authenticate (the last: {why})", True)

@@ -156,6 +156,21 @@ def test_a_script_turned_away_as_busy_waits_its_turn():
     assert Message(0, "build done", TS) in sends(actions) and "Connected to" in shown(actions, "notice")[0]
 
 
+def test_a_script_waiting_its_turn_gives_a_man_in_the_middle_one_passphrase_attempt_not_two():
+    """The outside round: a man in the middle held a script's confirmation until another client came, so the server
+    turned it away as busy; it dialled again with the passphrase by itself, to him, twice: two offline guesses."""
+    run = Run()
+    run(Typed("build done", TS))
+    link = run.link()
+    run(Attached(link, "192.0.2.7:5555", PASSPHRASE))
+    run(Got(link, common.Busy()))
+    assert Dial(PASSPHRASE) in run(Tick(), after=common.FIRST_RETRY)
+    code, text = ended(run(common.DialFailed(common.UnfinishedAuthentication("the server closed the connection "
+                                                                           "after our key confirmation"))))
+    assert code == EXIT_SECURITY and "a connection with the passphrase failed to authenticate" in text
+    assert not any(isinstance(a, Dial) for a in run(Tick(), after=60))
+
+
 def test_a_message_before_the_resume_is_a_security_failure_with_an_alert():
     run = Run(SERVER)
     link = run.link()
