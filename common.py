@@ -3803,8 +3803,8 @@ class Gate:
 
     def _next_piece(self, now):
         checks = [p for p in self.pending.values() if p.stage == "check" and self._may_check(p, now)]
-        if checks:  # the newest first: a guess queued before a real client's confirmation never holds it back
-            return "check", min(checks, key=lambda p: (*self._turn(p, now)[:3], -p.since))
+        if checks:  # in turn: a confirmation taken is checked before those that came after it (_check_too_far
+            return "check", min(checks, key=lambda p: self._turn(p, now))  # told the rest to come back later)
         if not self.work_budget.ready(now):
             return None
         queued = [p for p in self.pending.values() if p.stage == "queued" and self._may_answer(p, now)]
@@ -3821,7 +3821,8 @@ class Gate:
 
     def _check_too_far(self, pending, now):
         """Whether a passphrase check for this hello could not come within CHECK_PATIENCE: its network's or all
-        networks' guesses spent (the newest go first, but a client should not wait on a queue it cannot see)."""
+        networks' guesses spent (confirmations are checked in turn; a client should not wait on a queue it cannot
+        see)."""
         if pending.host in self._known:
             return False
         waiting = sum(p.stage == "check" and p.host not in self._known for p in self.pending.values())

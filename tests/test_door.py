@@ -497,3 +497,25 @@ def test_the_guessing_summary_is_never_swallowed_by_a_flood_of_other_lines():
     assert lines[-1] == "52 wrong passphrases from 52 networks in the last minute"
     door._apply([common.Log("connection 501 dropped")])  # the rest still waits for its minute
     assert lines[-1] == "52 wrong passphrases from 52 networks in the last minute"
+
+
+def test_a_first_login_that_gave_its_confirmation_is_checked_before_newer_guesses_never_dropped():
+    """The outside round: guesses five a second, each from a new network, all at once; a real first login that came
+    ten seconds in was let give its confirmation, then every newer guess was checked before it, for 30 s, and it was
+    dropped unchecked: "someone may be interfering", exit 3. Once its confirmation is taken, its check comes in
+    turn: it is served, or told to come back later before it gives its confirmation away."""
+    door, confirmed = Door(), set()
+    for step in range(50 * 5):  # 50 s, a stranger's hello every 0.2 s, confirmed as soon as it is answered
+        door.clients[f"g{step}"] = None
+        door.apply(door.gate.accepted(f"g{step}", f"127.{1 + step // 200}.{step % 200}.2:4000", door.now))
+        door.apply(door.gate.received(f"g{step}", HELLO, door.now))
+        if step == 50:
+            door.knock("real", peer="10.0.0.1:5000")
+        for key in [key for key, pending in door.gate.pending.items() if pending.stage == "confirm"]:
+            if key == "real":
+                door.confirm(key)
+            elif key not in confirmed:
+                confirmed.add(key)
+                door.apply(door.gate.received(key, common.frame(os.urandom(32)), door.now))
+        door.tick(0.2)
+    assert "real" in door.admitted or door.outcome("real") == "Refused", door.log[-3:]
