@@ -862,8 +862,8 @@ REFUSALS = {
     BUSY_REFUSAL: "the server is busy with another chat",
     UNKNOWN: "the server no longer knows this conversation (it restarted, stopped waiting for us, or another client "
              "took it over)",
-    LATER: "the server cannot check a passphrase now (too many were tried lately: someone may be guessing); try "
-           "again in a minute",
+    LATER: "the server cannot take a passphrase now (too many were tried lately, or too many connections came at "
+           "once: someone may be guessing or flooding); try again in a while",
 }
 
 
@@ -3985,11 +3985,19 @@ class Gate:
         lowest = self._lowest(now)
         crowd = [p for p in lowest if p.network == newcomer.network]
         if len(crowd) > MAX_PENDING_PER_NETWORK:
-            return self._drop(crowd[0], f"{crowd[0].peer} dropped to make room: too many connections from its "
+            return self._shed(crowd[0], f"{crowd[0].peer} dropped to make room: too many connections from its "
                                         "network at once")
         if len(self.pending) > self.max_pending:
-            return self._drop(lowest[0], f"{lowest[0].peer} dropped to make room: too many connections at once")
+            return self._shed(lowest[0], f"{lowest[0].peer} dropped to make room: too many connections at once")
         return []
+
+    def _shed(self, pending, line):
+        """Drop a connection to make room; one whose hello waits for its answer is told to come back later (a client
+        does, by itself: under a flood its next hello may be answered), not left to think we are no aeschat server."""
+        if pending.stage != "queued" or pending.conn.kind != PASSPHRASE:  # (a reconnection tries again anyway)
+            return self._drop(pending, line)
+        pending.conn.refuse(LATER)
+        return [Write(pending.key, pending.conn.data_to_send())] + self._drop(pending, line)
 
 
 # ===================================================================================================

@@ -519,3 +519,28 @@ def test_a_first_login_that_gave_its_confirmation_is_checked_before_newer_guesse
                 door.apply(door.gate.received(key, common.frame(os.urandom(32)), door.now))
         door.tick(0.2)
     assert "real" in door.admitted or door.outcome("real") == "Refused", door.log[-3:]
+
+
+def test_a_hello_shed_by_a_flood_of_silent_hellos_is_told_to_come_back_later_not_left_guessing():
+    """The outside round: 150 connections a second, each from a new network, each a precomputed hello then silence:
+    a real client's hello, waiting for its answer, was dropped to make room three times faster than hellos were
+    answered, unanswered ("is the peer an aeschat v2 program?"), and a script's client gave up at once. A hello shed
+    so is told to come back later, which a client does by itself, backing off as for a busy server. (The door takes
+    what arrived together in one batch: here 30 connections every 0.2 s.)"""
+    door = Door()
+    for batch in range(5 * 5):  # 5 s of it
+        for i in range(30):
+            key, step = f"s{batch}.{i}", batch * 30 + i
+            door.clients[key] = None
+            door._apply(door.gate.accepted(key, f"127.{60 + step // 250}.{step % 250}.2:4000", door.now))
+            door._apply(door.gate.received(key, HELLO, door.now))
+            if (batch, i) == (15, 0):  # three seconds in, the real client comes among them
+                door.clients["real"] = common.ClientConnection("pw")
+                door._apply(door.gate.accepted("real", "10.0.0.1:5000", door.now))
+                door._apply(door.gate.received("real", door.clients["real"].data_to_send(), door.now))
+        door.apply([])
+        if door.stage("real") == "confirm":
+            door.confirm("real")
+        door.tick(0.2)
+    assert "real" in door.admitted or door.outcome("real") == "Refused"
+    assert "real" in door.admitted or "dropped to make room" in [line for line in door.log if "10.0.0.1" in line][0]
