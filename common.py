@@ -2146,7 +2146,8 @@ class Sending:
         if not self.out.live:
             return
         room = MAX_OFFERED - sum(t.state in (Out.OFFERED, Out.SENDING) for t in self.outgoing.values())
-        for t in [t for t in self.outgoing.values() if t.state is Out.READY][: max(room, 0)]:
+        ready = itertools.takewhile(lambda t: t.state is not Out.PREPARING, self.outgoing.values())  # in the order
+        for t in [t for t in ready if t.state is Out.READY][: max(room, 0)]:  # asked for: not the first hashed first
             self._out(t, "offer")
 
     def again(self):

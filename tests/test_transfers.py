@@ -384,3 +384,15 @@ def test_a_file_we_leave_while_it_arrives_is_listed_at_the_end_and_one_never_ans
     transfers.stop_incoming()
     assert sends(take(transfers)) == [Refuse(0, "cancelled"), Refuse(1, "cancelled")]
     assert transfers.left_behind(0, "you left the chat") == (0, "you left the chat; 1 file left unfinished: x.bin")
+
+
+def test_files_are_offered_in_the_order_they_were_asked_for_whichever_is_hashed_first():
+    """Once, `--send big --send small` offered small first: it was hashed first."""
+    transfers = machine()
+    transfers.send("/tmp/big.iso")
+    transfers.send("/tmp/small.txt")
+    take(transfers)
+    transfers.ready(FileReady(1, "small.txt", 10, SHA))
+    assert sends(take(transfers)) == []
+    transfers.ready(FileReady(0, "big.iso", 100_000, SHA))
+    assert sends(take(transfers)) == [Offer(0, "big.iso", 100_000, SHA), Offer(1, "small.txt", 10, SHA)]
