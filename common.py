@@ -4321,13 +4321,16 @@ def unclaim(folder, name, number):
     _TAKEN[key] = min(_TAKEN.get(key, number), number)
 
 
+_TEMPORARY = re.compile(r"\.aeschat-[0-9a-f]{16}\.part")  # a file being received, in its folder
+
+
 class Incoming:
     """A file being received: a hidden temporary file in its folder, hashed as it is written, put in place under a
     name that takes nothing's place only once its SHA-256 matched."""
 
     def __init__(self, folder):
         self.folder, self.digest = folder, hashlib.sha256()
-        self.temporary = os.path.join(folder, f".aeschat-{os.urandom(8).hex()}.part")
+        self.temporary = os.path.join(folder, f".aeschat-{os.urandom(8).hex()}.part")  # (_TEMPORARY)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_BINARY
         self._descriptor = os.open(self.temporary, flags, 0o600)
 
@@ -4395,6 +4398,7 @@ class FolderReader:
     def __init__(self, root):
         self.root, self.entries, self.starts, self.skipped, self.damaged = root, [], [], [], []
         self.unsendable = []  # paths too deep, too long or not valid Unicode: the receiver would refuse them
+        self.unfinished = []  # aeschat's own temporary files: what a receiver killed half way left
         self.files = self.bytes = self.size = 0
         self.manifest = hashlib.sha256()
         self._open = (None, None)  # (index, handle) of the file being read
@@ -4412,7 +4416,9 @@ class FolderReader:
             if not folders and not names and base and self._sendable(base[:-1]):
                 self._add(b"d", 0o755, 0, bytes(32), base[:-1], None)
             for name in sorted(names):
-                if self._sendable(base + name):
+                if _TEMPORARY.fullmatch(name):
+                    self.unfinished.append(base + name)
+                elif self._sendable(base + name):
                     self._file(os.path.join(top, name), base + name)
 
     def _file(self, path, relative):
@@ -4639,6 +4645,7 @@ class Files:
             reader = FolderReader(path)
             notes = [f"cannot read {visible(damaged)}" for damaged in reader.damaged]
             for skipped, why in ((reader.skipped, "being links or not files (never followed)"),
+                                 (reader.unfinished, "being aeschat's unfinished downloads"),
                                  (reader.unsendable, f"their paths being deeper than {MAX_DEPTH} folders, longer "
                                                      f"than {MAX_PATH} bytes or not valid Unicode")):
                 shown, more = briefly(skipped)

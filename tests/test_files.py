@@ -353,6 +353,7 @@ def make_tree(root):
     make_file(root / "docs", "a.bin", 70_000, 2)
     make_file(root / "docs" / "deep", "b.bin", 0)
     make_file(root, ".hidden", 10, 3)
+    make_file(root, ".aeschat-0123456789abcdef.part", 10, 5)  # a download a killed receiver left: not sent
     run = make_file(root, "run.sh", 50, 4)
     run.chmod(0o755)
     (root / "link").symlink_to("/etc/passwd")
@@ -366,6 +367,7 @@ def test_a_folder_is_delivered_whole_as_it_was_and_links_are_skipped(spawn, fold
     client = spawn("client", port, "--send", tree)
     client.close_stdin()
     client.expect(r"^folder project: skipped, being links or not files \(never followed\): link$")
+    client.expect(r"^folder project: skipped, being aeschat's unfinished downloads: \.aeschat-0123456789abcdef\.part$")
     client.expect(r"^offering folder project \(5 files, 69\.4 KiB\)$")
     server.expect(rf"^received folder project \(5 files, 69\.4 KiB\) → {inbox}/project$")
     client.expect(r"^delivered folder project$")
