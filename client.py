@@ -17,7 +17,8 @@ PROG = "aeschat-client"
 
 def parse_args(argv=None):
     parser = common.argument_parser(PROG, "Connect to an aeschat server and chat.")
-    parser.add_argument("host", nargs="?", metavar="HOST", help="server name or address (asked for on a terminal)")
+    parser.add_argument("host", nargs="?", metavar="HOST",
+                        help="server name or address, or HOST:PORT (asked for on a terminal)")
     parser.add_argument("port", nargs="?", type=common.port_number, metavar="PORT",
                         help=f"server port (default {common.DEFAULT_PORT})")
     parser.add_argument("--proxy", type=common.proxy_argument, metavar="URL",
@@ -38,7 +39,13 @@ def parse_args(argv=None):
                 args.port = common.port_number(answer)
             except argparse.ArgumentTypeError as e:
                 print(f"{PROG}: {e}; try again", file=sys.stderr)
-    args.host = args.host.strip("[]")  # [::1] as well as ::1
+    try:  # [::1] as well as ::1; and HOST:PORT, as ssh and croc users type it
+        args.host, port = common.split_host(args.host)
+    except argparse.ArgumentTypeError as e:
+        parser.error(str(e))
+    if port is not None and args.port is not None and port != args.port:
+        parser.error(f"two ports: {port} in HOST and {args.port}")
+    args.port = args.port if port is None else port
     if not args.host:
         parser.error("HOST is empty")
     if args.port is None:

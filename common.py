@@ -6310,6 +6310,16 @@ def port_number(text, lowest=1):
     return port
 
 
+def split_host(text):
+    """HOST:PORT or [IPv6]:PORT, as ssh and croc users type it: (host, port); anything else: (host, None). An IPv6
+    address without brackets (two colons or more) is a host alone."""
+    match = re.fullmatch(r"\[(?P<v6>[^\]]*)\]:(?P<v6port>\d+)|(?P<host>[^:\[\]]*):(?P<port>\d+)", text)
+    if match is None:
+        return text.strip("[]"), None
+    host = match["v6"] if match["v6"] is not None else match["host"]
+    return host, port_number(match["v6port"] or match["port"])
+
+
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         """One line, not argparse's usage block: what is wrong and where to look."""

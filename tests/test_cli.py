@@ -168,6 +168,18 @@ def test_a_server_on_every_address_says_where_to_reach_it_and_takes_ipv4_and_ipv
         server.kill()
 
 
+def test_host_and_port_may_be_given_as_host_colon_port(spawn):
+    """Anyone used to ssh or croc types 127.0.0.1:5555: it was "cannot find the host '127.0.0.1:5555'"."""
+    server, port = spawn("server", "--once")
+    code, _, err = run(["client.py", f"127.0.0.1:{port}"], stdin_text="by host and port\n")
+    assert code == 0, err
+    server.expect(r"^Received: by host and port  ☒")
+    code, _, err = run(["client.py", f"127.0.0.1:{port}", "1"])
+    assert code == 2 and f"two ports: {port} in HOST and 1" in err
+    code, _, err = run(["client.py", "127.0.0.1:70000"])
+    assert code == 2 and "invalid port '70000'" in err
+
+
 @pytest.mark.parametrize("blank", ["   ", "\t \n"])
 def test_a_passphrase_of_white_space_is_empty(blank):
     code, _, err = run(["client.py", "127.0.0.1", "1"], passphrase=blank)
