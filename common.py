@@ -5071,6 +5071,8 @@ def through(proxy, host, port):
     except ProxyTimeoutError:
         raise NetworkError(f"the proxy {proxy_name(proxy)} did not answer within {CONNECT_TIMEOUT:.0f} s") from None
     except ProxyError as e:
+        if "SOCKS version" in str(e):  # what answered is something else (an aeschat server, a web server...)
+            raise NetworkError(f"{proxy_name(proxy)} is not a SOCKS5 proxy (it answered as something else)") from None
         error = NotListening if getattr(e, "error_code", None) == 5 else NetworkError  # 5: connection refused
         raise error(f"the proxy {proxy_name(proxy)} could not connect to {host} port {port}: {e}") from None
 

@@ -199,10 +199,13 @@ def test_a_client_through_a_socks5_proxy_chats_and_the_name_is_resolved_where_it
 @pytest.mark.slow
 def test_a_proxy_that_is_not_there_or_finds_no_server_is_one_line_and_exit_1(socks):
     _, proxy_port = socks
+    other, other_port = start_server()  # an aeschat server is no proxy: once, "Unexpected SOCKS version number: 0"
     server, port = start_server()
     server.kill()  # nothing listens at port now
     for proxy, error in ((f"socks5h://127.0.0.1:{port}", f"cannot reach the proxy socks5h://127.0.0.1:{port}: "
                                                          "connection refused"),
+                         (f"socks5h://127.0.0.1:{other_port}", f"socks5h://127.0.0.1:{other_port} is not a SOCKS5 "
+                                                               "proxy (it answered as something else)"),
                          (f"socks5h://127.0.0.1:{proxy_port}", f"the proxy socks5h://127.0.0.1:{proxy_port} took the "
                                                                f"connection, then closed it: is an aeschat server "
                                                                f"listening at 127.0.0.1 port {port}?")):
@@ -211,6 +214,7 @@ def test_a_proxy_that_is_not_there_or_finds_no_server_is_one_line_and_exit_1(soc
         assert client.wait() == 1
         err = client.output()[1]
         assert f"aeschat-client: error: {error}" in err and "Traceback" not in err and err.count("\n") == 1
+    other.kill()
 
 
 @pytest.mark.slow
