@@ -6199,11 +6199,12 @@ def dial_when_free(dial, patience, prog):
         try:
             return dial()
         except Refused as e:
-            if e.reason not in ("busy", "later") or sys.stdin.isatty() or time.monotonic() + delay > until:
+            left = until - time.monotonic()
+            if e.reason not in ("busy", "later") or sys.stdin.isatty() or left <= 0:
                 raise
             if delay == FIRST_RETRY:
                 tell(f"{prog}: {e}; trying again for up to {patience:.0f} s")
-            time.sleep(delay)
+            time.sleep(min(delay, left))  # the last try at the end of the time said, not a back-off before it
             delay = min(delay * 2, LAST_RETRY)
 
 

@@ -4,6 +4,7 @@ import re
 import signal
 import socket
 import subprocess
+import time
 
 import pytest
 from procs import PASSPHRASE, connected
@@ -151,6 +152,20 @@ def test_busy_while_idle_unauthenticated_sockets_are_open(spawn):
     finally:
         for sock in idle:
             sock.close()
+
+
+def test_a_script_at_a_busy_server_tries_for_all_the_time_it_was_given(spawn):
+    """Once, with --reconnect-for 5 it said "trying again for up to 5 s" and gave up after 3.2 s: the next back-off
+    would have passed the time, so it did not try at the end of it."""
+    server, port = spawn("server")
+    chatting = spawn("client", port)
+    chatting.expect("authenticated and encrypted")
+    started = time.monotonic()
+    waiting = spawn("client", port, "--reconnect-for", "3")
+    waiting.send("x\n")
+    waiting.expect("trying again for up to 3 s", stream="err")
+    assert waiting.wait() == 1
+    assert time.monotonic() - started >= 3.0
 
 
 def test_one_shot_clients_arriving_together_at_a_sink_take_turns(spawn):
