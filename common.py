@@ -60,7 +60,7 @@ __all__ = [
     "Server", "Session", "Terminated", "address", "argument_parser", "ask", "check_file_options", "describe",
     "first_connection", "greeting", "legacy_warning", "make_ui", "passphrase_given", "port_number",
     "prompt_passphrase", "run", "run_chat", "CODE_WORDS", "code_bits", "new_code", "proxy_argument", "tell",
-    "warn_if_weak",
+    "warn_if_weak", "split_host",
     # The error tree.
     "AeschatError", "LocalProtocolError", "UsageError", "NetworkError", "Refused", "RemoteProtocolError",
     "TruncatedFrame", "OutputFailed", "NotAeschatPeer", "AuthenticationError", "UnfinishedAuthentication",
