@@ -4973,13 +4973,22 @@ ATTEMPT_DELAY = 0.25  # RFC 8305's Connection Attempt Delay: the next address is
 _IN_PROGRESS = {errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN, 10035}  # 10035: Windows's WSAEWOULDBLOCK
 
 
+def _host_bytes(host):
+    """An ASCII host as bytes, checked as the IDNA codec checks it (no empty label, none over 63 characters): given a
+    str, socket encodes it with that codec, 2 ms of imports at every start. Any other name as it is."""
+    if not host.isascii():
+        return host
+    if ":" not in host and any(not 0 < len(label) <= 63 for label in host.rstrip(".").split(".")):
+        raise UnicodeError(f"{host!r} has an empty label or one over 63 characters")
+    return host.encode("ascii")
+
+
 def first_to_connect(host, port, timeout):
     """Happy eyeballs (RFC 8305): the host's addresses, the two families taken in turn (the resolver's first
     first), each tried ATTEMPT_DELAY after the one before began, or at once when it failed; the first to connect
     wins and the others are closed. An IPv6 route that swallows packets costs a quarter of a second, not the
     whole timeout."""
-    # An ASCII name as bytes: given a str, socket encodes it with the IDNA codec, 2 ms of imports at every start.
-    found = socket.getaddrinfo(host.encode("ascii") if host.isascii() else host, port, type=socket.SOCK_STREAM)
+    found = socket.getaddrinfo(_host_bytes(host), port, type=socket.SOCK_STREAM)
     families = [[info for info in found if info[0] == found[0][0]], [info for info in found if info[0] != found[0][0]]]
     return connect_first([info for pair in itertools.zip_longest(*families) for info in pair if info is not None],
                          timeout)
