@@ -118,6 +118,43 @@ def cipher_floor(size):
     return best
 
 
+# One process of a pair: the cipher over `size` random bytes each time a line arrives, its seconds printed back.
+_CIPHER_WORKER = """
+import os, sys, time
+sys.path.insert(0, sys.argv[2])
+import common
+data, cipher = os.urandom(int(sys.argv[1])), common.CounterCipher(os.urandom(32))
+print("ready", flush=True)
+for _ in sys.stdin:
+    started = time.perf_counter()
+    cipher.apply(1 << 64, data)
+    print(time.perf_counter() - started, flush=True)
+"""
+
+
+def cipher_floor_both_sides(size):
+    """Seconds until two processes have each run aeschat's counter cipher over `size` bytes, started together: what a
+    transfer between two programs on one machine asks of it (the sender encrypts while the receiver decrypts).
+    On a machine whose two cores slow each other down, this is more than the one-way floor. Best of three on PyPy
+    (its first round warms the JIT up), one round on CPython (no JIT, and a round of 4 MiB takes ten seconds)."""
+    pair = [subprocess.Popen([sys.executable, "-c", _CIPHER_WORKER, str(size), str(ROOT)], text=True,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE) for _ in range(2)]
+    try:
+        for worker in pair:
+            assert worker.stdout.readline() == "ready\n"
+        best = float("inf")
+        for _ in range(3 if PYPY else 1):
+            for worker in pair:
+                worker.stdin.write("go\n")
+                worker.stdin.flush()
+            best = min(best, max(float(worker.stdout.readline()) for worker in pair))
+        return best
+    finally:
+        for worker in pair:
+            worker.kill()
+            worker.wait()
+
+
 # Start-up is measured as a user runs the programs: with their bytecode cached (this machine sets
 # PYTHONDONTWRITEBYTECODE, which would make every run compile common.py afresh), after one warm-up run.
 CACHED = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
@@ -245,8 +282,8 @@ def legacy_burst(count):
 
 def file_transfer(size, folder, cut=False):
     """A file of `size` bytes from a client in a pipe (--send) to a server (--receive-dir): seconds from the
-    sender's offer to its "delivered", and the bytes the sender wrote (through a connection cut half way when
-    `cut`), and peak RSS of both."""
+    sender's offer to its "delivered", the bytes the sender wrote through a connection cut half way (when `cut`;
+    else None), and peak RSS of both."""
     source = os.path.join(folder, "payload.bin")
     with open(source, "wb") as f:
         f.write(os.urandom(size))
@@ -275,13 +312,14 @@ def folder_transfer(count, size, folder):
 
 
 def transfer(source, inbox, cut=0):
-    """Seconds from offer to "delivered" of what --send sends of source, bytes the sender wrote (the first
-    connection cut after `cut` bytes, if any) and the peak RSS of either side."""
+    """Seconds from offer to "delivered" of what --send sends of source, the bytes the sender wrote when its first
+    connection goes through a relay that cuts it after `cut` bytes (None with no cut: then the client connects
+    straight to the server), and the peak RSS of either side."""
     server, port = start_server("--once", "--receive-dir", inbox)
-    proxy = Proxy(port)
+    proxy = Proxy(port) if cut else None  # (a relay in this process would take CPU from the two it measures)
     if cut:
         proxy.cut_after = {C2S: cut}
-    client = start_client(proxy.port, "--send", source)
+    client = start_client(proxy.port if cut else port, "--send", source)
     client.close_stdin()
     watch = PeakWatch(server.proc.pid, client.proc.pid)
     try:
@@ -294,12 +332,13 @@ def transfer(source, inbox, cut=0):
         elapsed = time.perf_counter() - started
         rss = watch.stop()
         assert client.wait(timeout=60) == 0
-        sent = sum(relay.forwarded[C2S] for relay in proxy.relays)
+        sent = sum(relay.forwarded[C2S] for relay in proxy.relays) if cut else None
     finally:
         watch.stop()
         client.kill()
         server.kill()
-        proxy.close()
+        if cut:
+            proxy.close()
     return elapsed, sent, rss
 
 
@@ -462,11 +501,13 @@ def run(quick):
         mib = 1 if quick else 16 if PYPY else 4  # PyPy is for files: a size where its JIT has warmed up
         size, label = mib * 2**20, f"{mib} MiB"
         took, sent, rss = file_transfer(size, folder)
-        floor = cipher_floor(size)
-        results["file"] = {"size": size, "s": took, "cipher floor s": floor, "peak rss MiB": rss}
+        floor, both = cipher_floor(size), cipher_floor_both_sides(size)
+        results["file"] = {"size": size, "s": took, "cipher floor s": floor, "both sides at once s": both,
+                           "peak rss MiB": rss}
         rows.append((f"file of {label}, offer to delivered",
                      f"{took:.2f} s, {size / took / 1000:.0f} KB/s, peak RSS {rss:.1f} MiB",
-                     f"cipher {floor:.2f} s one way", f"{took / floor:.2f}× the cipher floor"))
+                     f"cipher {floor:.2f} s one way, {both:.2f} s both sides at once",
+                     f"{took / floor:.2f}× the cipher floor, {took / both:.2f}× both sides"))
         took, sent, _ = file_transfer(size, folder, cut=True)
         results["file cut half way"] = {"size": size, "s": took, "bytes sent": sent}
         rows.append((f"file of {label}, connection cut half way", f"{sent / 2**20:.2f} MiB sent, {took:.2f} s",
