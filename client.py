@@ -59,6 +59,7 @@ def _main():
     if args.legacy:
         print(common.legacy_warning(PROG), file=sys.stderr)
     dial, (sock, conn, peer) = common.first_connection(args, PROG)
+    common.hold_signals()  # until the input loop, which leaves with a goodbye
     dial.slow = None  # the chat's own interface tells of what comes later
     with common.make_ui(PROG) as ui:
         session = common.Session(common.CLIENT, common.LEGACY if args.legacy else common.V2,

@@ -60,7 +60,7 @@ __all__ = [
     "Server", "Session", "Terminated", "address", "argument_parser", "ask", "check_file_options", "describe",
     "first_connection", "greeting", "legacy_warning", "make_ui", "passphrase_given", "port_number",
     "prompt_passphrase", "run", "run_chat", "CODE_WORDS", "code_bits", "new_code", "proxy_argument", "tell",
-    "warn_if_weak", "split_host",
+    "warn_if_weak", "split_host", "hold_signals",
     # The error tree.
     "AeschatError", "LocalProtocolError", "UsageError", "NetworkError", "Refused", "RemoteProtocolError",
     "TruncatedFrame", "OutputFailed", "NotAeschatPeer", "AuthenticationError", "UnfinishedAuthentication",
@@ -5587,6 +5587,7 @@ def run_chat(chat, answers=None):
     pipe, leaving gives the peer `answers` seconds to answer the files offered (None: as long as it is connected)."""
     ui = chat.ui
     try:
+        release_signals()  # Ctrl-C or SIGTERM while the chat was set up: here, where leaving says goodbye
         chat.begun.wait()
         while chat.active:
             line = ui.read_line()
@@ -6379,12 +6380,35 @@ def argument_parser(prog, description):
 
 _on_terminate = []  # what a terminal interface does with SIGTERM instead of an exception mid-event-loop
 _signalled = []  # the Terminated it raises where it is safe to
+_held = None  # while a chat is set up (hold_signals): the first signal's exception, raised by release_signals
+
+
+def hold_signals():
+    """From the first connection to the input loop: a signal then would leave with no goodbye (the peer would wait
+    for a reconnection), or land in the middle of the chat's setting up. It is kept for release_signals."""
+    global _held
+    _held = []
+
+
+def release_signals():
+    global _held
+    held, _held = _held, None
+    if held:
+        raise held[0]
+
+
+def _hold_or_raise(error):
+    if _held is None:
+        raise error
+    if not _held:
+        _held.append(error)
 
 
 def _terminate(signum, frame):
     _leaving_anyway()
     if not _on_terminate:
-        raise Terminated()
+        _hold_or_raise(Terminated())
+        return
     # The terminal interface runs an event loop in this thread, between prompts too: raised into one of its
     # callbacks, Terminated would be caught there and shown as "Press ENTER to continue...", to a terminal
     # that may be gone (SIGHUP), forever. The interface ends its prompt and raises it itself.
@@ -6395,7 +6419,7 @@ def _terminate(signum, frame):
 
 def _interrupt(signum, frame):
     _leaving_anyway()
-    raise KeyboardInterrupt
+    _hold_or_raise(KeyboardInterrupt())
 
 
 def _leaving_anyway():

@@ -2,6 +2,7 @@
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -9,6 +10,8 @@ import threading
 
 import pytest
 from procs import PASSPHRASE, ROOT, TIMEOUT, Proc, start_server
+
+import common
 
 pytestmark = pytest.mark.slow
 
@@ -239,3 +242,17 @@ def test_a_server_whose_output_cannot_be_written_stops_with_one_line():
     finally:
         server.kill()
         server.stderr.close()
+
+
+def test_a_signal_while_the_chat_is_set_up_is_kept_for_the_input_loop(monkeypatch):
+    """Ctrl-C between "Connected" and the input loop left with no goodbye: the peer waited for a reconnection. From the
+    first connection on, a signal is kept, and raised where leaving says goodbye."""
+    monkeypatch.setattr(common, "_leaving_anyway", lambda: None)  # (it quiets this process's warnings for good)
+    common.hold_signals()
+    common._interrupt(signal.SIGINT, None)
+    common._terminate(signal.SIGTERM, None)  # the first one counts
+    with pytest.raises(KeyboardInterrupt):
+        common.release_signals()
+    common.release_signals()  # nothing more kept
+    with pytest.raises(common.Terminated):
+        common._terminate(signal.SIGTERM, None)  # and from then on, at once
