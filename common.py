@@ -288,7 +288,7 @@ def code_words():
 def as_code(text):
     """The canonical form (lower case, hyphens) of text that is two or more words of the list; else None. Separators
     before and after the words do not count (Tab leaves one after the last)."""
-    text = text.strip(" \t-")
+    text = re.sub(r"^[\s-]+|[\s-]+$", "", text)  # white space of any kind (a pasted line's newline) and hyphens
     if not _WORDS_SHAPE.match(text):
         return None
     words = re.split(r"[ \t-]+", text.lower())
@@ -6089,11 +6089,12 @@ def read_key_file(path):
         text = data.decode("utf-8")
     except UnicodeDecodeError:  # say where, never which bytes: they are the secret
         raise UsageError(f"the key file {path} is not UTF-8 text") from None
-    text = text[1:] if text.startswith("\ufeff") else text
-    for ending in ("\r\n", "\n"):
-        if text.endswith(ending):
-            return text[: -len(ending)]
-    return text
+    return _one_line(text[1:] if text.startswith("\ufeff") else text)
+
+
+def _one_line(text):
+    """A passphrase given as a line (a key file, AESCHAT_KEY, a paste at a prompt): less the line's end."""
+    return text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
 
 
 def passphrase_given(args):
@@ -6101,7 +6102,7 @@ def passphrase_given(args):
     if args.key_file:
         passphrase = read_key_file(args.key_file)
     elif os.environ.get("AESCHAT_KEY") is not None:
-        passphrase = os.environ["AESCHAT_KEY"]
+        passphrase = _one_line(os.environ["AESCHAT_KEY"])
     else:
         return None
     return checked_passphrase(passphrase)
@@ -6120,6 +6121,7 @@ def prompt_passphrase(prompt="Passphrase: ", empty_is_none=False, codes=False):
         except EOFError:  # Ctrl-D at the prompt
             print(file=sys.stderr)  # the error on a line of its own, not after the prompt
             raise UsageError("no passphrase: the input ended at the prompt") from None
+        text = _one_line(text)  # a pasted line brings its newline along
         if text.strip() or empty_is_none:
             return checked_passphrase(text) if text.strip() else None
         tell(f"{program}: the passphrase is empty; type it (Ctrl-C or Ctrl-D stops)")  # Enter alone: asked again

@@ -70,8 +70,11 @@ def test_missing_key_file_exits_2(tmp_path):
 def test_key_file_loses_one_trailing_newline_only(tmp_path):
     key = tmp_path / "k"
     key.write_text("two words\n\n")  # the passphrase is "two words\n"
-    server, port = start_server("--once", passphrase="two words\n")
+    (tmp_path / "one").write_text("two words\n")  # "two words": another
+    server, port = start_server("--once", "--key-file", key, passphrase=None)
     try:
+        code, _, err = run(["client.py", "127.0.0.1", port, "--key-file", tmp_path / "one"], passphrase=None)
+        assert code == 3 and "passphrases differ" in err
         code, _, err = run(["client.py", "127.0.0.1", port, "--key-file", key], passphrase=None, stdin_text="hi\n")
         assert code == 0 and "authenticated" in err
     finally:
@@ -181,6 +184,14 @@ def test_host_and_port_may_be_given_as_host_colon_port(spawn):
     assert code == 2 and f"two ports: {port} in HOST and 1" in err
     code, _, err = run(["client.py", "127.0.0.1:70000"])
     assert code == 2 and "invalid port '70000'" in err
+
+
+def test_a_passphrase_given_as_a_line_is_the_same_without_its_end(spawn):
+    """A pasted code brought its newline along: "the passphrases differ", each try a guess the server counts."""
+    server, port = spawn("server", "--once", passphrase="plain words here")
+    code, _, err = run(["client.py", "127.0.0.1", port], passphrase="plain words here\n", stdin_text="one line\n")
+    assert code == 0, err
+    server.expect(r"^Received: one line  ☒")
 
 
 @pytest.mark.parametrize("blank", ["   ", "\t \n"])

@@ -17,6 +17,7 @@ def test_a_code_is_the_same_typed_with_spaces_or_hyphens_in_any_case():
     assert common.as_code(" Abandon  ability-ABLE\tabout ") == "abandon-ability-able-about"
     assert common.normalize_passphrase("ABANDON ABILITY able about") == b"abandon-ability-able-about"
     assert common.as_code("abandon-ability-able-about-") == "abandon-ability-able-about"  # as Tab leaves it
+    assert common.as_code("abandon-ability-able-about\r\n") == "abandon-ability-able-about"  # as a paste brings it
     for not_a_code in ("abandon", "abandon ability!", "abandon notaword", "abandon\nability", "élan vital"):
         assert common.as_code(not_a_code) is None
     # The vectors' passphrase has a word outside the list: it stays as it is, and PROTOCOL.md's vectors hold.
