@@ -5617,7 +5617,7 @@ def run_chat(chat, answers=None):
 def passphrase_again(chat, ui):
     """/reconnect, when the server no longer knows the conversation or refused the passphrase: it may have started
     again with another, so the user is asked (Enter: the same as before). False: they changed their mind."""
-    answer = ui.ask_passphrase("Passphrase (Enter: the same as before; Ctrl-C: not now): ")
+    answer = ui.ask_passphrase("Passphrase (Enter: the same as before): ")
     if answer is None:
         ui.show(["/reconnect: not now"], "notice")
         return False
@@ -5694,11 +5694,35 @@ class PlainUI:
         pass  # a pipe has no status line
 
     def ask_passphrase(self, prompt):
-        """A terminal with no editor of ours (TERM=dumb, or output to a pipe) cannot be asked unseen while the stdin
-        thread reads it: the passphrase given at the start goes again."""
-        self.show(["(this terminal cannot ask for a passphrase unseen: the one given at the start goes again)"],
-                  "notice")
-        return ""
+        """A terminal with no editor of ours (TERM=dumb, or output to a pipe): the next line typed is the passphrase,
+        the terminal's echo off meanwhile (the stdin thread reads it, as it reads every line); None if the input
+        ends or the chat needs the loop. Where echo cannot be turned off (no termios: Windows), the passphrase given
+        at the start goes again."""
+        saved = None
+        with contextlib.suppress(ImportError):
+            import termios
+
+            descriptor = sys.stdin.fileno()
+            with contextlib.suppress(termios.error, OSError, ValueError):
+                saved = termios.tcgetattr(descriptor)
+        if saved is None:
+            self.show(["(this terminal cannot be asked for a passphrase unseen: the one given at the start goes "
+                       "again)"], "notice")
+            return ""
+        quiet = list(saved)
+        quiet[3] &= ~termios.ECHO
+        termios.tcsetattr(descriptor, termios.TCSADRAIN, quiet)
+        try:
+            sys.stderr.write(prompt)
+            sys.stderr.flush()
+            line = self._inbox.get()
+            if line is None:
+                self._inbox.put(None)
+            return None if line is None or line is WAKE else line
+        finally:
+            termios.tcsetattr(descriptor, termios.TCSADRAIN, saved)
+            sys.stderr.write("\n")
+            sys.stderr.flush()
 
     def progress(self, action):
         if self._bar:
