@@ -3500,6 +3500,8 @@ class Session:
         self._end(EXIT_NETWORK if undelivered else EXIT_OK, "the peer left the chat", undelivered)
 
     def _waits(self):
+        if self.redial.state is Away.ASKING:  # no connection, and only the user could bring one: nothing will come
+            return Waits(0, 0, self.fmt.pace, (), False, False, self.transfers.progress_at)
         moving = tuple(f"{t.kind} {visible(t.name)}" for t in self.transfers.moving)
         unfinished = self.transfers.unfinished
         unanswered = any(t.state in (Out.PREPARING, Out.READY, Out.OFFERED) for t in unfinished)

@@ -541,6 +541,15 @@ def test_a_passphrase_the_server_refuses_after_reconnect_is_the_users_to_type_ag
         assert not any(isinstance(a, Dial) for a in run(Tick(), after=60))
 
 
+def test_leaving_while_only_the_user_could_reconnect_waits_for_nothing():
+    """Once, quit() while the client waited for /reconnect waited 10 s for acknowledgements that could not come."""
+    run = away_client(interactive=True)
+    run(Typed("pending msg", TS))
+    run(DialFailed(common.Refused("unknown", common.REFUSALS[common.UNKNOWN])))
+    code, text = ended(run(Leave(10)))
+    assert code == EXIT_NETWORK and "1 message never sent" in text and "“pending msg”" in text
+
+
 def test_failed_authentication_while_reconnecting_is_told_and_twice_in_a_row_stops():
     run = away_client()
     unfinished = common.UnfinishedAuthentication("the server closed the connection after our key confirmation")
