@@ -4304,13 +4304,16 @@ def claim(folder, name, make):
     who sends one name again and again costs a try each time, not one for every file of that name already made."""
     key = _taken_key(folder, name)
     start = _TAKEN.pop(key, 0)
-    for number in range(start, 10_000):
+    numbers = range(start, 10_000)
+    if start and not os.path.lexists(os.path.join(folder, name)):  # the user moved it away: the name is free again
+        numbers = itertools.chain([0], numbers)
+    for number in numbers:
         target = os.path.join(folder, numbered(name, number))
         try:
             make(target)
         except FileExistsError:
             continue
-        _TAKEN[key] = number + 1
+        _TAKEN[key] = max(number + 1, start)
         while len(_TAKEN) > KEPT_NETWORKS:
             _TAKEN.popitem(last=False)
         return target, number

@@ -545,6 +545,10 @@ def test_a_name_sent_again_and_again_costs_one_try_each_time(tmp_path):
     for _ in range(300):
         common.claim(str(tmp_path), "x", make)
     assert len(tries) == 300 and len(list(tmp_path.iterdir())) == 300
+    # Once, a name the user had since moved away still came numbered: "small (1).bin" beside no small.bin.
+    (tmp_path / "x").unlink()
+    assert common.claim(str(tmp_path), "x", make) == (str(tmp_path / "x"), 0)
+    assert common.claim(str(tmp_path), "x", make) == (str(tmp_path / "x (300)"), 300) and len(tries) == 302
 
 
 def test_a_folder_given_up_with_nothing_in_it_frees_its_name_and_costs_one_try_again(tmp_path, monkeypatch):
