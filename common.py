@@ -3283,7 +3283,8 @@ class Session:
                 self.out.show([line], "notice" if line in HELP else "keys")
         elif name == "reconnect":
             if self.redial.state is not Away.ASKING:
-                return self.out.show(["/reconnect: the connection is not waiting for you"], "error")
+                return self.out.show(["/reconnect: not needed now (it is for when the server no longer knows this "
+                                      "conversation; a lost connection is retried by itself)"], "notice")
             self.redial.move("reconnect")
         else:
             name = visible(name if len(name) <= 40 else name[:40] + "…")
@@ -5560,7 +5561,7 @@ class Server:
         with self.lock:
             if self.chat is chat:
                 self.chat = self._resumption = None
-        code = report(chat)
+        code = report(chat, going_on=not (self.args.once or last))
         if not (self.args.once or last):
             self.ui.show(["waiting for the next client"], "notice")
             self._idle_status()
@@ -5571,13 +5572,15 @@ class Server:
         self.ui.wake()
 
 
-def report(chat):
-    """Tell the user how a chat ended (here, by the input loop's thread, so the line is never lost at exit)."""
+def report(chat, going_on=False):
+    """Tell the user how a chat ended (here, by the input loop's thread, so the line is never lost at exit). going_on:
+    the server serves the next client: what went undelivered is told, but it is no error of the program's."""
     chat.settle(2.0)
     chat.files.close()  # no temporary file outlives its chat
     code, text = chat.outcome
     if text:
-        chat.ui.show([text], "notice" if code in (EXIT_OK, EXIT_INTERRUPTED, EXIT_TERMINATED) else "error")
+        fine = code in (EXIT_OK, EXIT_INTERRUPTED, EXIT_TERMINATED) or (going_on and code == EXIT_NETWORK)
+        chat.ui.show([text], "notice" if fine else "error")
     return code
 
 

@@ -613,3 +613,17 @@ def test_a_stream_of_deep_folders_and_bad_files_holds_little_memory(tmp_path):
     problems_peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert (len(writer.problems), writer.unsaved) == (5, 300) and problems_peak < 2 * 2**20
+
+
+def test_a_server_that_goes_on_tells_of_what_was_not_delivered_without_calling_it_an_error(spawn, folders):
+    """Once, a server whose peer left with a file of its undelivered said "error: the peer left the chat; 1 file not
+    delivered", and went on waiting for the next client: nothing had gone wrong with it."""
+    _, outbox = folders
+    source = make_file(outbox, "unwanted.bin", 5000)
+    server, port = spawn("server", "--send", source)
+    client = spawn("client", port)  # in a pipe with no --receive-dir: it declines
+    client.close_stdin()
+    assert client.wait() == 0
+    line = server.expect(r"the peer left the chat; 1 file (declined by the peer|not delivered): unwanted\.bin").string
+    assert line.startswith("the peer left the chat")  # a notice, not "aeschat-server: error: ..."
+    server.expect("waiting for the next client")

@@ -309,7 +309,7 @@ def test_commands_are_not_sent_and_a_double_slash_sends_a_slash():
     assert "unknown command /nonsense" in shown(run(Typed("/nonsense", TS)), "error")[0]
     assert any("/help" in line for line in shown(run(Typed("/help", TS))))
     assert sends(run(Typed("//etc/hosts is a path", TS))) == [Message(0, "/etc/hosts is a path", TS)]
-    assert "not waiting" in shown(run(Typed("/reconnect", TS)), "error")[0]
+    assert "/reconnect: not needed now" in shown(run(Typed("/reconnect", TS)), "notice")[0]
 
 
 def test_a_text_of_several_lines_is_a_message_as_it_is_even_with_a_slash_in_front():
