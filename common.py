@@ -138,7 +138,7 @@ class IntegrityError(RemoteProtocolError):
 
 EXIT_OK, EXIT_NETWORK, EXIT_USAGE, EXIT_SECURITY, EXIT_INTERNAL = 0, 1, 2, 3, 4
 EXIT_INTERRUPTED = 130  # Ctrl-C, as shells count it (128 + SIGINT)
-EXIT_TERMINATED = 143  # SIGTERM
+EXIT_TERMINATED, EXIT_HUNG_UP = 143, 129  # SIGTERM, SIGHUP (the terminal closed): 128 + the signal, as shells count
 
 
 def exit_code(error):
@@ -5579,15 +5579,17 @@ def report(chat, going_on=False):
     chat.files.close()  # no temporary file outlives its chat
     code, text = chat.outcome
     if text:
-        fine = code in (EXIT_OK, EXIT_INTERRUPTED, EXIT_TERMINATED) or (going_on and code == EXIT_NETWORK)
+        fine = code in (EXIT_OK, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_HUNG_UP) or (going_on and code == EXIT_NETWORK)
         chat.ui.show([text], "notice" if fine else "error")
     return code
 
 
 class Terminated(BaseException):
-    """SIGTERM (or SIGHUP), raised in the main thread: leave as Ctrl-C does."""
+    """SIGTERM (or SIGHUP), raised in the main thread: leave as Ctrl-C does; code: the exit code it makes."""
 
-    code = EXIT_TERMINATED
+    def __init__(self, code=EXIT_TERMINATED):
+        super().__init__(code)
+        self.code = code
 
 
 def run_chat(chat, answers=None):
@@ -5611,8 +5613,8 @@ def run_chat(chat, answers=None):
     except KeyboardInterrupt:
         chat.interrupt(EXIT_INTERRUPTED)
         chat.done.wait(2.0)
-    except Terminated:
-        chat.interrupt(EXIT_TERMINATED)
+    except Terminated as e:
+        chat.interrupt(e.code)
         chat.done.wait(2.0)
     except OutputFailed:
         chat.interrupt(EXIT_NETWORK)
@@ -6441,12 +6443,12 @@ def _hold_or_raise(error):
 def _terminate(signum, frame):
     _leaving_anyway()
     if not _on_terminate:
-        _hold_or_raise(Terminated())
+        _hold_or_raise(Terminated(128 + signum))
         return
     # The terminal interface runs an event loop in this thread, between prompts too: raised into one of its
     # callbacks, Terminated would be caught there and shown as "Press ENTER to continue...", to a terminal
     # that may be gone (SIGHUP), forever. The interface ends its prompt and raises it itself.
-    _signalled.append(Terminated())
+    _signalled.append(Terminated(128 + signum))
     for handler in _on_terminate:
         handler()
 
@@ -6488,9 +6490,9 @@ def run(main, prog):
     except KeyboardInterrupt:
         print(f"\n{prog}: interrupted", file=sys.stderr)
         code = EXIT_INTERRUPTED
-    except Terminated:
+    except Terminated as e:
         print(f"{prog}: terminated", file=sys.stderr)
-        code = EXIT_TERMINATED
+        code = e.code
     except AeschatError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         code = exit_code(e)

@@ -104,9 +104,9 @@ def _main():
         except KeyboardInterrupt:
             server.interrupt(common.EXIT_INTERRUPTED)
             return common.EXIT_INTERRUPTED
-        except common.Terminated:
-            server.interrupt(common.EXIT_TERMINATED)
-            return common.EXIT_TERMINATED
+        except common.Terminated as e:
+            server.interrupt(e.code)
+            return e.code
         except common.OutputFailed:
             server.interrupt(common.EXIT_NETWORK)
             raise

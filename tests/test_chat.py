@@ -94,7 +94,7 @@ def test_a_line_of_30_mb_is_refused_without_being_read_whole(spawn):
     assert client.wait() == 1
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)])
 def test_ctrl_c_and_sigterm_leave_with_a_goodbye_and_the_shell_code(spawn, sig, code):
     server, client, _ = connected(spawn, "--once")
     server.send("are you there\n")  # the chat runs: the client is past attaching its connection, in its input loop
