@@ -4605,10 +4605,14 @@ class FolderWriter:
         """The stream is whole: check its headers against the offer; the folders get the umask's permissions."""
         if not hmac.compare_digest(self.parser.manifest.hexdigest(), sha256):
             self.problems.append("the folder's list of entries did not match what the sender announced")
+        self._open_up()
+        return self.root
+
+    def _open_up(self):
+        """The folders made, private while they were written, get the umask's permissions."""
         for folder in self._made.paths():
             with contextlib.suppress(OSError):
                 os.chmod(folder, 0o777 & ~UMASK)
-        return self.root
 
     def discard(self):
         """Given up: the file half-written goes; the folder stays only if something was saved in it, and then says
@@ -4622,6 +4626,7 @@ class FolderWriter:
         if not os.path.lexists(self.root):  # its name is free again for the next folder of that name
             unclaim(self.parent, self._name, self._number)
             return None
+        self._open_up()
         return (f"an unfinished folder stays: {self.saved:,} of its {self.files_offered:,} files arrived whole, in "
                 f"{visible(self.root)}")
 

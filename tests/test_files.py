@@ -585,6 +585,7 @@ def test_a_folder_given_up_half_way_says_what_of_it_stays(tmp_path):
     writer.write(stream[:-3])
     assert writer.discard() == f"an unfinished folder stays: 1 of its 2 files arrived whole, in {tmp_path}/photos"
     assert sorted(p.name for p in (tmp_path / "photos").iterdir()) == ["a"]
+    assert (tmp_path / "photos").stat().st_mode & 0o777 == 0o777 & ~common.UMASK  # no longer private: it stays
     assert common.FolderWriter(str(tmp_path), "empty", len(stream), 2).discard() is None
 
 
