@@ -1443,11 +1443,13 @@ def typed_path(text):
     often pasted so), else as it is; ~ is expanded when the file is opened."""
     import shlex
 
-    try:
-        words = shlex.split(text)
-    except ValueError:  # an unmatched quote: part of the name
-        return text
-    return words[0] if len(words) == 1 else text
+    for attempt in (text, text + text[:1]) if text[:1] in ("'", '"') else (text,):  # its closing quote may be left out
+        try:
+            words = shlex.split(attempt)
+        except ValueError:  # an unmatched quote: part of the name
+            continue
+        return words[0] if len(words) == 1 else text
+    return text
 
 
 def safe_name(name):
@@ -5998,7 +6000,6 @@ def paste_file(text):
 def _completer():
     """Tab completes the commands, and the path after /send (~ included)."""
     from prompt_toolkit.completion import Completer, Completion, PathCompleter
-    from prompt_toolkit.document import Document
 
     paths = PathCompleter(expanduser=True)
 
@@ -6006,19 +6007,41 @@ def _completer():
         def get_completions(self, document, event):
             text = document.text_before_cursor
             if text.startswith("/send "):
-                rest = text[len("/send ") :]
-                for completion in paths.get_completions(Document(rest, len(rest)), event):
-                    whole = os.path.expanduser(rest[: len(rest) + completion.start_position] + completion.text)
-                    if os.path.isdir(whole) and not completion.text.endswith("/"):  # Tab again goes inside it
-                        completion = Completion(completion.text + "/", completion.start_position,
-                                                completion.display)
-                    yield completion
+                yield from _path_completions(text[len("/send ") :], paths, event)
             elif text.startswith("/") and " " not in text and "\n" not in text:
                 for command in COMMANDS:
                     if command.startswith(text) and command != text:
                         yield Completion(command, start_position=-len(text))
 
     return Commands()
+
+
+def _path_completions(rest, paths, event):
+    """The path after /send, as /send will take it (quoted, or with escapes, as a shell would), completed in the
+    style it was typed in: inside its quotes, with escapes, or as it is (with spaces, /send takes it whole); where
+    that cannot hold what the name has, the path is written back whole, escaped. A folder gets its slash, so that
+    Tab again goes inside it."""
+    from prompt_toolkit.completion import Completion
+    from prompt_toolkit.document import Document
+
+    quote = rest[:1] if rest[:1] in ("'", '"') else ""
+    typed = typed_path(rest)
+    bare = not quote and re.search(r"(?<!\\)\s", rest) is not None  # spaces not escaped: taken as they are
+    for completion in paths.get_completions(Document(typed, len(typed)), event):
+        whole = typed[: len(typed) + completion.start_position] + completion.text
+        if os.path.isdir(os.path.expanduser(whole)) and not whole.endswith("/"):
+            whole += "/"
+        suffix = whole[len(typed) :] if whole.startswith(typed) else None
+        if suffix is not None and quote == "'":  # a quote in the name: closed, escaped, opened again
+            yield Completion(suffix.replace("'", "'\\''"), 0, completion.display)
+        elif suffix is not None and quote == '"':
+            yield Completion(re.sub(r'(["\\])', r"\\\1", suffix), 0, completion.display)
+        elif suffix is not None and bare and not re.search(r"""['"\\]""", suffix):
+            yield Completion(suffix, 0, completion.display)
+        elif suffix is not None and not quote and not bare:
+            yield Completion(re.sub(r"""([\s'"\\])""", r"\\\1", suffix), 0, completion.display)
+        else:
+            yield Completion(re.sub(r"""([\s'"\\])""", r"\\\1", whole), -len(rest), completion.display)
 
 
 def _escaped_processor():

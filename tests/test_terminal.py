@@ -543,6 +543,14 @@ def test_tab_completes_commands_and_the_path_after_send(tmux_server, spawn, tmp_
     pane.wait_for(r"t\.jpg\s*$")
     typed = "".join(row.rstrip() for row in pane.screen() if row.strip() and "|" not in row)
     assert typed.endswith(f"> /send {tmp_path}/photos/2026/cat.jpg")
+    # Quoted or escaped as a shell would take it, a path completes too, and comes back escaped, so that /send takes
+    # it: once, Tab did nothing on these, and a name it completed with a backslash could not be sent.
+    (tmp_path / "my notes").mkdir()
+    (tmp_path / "my notes" / "a\\b 'q'.txt").write_text("x")
+    pane.keys("C-u", f"/send '{tmp_path}/my n", "Tab", "Tab")
+    pane.wait_for(r"'\.txt\s*$")
+    pane.keys("Enter")
+    pane.wait_for(r"^offering file a\\b 'q'\.txt")
 
 
 def test_a_paste_over_the_limit_stays_in_the_editor_and_can_go_as_a_file(tmux_server, spawn, tmp_path):
