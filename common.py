@@ -3809,8 +3809,9 @@ class Gate:
 
     def _next_piece(self, now):
         checks = [p for p in self.pending.values() if p.stage == "check" and self._may_check(p, now)]
-        if checks:  # in turn: a confirmation taken is checked before those that came after it (_check_too_far
-            return "check", min(checks, key=lambda p: self._turn(p, now))  # told the rest to come back later)
+        if checks:  # in the order they came (a reconnection, a known address first): a confirmation taken is checked
+            # before those that came after it, from whatever network (_check_too_far told the rest to come back later)
+            return "check", min(checks, key=lambda p: (p.conn.kind != RESUME, p.host not in self._known, p.since))
         if not self.work_budget.ready(now):
             return None
         queued = [p for p in self.pending.values() if p.stage == "queued" and self._may_answer(p, now)]
@@ -4521,13 +4522,18 @@ class _Made:
             node = node.parent
         return os.path.join(*reversed(names))
 
-    def paths(self):
-        """Its path and those of every folder inside it, each folder before those inside it."""
-        stack = [self]
+    def paths(self, inner_first=False):
+        """Its path and those of every folder inside it, each folder before those inside it (or after them), made one
+        at a time: ten thousand paths of kilobytes each are never held at once."""
+        stack = [(self, False)]
         while stack:
-            node = stack.pop()
-            yield node.path()
-            stack.extend(node.children.values())
+            node, seen = stack.pop()
+            if seen or not inner_first:
+                yield node.path()
+            if not seen:
+                if inner_first:
+                    stack.append((node, True))
+                stack.extend((child, False) for child in node.children.values())
 
 
 class FolderWriter:
@@ -4622,7 +4628,7 @@ class FolderWriter:
         if self._file is not None:
             self._file.discard()
             self._file = None
-        for folder in reversed(list(self._made.paths())):  # each after those inside it
+        for folder in self._made.paths(inner_first=True):  # each after those inside it
             with contextlib.suppress(OSError):
                 os.rmdir(folder)  # only the empty ones go
         if not os.path.lexists(self.root):  # its name is free again for the next folder of that name

@@ -503,13 +503,19 @@ def test_a_first_login_that_gave_its_confirmation_is_checked_before_newer_guesse
     """The outside round: guesses five a second, each from a new network, all at once; a real first login that came
     ten seconds in was let give its confirmation, then every newer guess was checked before it, for 30 s, and it was
     dropped unchecked: "someone may be interfering", exit 3. Once its confirmation is taken, its check comes in
-    turn: it is served, or told to come back later before it gives its confirmation away."""
+    turn, whatever its network's standing: it is served, or told to come back later before it gives its confirmation
+    away. (A person's client, which reads the greeting first and comes back after "later", stood behind every fresh
+    network's newer guess.)"""
     door, confirmed = Door(), set()
     for step in range(50 * 5):  # 50 s, a stranger's hello every 0.2 s, confirmed as soon as it is answered
         door.clients[f"g{step}"] = None
         door.apply(door.gate.accepted(f"g{step}", f"127.{1 + step // 200}.{step % 200}.2:4000", door.now))
         door.apply(door.gate.received(f"g{step}", HELLO, door.now))
-        if step == 50:
+        if step == 50:  # a person's client: it read the greeting first, and came back twice, told "later"
+            for probe in ("probe1", "probe2", "probe3"):
+                door.clients[probe] = None
+                door.apply(door.gate.accepted(probe, "10.0.0.1:4999", door.now))
+                door.apply(door.gate.received(probe, b"", door.now))
             door.knock("real", peer="10.0.0.1:5000")
         for key in [key for key, pending in door.gate.pending.items() if pending.stage == "confirm"]:
             if key == "real":
