@@ -1578,6 +1578,7 @@ FIRST_RETRY, LAST_RETRY = 0.2, 2.0  # the client's reconnection backoff: when th
 MAX_QUEUED = 10_000  # messages waiting for acknowledgement; past it, new ones are refused with a message
 LEGACY_PACE = 0.15  # seconds between legacy messages, so that an original receiver reads each alone
 AUTH_FAILURES = 2  # reconnections in a row that fail to authenticate before a client stops trying
+PASSPHRASE_TRIES = 3  # on a terminal: a wrong passphrase is asked again, each try a guess the server counts
 RESUME_DEADLINE = 10.0  # seconds a peer has, once authenticated, to resume the conversation
 MAX_PINGS = 20  # pings a second a peer may send: one every keepalive is the rule, a storm is an attack
 # A file's chunk: about 30 ms of pyaes on CPython (16 KiB), 5 ms on PyPy (64 KiB, the protocol's largest, where
@@ -2717,7 +2718,12 @@ class Redial:
             return self.refused(error, interactive)
         if kind == PASSPHRASE and interactive and type(error) is AuthenticationError:
             # The user's own attempt was refused (the server may have started again with another passphrase): theirs
-            # to type again, each a try the server counts; not the sign of interference that stops reconnecting.
+            # to type again, each a try the server counts, as at the first prompt: three in a row, and it stops (a
+            # man in the middle who forges "unknown" and refuses gets a guess from each).
+            self.failures += 1
+            if self.failures >= PASSPHRASE_TRIES:
+                return (EXIT_SECURITY, f"stopped: {self.failures} passphrases in a row were refused (the last: "
+                        f"{describe(error)})", True)
             self.move("ask")
             self.out.show([f"the reconnection failed: {describe(error)}. /reconnect asks for the passphrase again."],
                           "notice")
@@ -6235,7 +6241,6 @@ def ask(prompt, what):
         raise UsageError(f"no {what}: the input ended at the prompt") from None
 
 
-PASSPHRASE_TRIES = 3  # on a terminal: a wrong passphrase is asked again, each try a guess the server counts
 LATER_RETRY = 10.0  # seconds before a person's client asks again when the server said "later"
 
 

@@ -531,7 +531,7 @@ def test_a_passphrase_the_server_refuses_after_reconnect_is_the_users_to_type_ag
     each said twice, and two of them ended the chat as interference."""
     run = away_client(interactive=True)
     run(DialFailed(common.Refused("unknown", common.REFUSALS[common.UNKNOWN])))
-    for _ in range(common.AUTH_FAILURES + 1):
+    for _ in range(common.PASSPHRASE_TRIES - 1):
         assert run(Typed("/reconnect", TS)) == [Dial(PASSPHRASE)]
         actions = run(DialFailed(common.AuthenticationError(common.REFUSALS[common.DENIED])))
         assert ended(actions) is None and not shown(actions, "warning")
@@ -539,6 +539,11 @@ def test_a_passphrase_the_server_refuses_after_reconnect_is_the_users_to_type_ag
             "the reconnection failed: the server says the passphrases differ (or someone interfered with the "
             "connection). /reconnect asks for the passphrase again."]
         assert not any(isinstance(a, Dial) for a in run(Tick(), after=60))
+    # The third in a row stops it, as at the first prompt: a man in the middle who forges "unknown" and refuses
+    # every passphrase got a guess from each /reconnect, for as long as the user went on.
+    assert run(Typed("/reconnect", TS)) == [Dial(PASSPHRASE)]
+    code, text = ended(run(DialFailed(common.AuthenticationError(common.REFUSALS[common.DENIED]))))
+    assert code == EXIT_SECURITY and text.startswith("stopped: 3 passphrases in a row were refused")
 
 
 def test_leaving_while_only_the_user_could_reconnect_waits_for_nothing():
