@@ -857,6 +857,9 @@ HANDSHAKE_MAX_FRAME = 64  # the largest handshake frame is the client's resumpti
 ID_A, ID_B = b"aeschat-v2-client", b"aeschat-v2-server"
 LABEL = b"aeschat v2 "  # HKDF info prefix, followed by what the key is for
 
+SHED = "shed"  # not a refusal on the wire: the server greeted us, then closed before its hello (it made room)
+WAITED_OUT = ("busy", "later", SHED)  # what a client waits out, trying again
+
 REFUSALS = {
     DENIED: "the server says the passphrases differ (or someone interfered with the connection)",
     BUSY_REFUSAL: "the server is busy with another chat",
@@ -1075,8 +1078,9 @@ class ClientConnection(Connection):
         if self.state is State.GREETING:  # a proxy that took the connection, and found no server behind it
             raise NetworkError("the connection closed before the server greeted us: is an aeschat v2 server "
                                "listening there? (--legacy talks to the original scripts)")
-        raise NetworkError("the connection closed during the handshake "
-                           "(is the peer an aeschat v2 program, and not in --legacy mode?)")
+        # An aeschat server greeted us, then closed before answering our hello: it shed us to make room.
+        raise Refused(SHED, "the server closed the connection before answering (too many connections at once: "
+                            "someone may be flooding it)")
 
     def _refusal(self, reason):
         """A refusal means what it says only where a server sends it: busy or later for a passphrase hello, unknown
@@ -2608,6 +2612,11 @@ class Transfers:
         return self.sending.moving
 
     @property
+    def unanswered(self):
+        """Whether the peer has yet to answer one of our files (or one is still being prepared)."""
+        return any(t.state in (Out.PREPARING, Out.READY, Out.OFFERED) for t in self.unfinished)
+
+    @property
     def progress_at(self):
         return self.sending.progress_at
 
@@ -2712,8 +2721,11 @@ class Redial:
     def failed(self, error, begun, interactive):
         """An attempt failed: back off and try again, ask the user, or give up."""
         kind, self.kind, self.last = self.kind, RESUME if begun else PASSPHRASE, describe(error)
-        if isinstance(error, Refused) and error.reason in ("busy", "later") and not begun:
+        if isinstance(error, Refused) and error.reason in WAITED_OUT and not begun:
             return self.wait_turn(interactive, error)
+        if isinstance(error, Refused) and error.reason == SHED:  # a reconnection shed: tried again, as if lost
+            self.move("retry")
+            return None
         if isinstance(error, Refused):
             return self.refused(error, interactive)
         if kind == PASSPHRASE and interactive and type(error) is AuthenticationError:
@@ -3009,6 +3021,10 @@ def resumed_notice(role, first, again, took_over, peer):
     return f"{who} {peer}" + (f" ({again} sent again)" if again else "")
 
 
+RECONNECT_NOT_NEEDED = ("/reconnect: not needed now (it is for when the server no longer knows this conversation; a "
+                        "lost connection is retried by itself)")
+
+
 def is_quit(line, interactive):
     """quit(), as the original scripts had it; /quit too, for a person."""
     return line.strip() == "quit()" or (interactive and line.strip() == "/quit")
@@ -3291,8 +3307,7 @@ class Session:
                 self.out.show([line], "notice" if line in HELP else "keys")
         elif name == "reconnect":
             if self.redial.state is not Away.ASKING:
-                return self.out.show(["/reconnect: not needed now (it is for when the server no longer knows this "
-                                      "conversation; a lost connection is retried by itself)"], "notice")
+                return self.out.show([RECONNECT_NOT_NEEDED], "notice")
             self.redial.move("reconnect")
         else:
             name = visible(name if len(name) <= 40 else name[:40] + "…")
@@ -3512,10 +3527,8 @@ class Session:
         if self.redial.state is Away.ASKING:  # no connection, and only the user could bring one: nothing will come
             return Waits(0, 0, self.fmt.pace, (), False, False, self.transfers.progress_at)
         moving = tuple(f"{t.kind} {visible(t.name)}" for t in self.transfers.moving)
-        unfinished = self.transfers.unfinished
-        unanswered = any(t.state in (Out.PREPARING, Out.READY, Out.OFFERED) for t in unfinished)
-        return Waits(*self.messages.waiting(), self.fmt.pace, moving, bool(unfinished), unanswered,
-                     self.transfers.progress_at)
+        return Waits(*self.messages.waiting(), self.fmt.pace, moving, bool(self.transfers.unfinished),
+                     self.transfers.unanswered, self.transfers.progress_at)
 
     def _goodbye(self):
         """The last word on a link: what we have shown is acknowledged first (its Drained may not have come)."""
@@ -6268,13 +6281,14 @@ def first_connection(args, prog):
             tries += 1
             tell(f"{prog}: {e}; try again (every try is a guess the server counts)")
         except Refused as e:
-            if not (person and e.reason in ("busy", "later")):
+            if not (person and e.reason in WAITED_OUT):
                 raise
             if e.reason == "busy":
                 wait_for_server(args, prog, refused=e)
-            else:  # passphrase checks spent for now: a person's client comes back, as a script's does
-                tell(f"{prog}: {e}; trying again in {LATER_RETRY:.0f} s; Ctrl-C stops")
-                time.sleep(LATER_RETRY)  # the server's pace: it said when
+            else:  # checks spent, or shed under a flood: a person's client comes back, as a script's does
+                pause = LATER_RETRY if e.reason == "later" else LAST_RETRY
+                tell(f"{prog}: {e}; trying again in {pause:.0f} s; Ctrl-C stops")
+                time.sleep(pause)  # the server's pace: it said when
 
 
 def dial_when_free(dial, patience, prog):
@@ -6286,7 +6300,7 @@ def dial_when_free(dial, patience, prog):
             return dial()
         except Refused as e:
             left = until - time.monotonic()
-            if e.reason not in ("busy", "later") or sys.stdin.isatty() or left <= 0:
+            if e.reason not in WAITED_OUT or sys.stdin.isatty() or left <= 0:
                 raise
             if delay == FIRST_RETRY:
                 tell(f"{prog}: {e}; trying again for up to {patience:.0f} s")

@@ -555,6 +555,12 @@ def test_leaving_while_only_the_user_could_reconnect_waits_for_nothing():
     assert code == EXIT_NETWORK and "1 message never sent" in text and "“pending msg”" in text
 
 
+def test_a_reconnection_the_server_shed_under_a_flood_is_tried_again_as_if_lost():
+    run = away_client()
+    actions = run(DialFailed(common.Refused(common.SHED, "the server closed the connection before answering")))
+    assert ended(actions) is None and Dial(RESUME) in run(Tick(), after=1)
+
+
 def test_failed_authentication_while_reconnecting_is_told_and_twice_in_a_row_stops():
     run = away_client()
     unfinished = common.UnfinishedAuthentication("the server closed the connection after our key confirmation")
