@@ -4623,6 +4623,11 @@ class FolderWriter:
                 self._folders += 1
                 if self._folders > self.MAX_FOLDERS:
                     raise RemoteProtocolError(f"a folder's stream makes more than {self.MAX_FOLDERS:,} folders")
+                if self._folders % 64 == 0:  # a folder takes a block of the disk, which its stream does not count
+                    import shutil
+
+                    if shutil.disk_usage(self.root).free < Files.SPARE:
+                        raise OSError(errno.ENOSPC, "not enough free space")
                 made = claim(node.path(), safe_name(part), lambda path: os.mkdir(path, 0o700))[0]
                 child = node.children[part] = _Made(node, os.path.basename(made))
             node = child

@@ -628,3 +628,18 @@ def test_a_server_that_goes_on_tells_of_what_was_not_delivered_without_calling_i
     line = server.expect(r"the peer left the chat; 1 file (declined by the peer|not delivered): unwanted\.bin").string
     assert line.startswith("the peer left the chat")  # a notice, not "aeschat-server: error: ..."
     server.expect("waiting for the next client")
+
+
+def test_a_folders_stream_stops_when_its_folders_leave_the_disk_no_room(tmp_path, monkeypatch):
+    """The outside round: five folders, 136 kB of stream, left 195 MiB and 49,926 folders on the disk: the free space
+    is checked against the stream's size, which counts nothing for a folder."""
+    import collections
+    import shutil
+
+    stream = stream_of([(b"d", f"f{i}", b"") for i in range(100)])
+    writer = common.FolderWriter(str(tmp_path), "many", len(stream), 0)
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**30, 2**30 - 2**20, 2**20))  # 1 MiB left
+    with pytest.raises(OSError, match="not enough free space"):
+        writer.write(stream)
+    assert len(list((tmp_path / "many").iterdir())) == 63
