@@ -326,11 +326,8 @@ def test_a_peer_cannot_forge_a_row_by_wrapping(tmux_server, spawn):
     assert all(len(row) <= 79 for row in rows)
 
 
-def test_a_pasted_block_is_one_message_shown_as_its_lines(tmux_server, spawn):
-    pane, port = tmux_server()
-    client = spawn("client", port)
-    client.expect("authenticated and encrypted")
-    pane.wait_for("undelivered")  # the prompt is up
+def test_a_pasted_block_is_one_message_shown_as_its_lines(tmux_chat):
+    pane, client, _ = tmux_chat()  # the prompt is up
     pane.paste("paste line one\npaste line two\npaste line three")
     pane.keys("Enter")
     client.expect(r"^Received: paste line one  ☒  \d\d:\d\d:\d\d$")
@@ -340,21 +337,15 @@ def test_a_pasted_block_is_one_message_shown_as_its_lines(tmux_server, spawn):
     assert any(row.startswith("Sent: paste line one") for row in rows)
 
 
-def test_a_message_from_the_peer_with_lines_shows_as_marked_rows(tmux_server, spawn):
-    pane, port = tmux_server()
-    client = spawn("client", port)
-    client.expect("authenticated and encrypted")
-    pane.wait_for("undelivered")
+def test_a_message_from_the_peer_with_lines_shows_as_marked_rows(tmux_chat):
+    pane, client, _ = tmux_chat()
     pane.keys("first", "Escape", "Enter", "second", "Enter")  # Esc then Enter (as Alt-Enter): a new line
     client.expect(r"^Received: first  ☒")
     client.expect(r"^  │ second$")
 
 
-def test_the_status_line_shortens_to_fit_a_narrow_terminal(tmux_server, spawn):
-    pane, port = tmux_server(width=50)
-    client = spawn("client", port)
-    client.expect("authenticated and encrypted")
-    rows = pane.wait_for("undelivered")
+def test_the_status_line_shortens_to_fit_a_narrow_terminal(tmux_chat):
+    pane, client, rows = tmux_chat(width=50)
     status = [row for row in rows if "undelivered" in row][-1]
     assert len(status.rstrip()) <= 49 and "0 undelivered" in status and "encrypted" in status
     assert all(len(row) <= 49 for row in rows)
@@ -397,11 +388,8 @@ def test_the_banner_comes_first_even_with_a_message_that_arrives_with_the_connec
     assert banner < message
 
 
-def test_the_side_that_leaves_is_told_too(tmux_server, spawn):
-    pane, port = tmux_server()
-    client = spawn("client", port)
-    client.expect("authenticated and encrypted")
-    pane.wait_for("undelivered")
+def test_the_side_that_leaves_is_told_too(tmux_chat):
+    pane, client, _ = tmux_chat()
     pane.keys("quit()", "Enter")
     pane.wait_for("you left the chat")
     client.expect("the peer left the chat")
@@ -416,6 +404,20 @@ def test_the_server_says_where_it_listens_before_asking_for_the_passphrase():
         child.expect(r"Passphrase \(Enter for a new code\): ")
     finally:
         child.terminate(force=True)
+
+
+@pytest.fixture
+def tmux_chat(tmux_server, spawn):
+    """A server in a tmux pane chatting with a client in a pipe (its arguments given), once the server's prompt is up:
+    (the pane, the client), and the rows on the screen then."""
+
+    def _start(*client_args, width=80, env=None):
+        pane, port = tmux_server(width=width, env=env)
+        client = spawn("client", port, *client_args)
+        client.expect("authenticated and encrypted")
+        return pane, client, pane.wait_for("undelivered")
+
+    return _start
 
 
 def without_key():
@@ -458,30 +460,21 @@ def test_a_busy_server_not_waited_for_is_a_plain_exit(spawn):
         child.terminate(force=True)
 
 
-def test_a_wrong_passphrase_on_a_terminal_is_asked_again(spawn):
-    """Once, a mistyped passphrase ended the client at once; each new try is a guess the server counts."""
+@pytest.mark.parametrize("typed, told, asked", [
+    ("not it", "the passphrases differ .*; try again \\(every try is a guess the server counts\\)",
+     "Passphrase \\(try 2 of 3\\):"),
+    ("", "the passphrase is empty; type it \\(Ctrl-C or Ctrl-D stops\\)", "Passphrase:"),
+])
+def test_a_wrong_or_empty_passphrase_on_a_terminal_is_asked_again(spawn, typed, told, asked):
+    """Once, a mistyped passphrase ended the client at once (each new try is a guess the server counts); and Enter
+    alone, even at "Passphrase (try 2 of 3):", ended it (exit 2)."""
     server, port = spawn("server", "--once")
     child = keyless_client(port)
     try:
         child.expect("Passphrase:")
-        child.sendline("not it")
-        child.expect("the passphrases differ .*; try again \\(every try is a guess the server counts\\)")
-        child.expect("Passphrase \\(try 2 of 3\\):")
-        child.sendline(PASSPHRASE)
-        child.expect("authenticated and encrypted")
-    finally:
-        child.terminate(force=True)
-
-
-def test_enter_alone_at_the_passphrase_prompt_asks_again(spawn):
-    """Once, Enter alone at "Passphrase (try 2 of 3):" ended the client (exit 2)."""
-    server, port = spawn("server", "--once")
-    child = keyless_client(port)
-    try:
-        child.expect("Passphrase:")
-        child.sendline("")
-        child.expect("the passphrase is empty; type it \\(Ctrl-C or Ctrl-D stops\\)")
-        child.expect("Passphrase:")
+        child.sendline(typed)
+        child.expect(told)
+        child.expect(asked)
         child.sendline(PASSPHRASE)
         child.expect("authenticated and encrypted")
     finally:
@@ -507,16 +500,13 @@ def test_a_server_not_yet_listening_is_waited_for(spawn):
 # People, round two
 
 
-def test_send_of_a_folder_in_a_chat_sends_it_and_the_chat_goes_on(tmux_server, spawn, tmp_path):
+def test_send_of_a_folder_in_a_chat_sends_it_and_the_chat_goes_on(tmp_path, tmux_chat):
     """Once, /send of a folder ended the chat on both sides with "is a directory", exit 4."""
     (tmp_path / "out" / "sub").mkdir(parents=True)
     (tmp_path / "out" / "a.txt").write_text("hello")
     (tmp_path / "out" / "sub" / "b.txt").write_text("world")
     (tmp_path / "in").mkdir()
-    pane, port = tmux_server()
-    client = spawn("client", port, "--receive-dir", tmp_path / "in")
-    client.expect("authenticated and encrypted")
-    pane.wait_for("undelivered")
+    pane, client, _ = tmux_chat("--receive-dir", tmp_path / "in")
     pane.keys(f"/send {tmp_path / 'out'}", "Enter")
     client.expect(r"^received folder out \(2 files, 10 bytes\) → ")
     pane.wait_for(r"^delivered folder out")
@@ -525,12 +515,9 @@ def test_send_of_a_folder_in_a_chat_sends_it_and_the_chat_goes_on(tmux_server, s
     assert (tmp_path / "in" / "out" / "sub" / "b.txt").read_text() == "world"
 
 
-def test_tab_completes_commands_and_the_path_after_send(tmux_server, spawn, tmp_path):
+def test_tab_completes_commands_and_the_path_after_send(tmp_path, tmux_chat):
     (tmp_path / "report-2026.pdf").write_text("x")
-    pane, port = tmux_server()
-    client = spawn("client", port)
-    client.expect("authenticated and encrypted")
-    pane.wait_for("undelivered")
+    pane, client, _ = tmux_chat()
     pane.keys("/rec", "Tab")
     pane.wait_for(r"^> /reconnect")
     pane.keys("C-u", f"/send {tmp_path}/rep", "Tab")
@@ -553,15 +540,12 @@ def test_tab_completes_commands_and_the_path_after_send(tmux_server, spawn, tmp_
     pane.wait_for(r"^offering file a\\b 'q'\.txt")
 
 
-def test_a_paste_over_the_limit_stays_in_the_editor_and_can_go_as_a_file(tmux_server, spawn, tmp_path):
+def test_a_paste_over_the_limit_stays_in_the_editor_and_can_go_as_a_file(tmp_path, tmux_chat):
     """Once, a paste over 64 KiB was thrown away: the input emptied, only Up-arrow brought it back. Then, the copy
     sent as a file stayed in /tmp for good."""
     (tmp_path / "in").mkdir()
     (tmp_path / "tmp").mkdir()
-    pane, port = tmux_server(env={"TMPDIR": tmp_path / "tmp"})
-    client = spawn("client", port, "--receive-dir", tmp_path / "in")
-    client.expect("authenticated and encrypted")
-    pane.wait_for("undelivered")
+    pane, client, _ = tmux_chat("--receive-dir", tmp_path / "in", env={"TMPDIR": tmp_path / "tmp"})
     text = ("a long line of text, " * 40 + "\n") * 90  # 75,690 bytes
     pane.paste(text)
     pane.keys("Enter")
@@ -577,11 +561,8 @@ def test_a_paste_over_the_limit_stays_in_the_editor_and_can_go_as_a_file(tmux_se
     assert list((tmp_path / "tmp").iterdir()) == []
 
 
-def test_the_input_line_shows_what_it_holds_escaped_and_no_paste_leaves_a_stray_row(tmux_server, spawn):
-    pane, port = tmux_server()
-    client = spawn("client", port)
-    client.expect("authenticated and encrypted")
-    pane.wait_for("undelivered")
+def test_the_input_line_shows_what_it_holds_escaped_and_no_paste_leaves_a_stray_row(tmux_chat):
+    pane, client, _ = tmux_chat()
     pane.paste("abc\u202edef\x07 hangul \u3164 end")
     rows = pane.wait_for(r"^> abc")
     line = next(row for row in rows if row.startswith("> abc"))
@@ -713,12 +694,9 @@ def test_reconnect_to_a_server_started_again_asks_for_the_passphrase_it_now_has(
         pane.kill()
 
 
-def test_an_unknown_command_stays_in_the_editor_and_a_paste_with_a_slash_in_front_is_a_message(tmux_server, spawn):
+def test_an_unknown_command_stays_in_the_editor_and_a_paste_with_a_slash_in_front_is_a_message(tmux_chat):
     """Once, a paste that began with a path was taken for an unknown command and left the editor."""
-    pane, port = tmux_server()
-    client = spawn("client", port)
-    client.expect("authenticated and encrypted")
-    pane.wait_for("undelivered")
+    pane, client, _ = tmux_chat()
     pane.paste("/var/log/syslog says:\nerror at line 3")
     pane.keys("Enter")
     client.expect(r"^Received: /var/log/syslog says:  ☒")
