@@ -1771,13 +1771,13 @@ class FileOpened(Input):
 
 class FileSaved(Input):
     """(receiver) The file's SHA-256 matched and it is in place at path; or the folder is made there, problems
-    naming its files that could not be saved (the first few; more: how many others), got the (files, bytes) saved
-    in it."""
+    naming its files that could not be saved (the first few; unlisted: how many others), got the (files, bytes)
+    saved in it."""
 
-    __slots__ = ("file", "path", "problems", "got", "more")
+    __slots__ = ("file", "path", "problems", "got", "unlisted")
 
-    def __init__(self, file, path, problems=(), got=None, more=0):
-        super().__init__(file, path, tuple(problems), got, more)
+    def __init__(self, file, path, problems=(), got=None, unlisted=0):
+        super().__init__(file, path, tuple(problems), got, unlisted)
 
 
 class FileNote(Input):
@@ -2238,8 +2238,9 @@ class Sending:
         t.name, t.size, t.sha256, t.folder, t.bits = event.name, event.size, event.sha256, event.folder, event.bits
         self.progress_at = self.now
         for note in event.notes:
-            t.unread += note.startswith("cannot")
-            self.out.show([f"{t.kind} {visible(t.name)}: {note}"], "error" if note.startswith("cannot") else "notice")
+            unread = note.startswith("cannot")
+            t.unread += unread
+            self.out.show([f"{t.kind} {visible(t.name)}: {note}"], "error" if unread else "notice")
 
     def _our_unreadable(self, t, old, detail):
         t.reason = "unreadable"
@@ -2367,7 +2368,7 @@ class Receiving:
 
     def saved(self, event):
         t = self.incoming.get(event.file)
-        if t is not None and self._in(t, "saved", event.path, event.problems, event.got, event.more):
+        if t is not None and self._in(t, "saved", event.path, event.problems, event.got, event.unlisted):
             self._open_waiting()
 
     def answer(self, accept):
@@ -4767,9 +4768,9 @@ class Files:
         return self._receiving.pop(file, None)
 
     def discard(self, file):
-        """Give up a file or folder being received; what of a folder stays, to tell the user (or None)."""
         target = self.forget(file)
-        return target.discard() if target is not None else None
+        if target is not None:
+            target.discard()
 
     def close(self):
         for file in list(self._receiving):
@@ -6069,9 +6070,14 @@ def _path_completions(rest, paths, event):
         elif suffix is not None and bare and not re.search(r"""['"\\]""", suffix):
             yield Completion(suffix, 0, completion.display)
         elif suffix is not None and not quote and not bare:
-            yield Completion(re.sub(r"""([\s'"\\])""", r"\\\1", suffix), 0, completion.display)
+            yield Completion(_escaped(suffix), 0, completion.display)
         else:
-            yield Completion(re.sub(r"""([\s'"\\])""", r"\\\1", whole), -len(rest), completion.display)
+            yield Completion(_escaped(whole), -len(rest), completion.display)
+
+
+def _escaped(path):
+    """A path with what shlex (and so /send) would take otherwise, white space, quotes, backslashes, escaped."""
+    return re.sub(r"""([\s'"\\])""", r"\\\1", path)
 
 
 def _escaped_processor():

@@ -1,6 +1,7 @@
 """The shell's own duties, on real sockets and threads: a Link writes what it is given and closes in bounded time,
 whatever the peer does; only the latest acknowledgement or pong waits for a writer that cannot write."""
 
+import os
 import queue
 import select
 import socket
@@ -190,3 +191,17 @@ def test_a_signal_while_a_terminal_interface_runs_is_never_raised_into_its_event
         monkeypatch.setattr(common, "_on_terminate", [])
         with pytest.raises(common.Terminated):  # no interface: raised at once
             common._terminate(15, None)
+
+
+def test_an_input_that_cannot_be_asked_unseen_offers_the_passphrase_given_at_the_start(monkeypatch):
+    """/reconnect on a plain interface whose input is no terminal (so no echo to turn off: a pipe here, Windows
+    there): it says so, and the passphrase given at the start goes again, rather than one typed for all to see."""
+    shown = []
+    with open(os.devnull) as stdin:
+        monkeypatch.setattr("sys.stdin", stdin)
+        ui = common.PlainUI("aeschat-client", read_input=False)
+        monkeypatch.setattr(ui, "show", lambda lines, kind="chat": shown.append((kind, lines)))
+        with ui:
+            assert ui.ask_passphrase("Passphrase (Enter: the same as before): ") == ""
+    assert shown == [("notice", ["(this terminal cannot be asked for a passphrase unseen: the one given at the start "
+                                 "goes again)"])]
